@@ -8,3 +8,8 @@
 pub mod certs;
 pub mod tls;
 pub mod wire;
+
+/// The name every directory node's certificate carries besides its own: peers dial a
+/// directory by address and verify this name, so only certificates issued for directory
+/// duty (`weft certs issue NODE --directory`) can act as one.
+pub const DIRECTORY_IDENTITY: &str = "weft-directory";

@@ -1,0 +1,436 @@
+//! Encoding frames into bytes and cutting a byte stream back into frames.
+
+use super::error::WireError;
+use super::frames::*;
+use super::LENGTH_PREFIX;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// Borrowed mirror of [`FrameHeader`]: same variant names and field order, so it encodes
+/// to the same bytes without cloning the frame.
+#[derive(Serialize)]
+enum FrameHeaderRef<'a> {
+    Hello(&'a Hello),
+    Welcome(&'a Welcome),
+    Reject(&'a Reject),
+    Deliver {
+        group: &'a str,
+        first_link_seq: u64,
+        messages: Vec<EnvelopeHeaderRef<'a>>,
+    },
+    Ack(&'a Ack),
+    Credit(&'a Credit),
+    Request {
+        id: u64,
+        body: &'a DirRequest,
+    },
+    Response {
+        id: u64,
+        body: &'a DirResponse,
+    },
+    RouteChanged(&'a Route),
+}
+
+/// Borrowed mirror of [`EnvelopeHeader`].
+#[derive(Serialize)]
+struct EnvelopeHeaderRef<'a> {
+    id: MessageId,
+    topic: &'a str,
+    key: Option<&'a str>,
+    tags: &'a [String],
+    headers: &'a [(String, String)],
+    publish_time_ms: u64,
+    payload_len: u32,
+}
+
+fn header_of(frame: &Frame) -> Result<FrameHeaderRef<'_>, WireError> {
+    Ok(match frame {
+        Frame::Hello(h) => FrameHeaderRef::Hello(h),
+        Frame::Welcome(w) => FrameHeaderRef::Welcome(w),
+        Frame::Reject(r) => FrameHeaderRef::Reject(r),
+        Frame::Deliver(d) => FrameHeaderRef::Deliver {
+            group: &d.group,
+            first_link_seq: d.first_link_seq,
+            messages: d
+                .messages
+                .iter()
+                .map(|m| {
+                    Ok(EnvelopeHeaderRef {
+                        id: m.id,
+                        topic: &m.topic,
+                        key: m.key.as_deref(),
+                        tags: &m.tags,
+                        headers: &m.headers,
+                        publish_time_ms: m.publish_time_ms,
+                        payload_len: u32::try_from(m.payload.len()).map_err(|_| {
+                            WireError::FrameTooLarge {
+                                size: m.payload.len(),
+                                limit: u32::MAX as usize,
+                            }
+                        })?,
+                    })
+                })
+                .collect::<Result<_, WireError>>()?,
+        },
+        Frame::Ack(a) => FrameHeaderRef::Ack(a),
+        Frame::Credit(c) => FrameHeaderRef::Credit(c),
+        Frame::Request { id, body } => FrameHeaderRef::Request { id: *id, body },
+        Frame::Response { id, body } => FrameHeaderRef::Response { id: *id, body },
+        Frame::RouteChanged(r) => FrameHeaderRef::RouteChanged(r),
+    })
+}
+
+/// Appends `frame`, length prefix included, to `out`. Fails (leaving `out` as it was)
+/// if the frame would exceed `max_frame` bytes.
+pub fn encode(frame: &Frame, out: &mut BytesMut, max_frame: usize) -> Result<(), WireError> {
+    let start = out.len();
+    out.put_u32(0);
+    let header = header_of(frame)?;
+    let written = rmp_serde::encode::write(&mut (&mut *out).writer(), &header);
+    if let Err(e) = written {
+        out.truncate(start);
+        return Err(WireError::Malformed(format!("cannot encode {}: {e}", frame.kind())));
+    }
+    if let Frame::Deliver(d) = frame {
+        for m in &d.messages {
+            out.extend_from_slice(&m.payload);
+        }
+    }
+    let size = out.len() - start - LENGTH_PREFIX;
+    if size > max_frame {
+        out.truncate(start);
+        return Err(WireError::FrameTooLarge {
+            size,
+            limit: max_frame,
+        });
+    }
+    // `size <= max_frame`, and `max_frame` fits a u32 in any sane configuration.
+    let prefix = u32::try_from(size).map_err(|_| WireError::FrameTooLarge {
+        size,
+        limit: u32::MAX as usize,
+    })?;
+    out[start..start + LENGTH_PREFIX].copy_from_slice(&prefix.to_be_bytes());
+    Ok(())
+}
+
+/// Cuts a byte stream into frames. Feed it bytes as they arrive with [`extend`] and take
+/// complete frames with [`next_frame`].
+///
+/// [`extend`]: FrameDecoder::extend
+/// [`next_frame`]: FrameDecoder::next_frame
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+    max_frame: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder refusing frames above `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            max_frame,
+        }
+    }
+
+    /// Appends received bytes.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed. An error means the
+    /// stream is unusable and must be closed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        if self.buf.len() < LENGTH_PREFIX {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; LENGTH_PREFIX];
+        prefix.copy_from_slice(&self.buf[..LENGTH_PREFIX]);
+        let size = u32::from_be_bytes(prefix) as usize;
+        if size > self.max_frame {
+            return Err(WireError::FrameTooLarge {
+                size,
+                limit: self.max_frame,
+            });
+        }
+        if self.buf.len() < LENGTH_PREFIX + size {
+            self.buf.reserve(LENGTH_PREFIX + size - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(LENGTH_PREFIX);
+        let body = self.buf.split_to(size).freeze();
+        decode_body(body).map(Some)
+    }
+
+    /// Call at end of stream: an error if a frame was left unfinished.
+    pub fn finish(&self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Truncated {
+                buffered: self.buf.len(),
+            })
+        }
+    }
+}
+
+/// Decodes one frame body (without its length prefix).
+fn decode_body(body: Bytes) -> Result<Frame, WireError> {
+    let mut cursor = std::io::Cursor::new(&body[..]);
+    let header = {
+        let mut de = rmp_serde::Deserializer::new(&mut cursor);
+        FrameHeader::deserialize(&mut de).map_err(|e| WireError::Malformed(e.to_string()))?
+    };
+    let header_len = cursor.position() as usize;
+    let trailing = body.len() - header_len;
+    Ok(match header {
+        FrameHeader::Deliver {
+            group,
+            first_link_seq,
+            messages,
+        } => {
+            let total: u64 = messages.iter().map(|m| u64::from(m.payload_len)).sum();
+            if total != trailing as u64 {
+                return Err(WireError::Malformed(format!(
+                    "Deliver announces {total} payload bytes but carries {trailing}"
+                )));
+            }
+            let mut offset = header_len;
+            let messages = messages
+                .into_iter()
+                .map(|h| {
+                    let end = offset + h.payload_len as usize;
+                    let payload = body.slice(offset..end);
+                    offset = end;
+                    Envelope {
+                        id: h.id,
+                        topic: h.topic,
+                        key: h.key,
+                        tags: h.tags,
+                        headers: h.headers,
+                        publish_time_ms: h.publish_time_ms,
+                        payload,
+                    }
+                })
+                .collect();
+            Frame::Deliver(Deliver {
+                group,
+                first_link_seq,
+                messages,
+            })
+        }
+        other => {
+            if trailing != 0 {
+                return Err(WireError::Malformed(format!(
+                    "{trailing} unexpected bytes after the frame header"
+                )));
+            }
+            match other {
+                FrameHeader::Hello(h) => Frame::Hello(h),
+                FrameHeader::Welcome(w) => Frame::Welcome(w),
+                FrameHeader::Reject(r) => Frame::Reject(r),
+                FrameHeader::Ack(a) => Frame::Ack(a),
+                FrameHeader::Credit(c) => Frame::Credit(c),
+                FrameHeader::Request { id, body } => Frame::Request { id, body },
+                FrameHeader::Response { id, body } => Frame::Response { id, body },
+                FrameHeader::RouteChanged(r) => Frame::RouteChanged(r),
+                FrameHeader::Deliver { .. } => {
+                    return Err(WireError::Malformed("unreachable Deliver".into()))
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(frame: &Frame) -> Frame {
+        let mut out = BytesMut::new();
+        encode(frame, &mut out, 1 << 20).expect("encode");
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.extend(&out);
+        let got = dec.next_frame().expect("decode").expect("complete");
+        assert_eq!(dec.buffered(), 0);
+        got
+    }
+
+    fn envelope() -> impl Strategy<Value = Envelope> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            "[a-z.]{1,20}",
+            proptest::option::of("[a-z0-9-]{0,12}"),
+            proptest::collection::vec("[a-z]{1,5}", 0..3),
+            proptest::collection::vec(("[a-z]{1,5}", ".{0,8}"), 0..3),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..300),
+        )
+            .prop_map(
+                |(producer, seq, topic, key, tags, headers, t, payload)| Envelope {
+                    id: MessageId { producer, seq },
+                    topic,
+                    key,
+                    tags,
+                    headers,
+                    publish_time_ms: t,
+                    payload: Bytes::from(payload),
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn deliver_roundtrips(group in "[a-z]{1,10}", first in any::<u64>(), messages in proptest::collection::vec(envelope(), 0..20)) {
+            let frame = Frame::Deliver(Deliver { group, first_link_seq: first, messages });
+            prop_assert_eq!(roundtrip(&frame), frame);
+        }
+
+        #[test]
+        fn ack_roundtrips(upto in any::<u64>(), extra in proptest::collection::vec(any::<u64>(), 0..50)) {
+            let frame = Frame::Ack(Ack { upto, extra });
+            prop_assert_eq!(roundtrip(&frame), frame);
+        }
+
+        #[test]
+        fn split_stream_yields_same_frames(messages in proptest::collection::vec(envelope(), 1..10), cut in 1usize..64) {
+            let frames: Vec<Frame> = messages.into_iter().enumerate().map(|(i, m)| Frame::Deliver(Deliver { group: "g".into(), first_link_seq: i as u64, messages: vec![m] })).collect();
+            let mut out = BytesMut::new();
+            for f in &frames { encode(f, &mut out, 1 << 20).expect("encode"); }
+            let mut dec = FrameDecoder::new(1 << 20);
+            let mut got = Vec::new();
+            for chunk in out.chunks(cut) {
+                dec.extend(chunk);
+                while let Some(f) = dec.next_frame().expect("decode") { got.push(f); }
+            }
+            dec.finish().expect("no leftovers");
+            prop_assert_eq!(got, frames);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut dec = FrameDecoder::new(1024);
+            dec.extend(&bytes);
+            while let Ok(Some(_)) = dec.next_frame() {}
+        }
+
+        #[test]
+        fn truncated_frames_are_incomplete_not_errors(messages in proptest::collection::vec(envelope(), 1..4), keep in 0usize..100) {
+            let frame = Frame::Deliver(Deliver { group: "g".into(), first_link_seq: 0, messages });
+            let mut out = BytesMut::new();
+            encode(&frame, &mut out, 1 << 20).expect("encode");
+            let keep = keep.min(out.len() - 1);
+            let mut dec = FrameDecoder::new(1 << 20);
+            dec.extend(&out[..keep]);
+            prop_assert!(dec.next_frame().expect("no error").is_none());
+            let truncated = matches!(dec.finish(), Err(WireError::Truncated { .. }));
+            prop_assert!(truncated || keep == 0);
+        }
+    }
+
+    #[test]
+    fn control_frames_roundtrip() {
+        let frames = vec![
+            Frame::Hello(Hello {
+                version: 1,
+                identity: "a".into(),
+                incarnation: 7,
+                role: Role::Peer,
+                listen_addrs: vec!["127.0.0.1:1".parse().expect("addr")],
+                zone: Some("z".into()),
+            }),
+            Frame::Request {
+                id: 3,
+                body: DirRequest::Register(Subscription {
+                    topic: "t".into(),
+                    group: "g".into(),
+                }),
+            },
+            Frame::Response {
+                id: 3,
+                body: DirResponse::Route(Route {
+                    topic: "t".into(),
+                    version: 2,
+                    groups: vec![GroupRoute {
+                        group: "g".into(),
+                        members: vec![],
+                    }],
+                }),
+            },
+            Frame::Credit(Credit { window: 10 }),
+        ];
+        for f in frames {
+            assert_eq!(roundtrip(&f), f);
+        }
+    }
+
+    #[test]
+    fn oversized_frame_rejected_before_allocation() {
+        let mut dec = FrameDecoder::new(1024);
+        dec.extend(&(u32::MAX).to_be_bytes());
+        match dec.next_frame() {
+            Err(WireError::FrameTooLarge { size, limit }) => {
+                assert_eq!(size, u32::MAX as usize);
+                assert_eq!(limit, 1024);
+            }
+            other => panic!("expected FrameTooLarge, got {other:?}"),
+        }
+        assert!(dec.buf.capacity() < 4096, "must not allocate the announced size");
+    }
+
+    #[test]
+    fn oversized_frame_refused_on_encode() {
+        let frame = Frame::Deliver(Deliver {
+            group: "g".into(),
+            first_link_seq: 0,
+            messages: vec![Envelope {
+                id: MessageId { producer: 1, seq: 1 },
+                topic: "t".into(),
+                key: None,
+                tags: vec![],
+                headers: vec![],
+                publish_time_ms: 0,
+                payload: Bytes::from(vec![0u8; 2048]),
+            }],
+        });
+        let mut out = BytesMut::from(&b"keep"[..]);
+        assert!(matches!(
+            encode(&frame, &mut out, 1024),
+            Err(WireError::FrameTooLarge { .. })
+        ));
+        assert_eq!(&out[..], b"keep");
+    }
+
+    #[test]
+    fn deliver_with_wrong_payload_length_is_malformed() {
+        let frame = Frame::Deliver(Deliver {
+            group: "g".into(),
+            first_link_seq: 0,
+            messages: vec![Envelope {
+                id: MessageId { producer: 1, seq: 1 },
+                topic: "t".into(),
+                key: None,
+                tags: vec![],
+                headers: vec![],
+                publish_time_ms: 0,
+                payload: Bytes::from_static(b"abc"),
+            }],
+        });
+        let mut out = BytesMut::new();
+        encode(&frame, &mut out, 1024).expect("encode");
+        // Drop the last payload byte but fix up the length prefix.
+        out.truncate(out.len() - 1);
+        let len = (out.len() - LENGTH_PREFIX) as u32;
+        out[..4].copy_from_slice(&len.to_be_bytes());
+        let mut dec = FrameDecoder::new(1024);
+        dec.extend(&out);
+        assert!(matches!(dec.next_frame(), Err(WireError::Malformed(_))));
+    }
+}

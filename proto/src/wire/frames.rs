@@ -1,0 +1,319 @@
+//! The frames exchanged on Weft streams and the values they carry.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// The unique, stable id of a message: assigned by its producer, kept across retries
+/// and restarts; the unit of deduplication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MessageId {
+    /// The producing peer's outbox id (random, persisted with its outbox).
+    pub producer: u64,
+    /// Sequence number within the producer; strictly increasing, never reused.
+    pub seq: u64,
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}:{}", self.producer, self.seq)
+    }
+}
+
+/// A message as it travels: routing metadata plus an opaque payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Message id.
+    pub id: MessageId,
+    /// Topic the message was published to.
+    pub topic: String,
+    /// Optional ordering key.
+    pub key: Option<String>,
+    /// Labels a subscription can filter on.
+    pub tags: Vec<String>,
+    /// Application headers.
+    pub headers: Vec<(String, String)>,
+    /// Publish time, milliseconds since the Unix epoch.
+    pub publish_time_ms: u64,
+    /// Opaque application bytes (a slice of the received frame; not copied).
+    pub payload: Bytes,
+}
+
+/// The part of an [`Envelope`] encoded in the frame header (payload bytes follow the header).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvelopeHeader {
+    /// Message id.
+    pub id: MessageId,
+    /// Topic.
+    pub topic: String,
+    /// Optional ordering key.
+    pub key: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Publish time in Unix milliseconds.
+    pub publish_time_ms: u64,
+    /// Length of the payload in the frame's payload area.
+    pub payload_len: u32,
+}
+
+/// What kind of endpoint is speaking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// An application peer (sender, receiver or relay).
+    Peer,
+    /// A directory node.
+    Directory,
+}
+
+/// First frame on every stream, from the side that opened it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Wire protocol version ([`super::PROTOCOL_VERSION`]).
+    pub version: u16,
+    /// The sender's identity; must equal the name in its TLS certificate.
+    pub identity: String,
+    /// Changes on every start of the process; tells a restart from a reconnect.
+    pub incarnation: u64,
+    /// What the sender is.
+    pub role: Role,
+    /// Addresses where the sender accepts data connections (empty if it does not).
+    pub listen_addrs: Vec<SocketAddr>,
+    /// Optional locality label.
+    pub zone: Option<String>,
+}
+
+/// Answer to [`Hello`] when the exchange is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Responder's protocol version.
+    pub version: u16,
+    /// Responder's identity.
+    pub identity: String,
+    /// Responder's incarnation.
+    pub incarnation: u64,
+}
+
+/// Machine-readable reason for a refusal or error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Protocol versions differ.
+    VersionMismatch,
+    /// The identity in `Hello` does not match the certificate.
+    IdentityMismatch,
+    /// A frame was not valid here.
+    Protocol,
+    /// A configured limit was exceeded.
+    LimitExceeded,
+    /// The request named something that does not exist.
+    NotFound,
+    /// Not permitted.
+    Unauthorized,
+    /// The responder is shutting down.
+    ShuttingDown,
+}
+
+/// A refusal with a human-readable reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// Why, for programs.
+    pub code: ErrorCode,
+    /// Why, for people.
+    pub reason: String,
+}
+
+/// A batch of messages for one group, sender → receiver, on the link's data stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deliver {
+    /// The receiving group the messages are for.
+    pub group: String,
+    /// Link sequence number of the first message; the i-th has `first_link_seq + i`.
+    pub first_link_seq: u64,
+    /// The messages.
+    pub messages: Vec<Envelope>,
+}
+
+/// Receiver → sender: every link sequence `<= upto` is acknowledged, plus `extra`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Cumulative watermark: all link sequences up to and including this one.
+    pub upto: u64,
+    /// Individually acknowledged link sequences above `upto` (bounded by the credit).
+    pub extra: Vec<u64>,
+}
+
+/// Receiver → sender: permission to have `window` unacked messages in flight on this
+/// link. Replaces the previous window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credit {
+    /// Largest number of unacknowledged messages the sender may have in flight.
+    pub window: u32,
+}
+
+/// A registration of a peer for a topic, as a member of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Subscription {
+    /// Topic.
+    pub topic: String,
+    /// Group.
+    pub group: String,
+}
+
+/// Peer → directory requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirRequest {
+    /// Add a subscription for the connected peer.
+    Register(Subscription),
+    /// Remove a subscription of the connected peer.
+    Unregister(Subscription),
+    /// Current route of a topic.
+    Resolve {
+        /// Topic.
+        topic: String,
+    },
+    /// Current route of a topic, and push every later change as [`Frame::RouteChanged`].
+    Watch {
+        /// Topic.
+        topic: String,
+    },
+    /// Stop pushing changes of a topic.
+    Unwatch {
+        /// Topic.
+        topic: String,
+    },
+}
+
+/// Directory → peer answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirResponse {
+    /// Done.
+    Ok,
+    /// The route asked for.
+    Route(Route),
+    /// Refused.
+    Error(Reject),
+}
+
+/// A live member of a group, as the directory knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Member {
+    /// Identity (certificate name).
+    pub identity: String,
+    /// Incarnation of the process.
+    pub incarnation: u64,
+    /// Addresses where it accepts data connections.
+    pub addrs: Vec<SocketAddr>,
+    /// Locality label.
+    pub zone: Option<String>,
+}
+
+/// The members of one group subscribed to a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRoute {
+    /// Group name.
+    pub group: String,
+    /// Live members, sorted by identity.
+    pub members: Vec<Member>,
+}
+
+/// Where a topic's messages go: every group, and each group's live members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// Topic.
+    pub topic: String,
+    /// Increases whenever the route changes (per directory node).
+    pub version: u64,
+    /// Subscribed groups, sorted by name.
+    pub groups: Vec<GroupRoute>,
+}
+
+/// Every frame of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Opens a stream.
+    Hello(Hello),
+    /// Accepts a stream.
+    Welcome(Welcome),
+    /// Refuses a stream or reports a fatal error; the stream ends after it.
+    Reject(Reject),
+    /// Messages for a group.
+    Deliver(Deliver),
+    /// Acknowledgements.
+    Ack(Ack),
+    /// Flow-control window.
+    Credit(Credit),
+    /// A directory request with its correlation id.
+    Request {
+        /// Echoed in the response.
+        id: u64,
+        /// What is asked.
+        body: DirRequest,
+    },
+    /// A directory response.
+    Response {
+        /// Id of the request answered.
+        id: u64,
+        /// Answer.
+        body: DirResponse,
+    },
+    /// Pushed by the directory to a watcher when a route changes.
+    RouteChanged(Route),
+}
+
+impl Frame {
+    /// Short name of the frame kind, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "Hello",
+            Frame::Welcome(_) => "Welcome",
+            Frame::Reject(_) => "Reject",
+            Frame::Deliver(_) => "Deliver",
+            Frame::Ack(_) => "Ack",
+            Frame::Credit(_) => "Credit",
+            Frame::Request { .. } => "Request",
+            Frame::Response { .. } => "Response",
+            Frame::RouteChanged(_) => "RouteChanged",
+        }
+    }
+}
+
+/// The MessagePack-encoded head of every frame. For `Deliver`, payloads follow it.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FrameHeader {
+    /// See [`Frame::Hello`].
+    Hello(Hello),
+    /// See [`Frame::Welcome`].
+    Welcome(Welcome),
+    /// See [`Frame::Reject`].
+    Reject(Reject),
+    /// See [`Frame::Deliver`]; the payloads follow in order.
+    Deliver {
+        /// Group.
+        group: String,
+        /// Link sequence of the first message.
+        first_link_seq: u64,
+        /// Message headers, each with the length of its payload.
+        messages: Vec<EnvelopeHeader>,
+    },
+    /// See [`Frame::Ack`].
+    Ack(Ack),
+    /// See [`Frame::Credit`].
+    Credit(Credit),
+    /// See [`Frame::Request`].
+    Request {
+        /// Correlation id.
+        id: u64,
+        /// Request.
+        body: DirRequest,
+    },
+    /// See [`Frame::Response`].
+    Response {
+        /// Correlation id.
+        id: u64,
+        /// Response.
+        body: DirResponse,
+    },
+    /// See [`Frame::RouteChanged`].
+    RouteChanged(Route),
+}

@@ -1,0 +1,183 @@
+//! Reading and writing frames on QUIC streams, and the opening handshake.
+
+use super::codec::{encode, FrameDecoder};
+use super::error::WireError;
+use super::frames::*;
+use super::PROTOCOL_VERSION;
+use bytes::BytesMut;
+
+/// Largest chunk taken from the QUIC stream per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads frames from a QUIC receive stream.
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    /// Wraps `recv`, refusing frames above `max_frame` bytes.
+    pub fn new(recv: quinn::RecvStream, max_frame: usize) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::new(max_frame),
+        }
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream. Cancel-safe: a frame is
+    /// never half consumed.
+    pub async fn next(&mut self) -> Result<Option<Frame>, WireError> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(READ_CHUNK, true).await? {
+                Some(chunk) => self.decoder.extend(&chunk.bytes),
+                None => {
+                    self.decoder.finish()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Like [`next`](Self::next), but end of stream is an error naming what was expected.
+    pub async fn expect(&mut self, expected: &'static str) -> Result<Frame, WireError> {
+        match self.next().await? {
+            Some(Frame::Reject(r)) => Err(WireError::Rejected(format!("{:?}: {}", r.code, r.reason))),
+            Some(frame) => Ok(frame),
+            None => Err(WireError::Unexpected {
+                expected,
+                got: "end of stream".into(),
+            }),
+        }
+    }
+
+    /// Tells the remote to stop sending on this stream with an application error code.
+    pub fn stop(&mut self, code: u32) {
+        let _ = self.recv.stop(quinn::VarInt::from_u32(code));
+    }
+}
+
+/// Writes frames to a QUIC send stream, batching queued frames into one write.
+#[derive(Debug)]
+pub struct FrameWriter {
+    send: quinn::SendStream,
+    buf: BytesMut,
+    max_frame: usize,
+}
+
+impl FrameWriter {
+    /// Wraps `send`, refusing to send frames above `max_frame` bytes.
+    pub fn new(send: quinn::SendStream, max_frame: usize) -> Self {
+        Self {
+            send,
+            buf: BytesMut::with_capacity(64 * 1024),
+            max_frame,
+        }
+    }
+
+    /// Encodes `frame` into the write buffer without sending it yet.
+    pub fn queue(&mut self, frame: &Frame) -> Result<(), WireError> {
+        encode(frame, &mut self.buf, self.max_frame)
+    }
+
+    /// Bytes queued and not yet flushed.
+    pub fn queued(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Sends everything queued.
+    pub async fn flush(&mut self) -> Result<(), WireError> {
+        if !self.buf.is_empty() {
+            let chunk = self.buf.split().freeze();
+            self.send.write_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Queues and flushes one frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), WireError> {
+        self.queue(frame)?;
+        self.flush().await
+    }
+
+    /// Flushes and ends the stream gracefully.
+    pub async fn finish(&mut self) -> Result<(), WireError> {
+        self.flush().await?;
+        let _ = self.send.finish();
+        Ok(())
+    }
+
+    /// Sends a [`Reject`] and ends the stream.
+    pub async fn reject(&mut self, code: ErrorCode, reason: impl Into<String>) {
+        let frame = Frame::Reject(Reject {
+            code,
+            reason: reason.into(),
+        });
+        if self.send(&frame).await.is_ok() {
+            let _ = self.finish().await;
+        }
+    }
+}
+
+/// Opening side of a stream: sends `hello`, waits for the [`Welcome`].
+pub async fn open_handshake(
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    hello: &Hello,
+) -> Result<Welcome, WireError> {
+    writer.send(&Frame::Hello(hello.clone())).await?;
+    match reader.expect("Welcome").await? {
+        Frame::Welcome(w) if w.version == PROTOCOL_VERSION => Ok(w),
+        Frame::Welcome(w) => Err(WireError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: w.version,
+        }),
+        other => Err(WireError::Unexpected {
+            expected: "Welcome",
+            got: other.kind().into(),
+        }),
+    }
+}
+
+/// Accepting side of a stream: reads the [`Hello`], checks its version and that its
+/// identity is `authenticated` (the TLS identity), then answers with `welcome`. On any
+/// mismatch it sends a [`Reject`] and returns the error.
+pub async fn accept_handshake(
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    authenticated: &str,
+    welcome: &Welcome,
+) -> Result<Hello, WireError> {
+    let hello = match reader.expect("Hello").await? {
+        Frame::Hello(h) => h,
+        other => {
+            let err = WireError::Unexpected {
+                expected: "Hello",
+                got: other.kind().into(),
+            };
+            writer.reject(ErrorCode::Protocol, err.to_string()).await;
+            return Err(err);
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        let err = WireError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: hello.version,
+        };
+        writer.reject(ErrorCode::VersionMismatch, err.to_string()).await;
+        return Err(err);
+    }
+    if hello.identity != authenticated {
+        let reason = format!(
+            "Hello claims identity {:?} but the certificate says {:?}",
+            hello.identity, authenticated
+        );
+        writer.reject(ErrorCode::IdentityMismatch, reason.clone()).await;
+        return Err(WireError::Rejected(reason));
+    }
+    writer.send(&Frame::Welcome(welcome.clone())).await?;
+    Ok(hello)
+}
