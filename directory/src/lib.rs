@@ -17,16 +17,20 @@
 //! ```
 #![warn(missing_docs)]
 
+mod cluster;
 mod node;
 mod routes;
 mod sessions;
+pub mod signed;
 
+pub use cluster::{GossipTuning, DEFAULT_CLUSTER_ID, PEER_KEY_PREFIX};
 pub use routes::{PeerRecord, RouteChange, RouteTable};
 pub use sessions::{SessionUpdate, Sessions};
 pub use weft_proto::wire::Route;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use weft_proto::certs;
 use weft_proto::tls::{Credentials, TlsError};
@@ -85,6 +89,10 @@ pub struct DirectoryBuilder {
     name: String,
     settings: node::NodeSettings,
     tls: Option<TlsSource>,
+    gossip: Option<(SocketAddr, Vec<SocketAddr>)>,
+    gossip_advertise: Option<SocketAddr>,
+    cluster_id: String,
+    tuning: GossipTuning,
 }
 
 impl DirectoryBuilder {
@@ -146,15 +154,54 @@ impl DirectoryBuilder {
         self
     }
 
+    /// Joins a directory cluster: gossips on UDP `listen` (port 0 picks a free port) and
+    /// contacts `seeds` (gossip addresses of other nodes; may include this node's own).
+    /// Without this the node runs alone. Needs TLS from files or `.dev`: gossip values
+    /// are signed with the node's key (see [`signed`]). Put `listen` on a private
+    /// interface.
+    pub fn gossip(mut self, listen: SocketAddr, seeds: Vec<SocketAddr>) -> Self {
+        self.gossip = Some((listen, seeds));
+        self
+    }
+
+    /// The gossip address other nodes should use for this one (default: the listen
+    /// address; required when listening on a wildcard address).
+    pub fn gossip_advertise(mut self, addr: SocketAddr) -> Self {
+        self.gossip_advertise = Some(addr);
+        self
+    }
+
+    /// Cluster id (default [`DEFAULT_CLUSTER_ID`]): nodes gossip only with nodes of the
+    /// same id. Not a secret.
+    pub fn cluster_id(mut self, id: impl Into<String>) -> Self {
+        self.cluster_id = id.into();
+        self
+    }
+
+    /// Gossip timing (see [`GossipTuning`] for the defaults).
+    pub fn gossip_tuning(mut self, tuning: GossipTuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
     /// Binds and starts serving.
     pub async fn start(self) -> Result<Directory, DirectoryError> {
-        let creds = match self.tls {
-            Some(TlsSource::Loaded(c)) => c,
-            Some(TlsSource::Files { ca, cert, key }) => Credentials::load(&ca, &cert, &key)?,
+        let (creds, pem_paths) = match self.tls {
+            Some(TlsSource::Loaded(c)) => (c, None),
+            Some(TlsSource::Files { ca, cert, key }) => {
+                let creds = Credentials::load(&ca, &cert, &key)?;
+                (creds, Some((ca, cert, key)))
+            }
             Some(TlsSource::Dev(dir)) => {
-                let paths = certs::ensure_dev(&dir, &self.name, &[weft_proto::DIRECTORY_IDENTITY])
-                    .map_err(|e| DirectoryError::DevCerts(e.to_string()))?;
-                Credentials::from_paths(&paths)?
+                let name = self.name.clone();
+                let paths = tokio::task::spawn_blocking(move || {
+                    certs::ensure_dev(&dir, &name, &[weft_proto::DIRECTORY_IDENTITY])
+                })
+                .await
+                .map_err(|e| DirectoryError::DevCerts(e.to_string()))?
+                .map_err(|e| DirectoryError::DevCerts(e.to_string()))?;
+                let creds = Credentials::from_paths(&paths)?;
+                (creds, Some((paths.ca, paths.cert, paths.key)))
             }
             None => {
                 return Err(DirectoryError::Config(
@@ -162,14 +209,64 @@ impl DirectoryBuilder {
                 ))
             }
         };
+        let gossip = match self.gossip {
+            None => None,
+            Some((listen, seeds)) => {
+                if creds.identity() != self.name {
+                    return Err(DirectoryError::Config(format!(
+                        "node name {:?} differs from its certificate identity {:?}: in a \
+                         cluster the gossip node id must be the certificate's name",
+                        self.name,
+                        creds.identity()
+                    )));
+                }
+                let Some((ca, cert, key)) = pem_paths else {
+                    return Err(DirectoryError::Config(
+                        "gossip needs the node's key to sign its values: use .tls_files(..) or .dev(..) rather than .credentials(..)".into(),
+                    ));
+                };
+                let read = |p: &PathBuf| {
+                    std::fs::read_to_string(p).map_err(|source| DirectoryError::Io {
+                        what: format!("reading {}", p.display()),
+                        source,
+                    })
+                };
+                let keys = cluster::GossipKeys {
+                    ca_pem: read(&ca)?,
+                    cert_pem: read(&cert)?,
+                    key_pem: read(&key)?,
+                };
+                let settings = cluster::GossipSettings {
+                    listen,
+                    advertise: self.gossip_advertise,
+                    seeds,
+                    cluster_id: self.cluster_id,
+                    tuning: self.tuning,
+                };
+                Some((settings, keys))
+            }
+        };
         let node = node::start(self.name, &creds, self.settings)?;
-        Ok(Directory { node })
+        let cluster = match gossip {
+            None => None,
+            Some((settings, keys)) => {
+                match cluster::start(node.shared.clone(), settings, keys).await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        node.stop();
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        Ok(Directory { node, cluster })
     }
 }
 
 /// A running directory node. Dropping it stops the node.
 pub struct Directory {
     node: node::Node,
+    cluster: Option<cluster::Cluster>,
 }
 
 impl Directory {
@@ -185,6 +282,10 @@ impl Directory {
                 max_connections: DEFAULT_MAX_CONNECTIONS,
             },
             tls: None,
+            gossip: None,
+            gossip_advertise: None,
+            cluster_id: DEFAULT_CLUSTER_ID.to_string(),
+            tuning: GossipTuning::default(),
         }
     }
 
@@ -203,25 +304,51 @@ impl Directory {
         self.node.shared.route(topic)
     }
 
-    /// Stops accepting, closes every connection and stops background tasks.
-    pub async fn shutdown(self) {
-        self.node
-            .endpoint
-            .close(quinn::VarInt::from_u32(0), b"directory shutting down");
-        for task in &self.node.tasks {
-            task.abort();
+    /// The UDP address this node gossips on (`None` when not in a cluster).
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().map(|c| c.gossip_addr)
+    }
+
+    /// Gossip values refused so far: unsigned, badly signed, replayed, or from a node
+    /// without a valid directory certificate from the fabric CA.
+    pub fn rejected_gossip_values(&self) -> u64 {
+        self.cluster
+            .as_ref()
+            .map_or(0, |c| c.stats.rejected.load(Ordering::Relaxed))
+    }
+
+    /// Gossip values verified and applied so far.
+    pub fn accepted_gossip_values(&self) -> u64 {
+        self.cluster
+            .as_ref()
+            .map_or(0, |c| c.stats.accepted.load(Ordering::Relaxed))
+    }
+
+    /// Names of the directory nodes the failure detector considers live (this one
+    /// included; empty when not in a cluster). Includes nodes whose gossip is refused.
+    pub fn live_nodes(&self) -> Vec<String> {
+        self.cluster
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.live_nodes())
+    }
+
+    /// Stops gossiping and accepting, closes every connection and stops background
+    /// tasks. Other nodes drop this node's registrations once their failure detector
+    /// declares it dead.
+    pub async fn shutdown(mut self) {
+        if let Some(cluster) = self.cluster.take() {
+            cluster.shutdown().await;
         }
+        self.node.stop();
         self.node.endpoint.wait_idle().await;
     }
 }
 
 impl Drop for Directory {
     fn drop(&mut self) {
-        for task in &self.node.tasks {
-            task.abort();
+        if let Some(cluster) = &self.cluster {
+            cluster.abort();
         }
-        self.node
-            .endpoint
-            .close(quinn::VarInt::from_u32(0), b"directory dropped");
+        self.node.stop();
     }
 }

@@ -137,18 +137,27 @@ pub(crate) struct Node {
     pub(crate) tasks: Vec<JoinHandle<()>>,
 }
 
+impl Node {
+    /// Closes the endpoint and stops the background tasks (idempotent).
+    pub(crate) fn stop(&self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"directory shutting down");
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 pub(crate) fn start(
     name: String,
     creds: &Credentials,
     settings: NodeSettings,
 ) -> Result<Node, DirectoryError> {
     let endpoint = tls::endpoint(settings.listen, creds)?;
-    let local_addr = endpoint
-        .local_addr()
-        .map_err(|source| DirectoryError::Io {
-            what: format!("reading the bound address of {}", settings.listen),
-            source,
-        })?;
+    let local_addr = endpoint.local_addr().map_err(|source| DirectoryError::Io {
+        what: format!("reading the bound address of {}", settings.listen),
+        source,
+    })?;
     let shared = Arc::new(Shared {
         name,
         state: Mutex::new(State {
@@ -237,10 +246,13 @@ async fn serve_connection(
     {
         let mut state = shared.lock();
         state.queues.insert(conn_id, queue.clone());
-        let updates =
-            state
-                .sessions
-                .connect(conn_id, &identity, hello.incarnation, hello.listen_addrs, hello.zone);
+        let updates = state.sessions.connect(
+            conn_id,
+            &identity,
+            hello.incarnation,
+            hello.listen_addrs,
+            hello.zone,
+        );
         shared.apply_local(&mut state, updates);
     }
     let result = request_loop(&mut reader, &mut writer, conn_id, shared, &queue).await;
@@ -293,7 +305,9 @@ async fn request_loop(
 fn handle_request(shared: &Shared, conn_id: ConnId, request: DirRequest) -> DirResponse {
     let mut state = shared.lock();
     match request {
-        DirRequest::Register(sub) | DirRequest::Unregister(sub) if sub.topic.is_empty() || sub.group.is_empty() => {
+        DirRequest::Register(sub) | DirRequest::Unregister(sub)
+            if sub.topic.is_empty() || sub.group.is_empty() =>
+        {
             DirResponse::Error(Reject {
                 code: ErrorCode::Protocol,
                 reason: "topic and group must not be empty".into(),

@@ -320,7 +320,10 @@ mod tests {
     fn union_over_sources() {
         let mut t = RouteTable::new();
         t.upsert("n1", record("a", 1, &[("orders", "billing")]));
-        t.upsert("n2", record("b", 1, &[("orders", "billing"), ("orders", "audit")]));
+        t.upsert(
+            "n2",
+            record("b", 1, &[("orders", "billing"), ("orders", "audit")]),
+        );
         let r = t.route("orders");
         assert_eq!(members(&r, "billing"), vec!["a", "b"]);
         assert_eq!(members(&r, "audit"), vec!["b"]);
@@ -366,7 +369,9 @@ mod tests {
         assert!(c2[0].route.version > c1[0].route.version);
         assert!(c2[0].route.groups.is_empty());
         t.drop_watcher(1);
-        assert!(t.upsert("n1", record("a", 1, &[("orders", "g")])).is_empty());
+        assert!(t
+            .upsert("n1", record("a", 1, &[("orders", "g")]))
+            .is_empty());
     }
 
     #[test]
@@ -386,6 +391,8 @@ mod tests {
     fn unrelated_topics_do_not_notify() {
         let mut t = RouteTable::new();
         t.watch(1, "orders");
-        assert!(t.upsert("n1", record("a", 1, &[("invoices", "g")])).is_empty());
+        assert!(t
+            .upsert("n1", record("a", 1, &[("invoices", "g")]))
+            .is_empty());
     }
 }

@@ -13,6 +13,7 @@ enum FrameHeaderRef<'a> {
     Hello(&'a Hello),
     Welcome(&'a Welcome),
     Reject(&'a Reject),
+    Open(&'a Open),
     Deliver {
         group: &'a str,
         first_link_seq: u64,
@@ -48,6 +49,7 @@ fn header_of(frame: &Frame) -> Result<FrameHeaderRef<'_>, WireError> {
         Frame::Hello(h) => FrameHeaderRef::Hello(h),
         Frame::Welcome(w) => FrameHeaderRef::Welcome(w),
         Frame::Reject(r) => FrameHeaderRef::Reject(r),
+        Frame::Open(o) => FrameHeaderRef::Open(o),
         Frame::Deliver(d) => FrameHeaderRef::Deliver {
             group: &d.group,
             first_link_seq: d.first_link_seq,
@@ -89,7 +91,10 @@ pub fn encode(frame: &Frame, out: &mut BytesMut, max_frame: usize) -> Result<(),
     let written = rmp_serde::encode::write(&mut (&mut *out).writer(), &header);
     if let Err(e) = written {
         out.truncate(start);
-        return Err(WireError::Malformed(format!("cannot encode {}: {e}", frame.kind())));
+        return Err(WireError::Malformed(format!(
+            "cannot encode {}: {e}",
+            frame.kind()
+        )));
     }
     if let Frame::Deliver(d) = frame {
         for m in &d.messages {
@@ -234,6 +239,7 @@ fn decode_body(body: Bytes) -> Result<Frame, WireError> {
                 FrameHeader::Hello(h) => Frame::Hello(h),
                 FrameHeader::Welcome(w) => Frame::Welcome(w),
                 FrameHeader::Reject(r) => Frame::Reject(r),
+                FrameHeader::Open(o) => Frame::Open(o),
                 FrameHeader::Ack(a) => Frame::Ack(a),
                 FrameHeader::Credit(c) => Frame::Credit(c),
                 FrameHeader::Request { id, body } => Frame::Request { id, body },
@@ -382,7 +388,10 @@ mod tests {
             }
             other => panic!("expected FrameTooLarge, got {other:?}"),
         }
-        assert!(dec.buf.capacity() < 4096, "must not allocate the announced size");
+        assert!(
+            dec.buf.capacity() < 4096,
+            "must not allocate the announced size"
+        );
     }
 
     #[test]
@@ -391,7 +400,10 @@ mod tests {
             group: "g".into(),
             first_link_seq: 0,
             messages: vec![Envelope {
-                id: MessageId { producer: 1, seq: 1 },
+                id: MessageId {
+                    producer: 1,
+                    seq: 1,
+                },
                 topic: "t".into(),
                 key: None,
                 tags: vec![],
@@ -414,7 +426,10 @@ mod tests {
             group: "g".into(),
             first_link_seq: 0,
             messages: vec![Envelope {
-                id: MessageId { producer: 1, seq: 1 },
+                id: MessageId {
+                    producer: 1,
+                    seq: 1,
+                },
                 topic: "t".into(),
                 key: None,
                 tags: vec![],

@@ -134,6 +134,17 @@ pub struct Deliver {
     pub messages: Vec<Envelope>,
 }
 
+/// Sender → receiver, after the handshake of a data stream: this stream carries the
+/// messages of `topic` for the receiver's membership in `group`. The receiver answers
+/// with a [`Credit`], or a [`Reject`] if it has no such subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    /// Topic.
+    pub topic: String,
+    /// Group.
+    pub group: String,
+}
+
 /// Receiver → sender: every link sequence `<= upto` is acknowledged, plus `extra`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
@@ -237,6 +248,8 @@ pub enum Frame {
     Welcome(Welcome),
     /// Refuses a stream or reports a fatal error; the stream ends after it.
     Reject(Reject),
+    /// Binds a data stream to a subscription.
+    Open(Open),
     /// Messages for a group.
     Deliver(Deliver),
     /// Acknowledgements.
@@ -268,6 +281,7 @@ impl Frame {
             Frame::Hello(_) => "Hello",
             Frame::Welcome(_) => "Welcome",
             Frame::Reject(_) => "Reject",
+            Frame::Open(_) => "Open",
             Frame::Deliver(_) => "Deliver",
             Frame::Ack(_) => "Ack",
             Frame::Credit(_) => "Credit",
@@ -287,6 +301,8 @@ pub enum FrameHeader {
     Welcome(Welcome),
     /// See [`Frame::Reject`].
     Reject(Reject),
+    /// See [`Frame::Open`].
+    Open(Open),
     /// See [`Frame::Deliver`]; the payloads follow in order.
     Deliver {
         /// Group.

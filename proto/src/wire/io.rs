@@ -45,7 +45,9 @@ impl FrameReader {
     /// Like [`next`](Self::next), but end of stream is an error naming what was expected.
     pub async fn expect(&mut self, expected: &'static str) -> Result<Frame, WireError> {
         match self.next().await? {
-            Some(Frame::Reject(r)) => Err(WireError::Rejected(format!("{:?}: {}", r.code, r.reason))),
+            Some(Frame::Reject(r)) => {
+                Err(WireError::Rejected(format!("{:?}: {}", r.code, r.reason)))
+            }
             Some(frame) => Ok(frame),
             None => Err(WireError::Unexpected {
                 expected,
@@ -167,7 +169,9 @@ pub async fn accept_handshake(
             ours: PROTOCOL_VERSION,
             theirs: hello.version,
         };
-        writer.reject(ErrorCode::VersionMismatch, err.to_string()).await;
+        writer
+            .reject(ErrorCode::VersionMismatch, err.to_string())
+            .await;
         return Err(err);
     }
     if hello.identity != authenticated {
@@ -175,7 +179,9 @@ pub async fn accept_handshake(
             "Hello claims identity {:?} but the certificate says {:?}",
             hello.identity, authenticated
         );
-        writer.reject(ErrorCode::IdentityMismatch, reason.clone()).await;
+        writer
+            .reject(ErrorCode::IdentityMismatch, reason.clone())
+            .await;
         return Err(WireError::Rejected(reason));
     }
     writer.send(&Frame::Welcome(welcome.clone())).await?;

@@ -1,0 +1,206 @@
+//! Receiver-side duplicate suppression (sans-IO).
+//!
+//! For each producer, the sequence numbers this subscription has acknowledged are kept
+//! as a set of ranges. A producer publishing to one topic yields one growing range;
+//! interleaved topics fragment it. The number of ranges per producer is bounded: when
+//! exceeded, the oldest ranges are forgotten, so a very late retransmission of an old
+//! message is delivered again (a duplicate) — never dropped unacked (a loss).
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use weft_proto::wire::MessageId;
+
+/// Default bound of remembered ranges per producer.
+pub const DEFAULT_MAX_RANGES: usize = 4096;
+
+/// Acknowledged message ids of one subscription.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Dedup {
+    max_ranges: usize,
+    /// producer → (range start → range end, inclusive).
+    producers: HashMap<u64, BTreeMap<u64, u64>>,
+}
+
+impl Dedup {
+    pub(crate) fn new(max_ranges: usize) -> Self {
+        Self {
+            max_ranges: max_ranges.max(1),
+            producers: HashMap::new(),
+        }
+    }
+
+    /// Whether `id` was acknowledged before.
+    pub(crate) fn is_acked(&self, id: MessageId) -> bool {
+        self.producers.get(&id.producer).is_some_and(|ranges| {
+            ranges
+                .range(..=id.seq)
+                .next_back()
+                .is_some_and(|(_, end)| *end >= id.seq)
+        })
+    }
+
+    /// Records `id` as acknowledged.
+    pub(crate) fn record(&mut self, id: MessageId) {
+        let ranges = self.producers.entry(id.producer).or_default();
+        let seq = id.seq;
+        let below = ranges.range(..=seq).next_back().map(|(s, e)| (*s, *e));
+        if below.is_some_and(|(_, e)| e >= seq) {
+            return;
+        }
+        let joins_below = below.filter(|(_, e)| e.checked_add(1) == Some(seq));
+        let above = seq
+            .checked_add(1)
+            .and_then(|next| ranges.get(&next).copied().map(|e| (next, e)));
+        match (joins_below, above) {
+            (Some((s, _)), Some((a, e))) => {
+                ranges.remove(&a);
+                ranges.insert(s, e);
+            }
+            (Some((s, _)), None) => {
+                ranges.insert(s, seq);
+            }
+            (None, Some((a, e))) => {
+                ranges.remove(&a);
+                ranges.insert(seq, e);
+            }
+            (None, None) => {
+                ranges.insert(seq, seq);
+            }
+        }
+        while ranges.len() > self.max_ranges {
+            ranges.pop_first();
+        }
+    }
+
+    /// Number of ranges held (for tests and metrics).
+    #[cfg(test)]
+    pub(crate) fn ranges(&self) -> usize {
+        self.producers.values().map(BTreeMap::len).sum()
+    }
+}
+
+/// Largest jump in link sequence numbers a sender may make (skipped numbers are
+/// requeued messages; their count is bounded by the credit window).
+const MAX_LINK_GAP: u64 = 1 << 20;
+
+/// Acknowledgement state of one link (data stream) on the receiving side: which link
+/// sequence numbers are done, summarised as a cumulative watermark plus the done ones
+/// above it.
+#[derive(Debug, Default)]
+pub(crate) struct LinkAcks {
+    upto: u64,
+    highest_received: u64,
+    done_above: std::collections::BTreeSet<u64>,
+    dirty: bool,
+}
+
+impl LinkAcks {
+    /// Marks `link_seq` done (acknowledged by the application, or a duplicate).
+    pub(crate) fn done(&mut self, link_seq: u64) {
+        if link_seq <= self.upto {
+            return;
+        }
+        self.done_above.insert(link_seq);
+        while self.done_above.first() == Some(&(self.upto + 1)) {
+            self.done_above.pop_first();
+            self.upto += 1;
+        }
+        self.dirty = true;
+    }
+
+    /// A batch with link sequences `first..first + count` arrived. Sequences skipped
+    /// before it will never arrive on this ordered stream (the sender requeued them
+    /// before sending), so they count as done.
+    /// False (and nothing changed) if the gap is implausibly large: a broken sender.
+    pub(crate) fn received(&mut self, first: u64, count: u64) -> bool {
+        if first.saturating_sub(self.highest_received) > MAX_LINK_GAP || first == 0 {
+            return false;
+        }
+        for skipped in self.highest_received.saturating_add(1)..first {
+            self.done(skipped);
+        }
+        self.highest_received = self
+            .highest_received
+            .max(first.saturating_add(count).saturating_sub(1));
+        true
+    }
+
+    /// The ack to send, if anything changed since the last one.
+    pub(crate) fn take_ack(&mut self) -> Option<weft_proto::wire::Ack> {
+        if !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        Some(weft_proto::wire::Ack {
+            upto: self.upto,
+            extra: self.done_above.iter().copied().collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn id(p: u64, s: u64) -> MessageId {
+        MessageId {
+            producer: p,
+            seq: s,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn matches_a_set_model(seqs in proptest::collection::vec(0u64..200, 0..300)) {
+            let mut d = Dedup::new(10_000);
+            let mut model = BTreeSet::new();
+            for s in &seqs {
+                d.record(id(1, *s));
+                model.insert(*s);
+            }
+            for s in 0..210 {
+                prop_assert_eq!(d.is_acked(id(1, s)), model.contains(&s), "seq {}", s);
+                prop_assert!(!d.is_acked(id(2, s)));
+            }
+        }
+
+        #[test]
+        fn bounded_forgetting_never_claims_unacked(seqs in proptest::collection::vec(0u64..500, 0..300)) {
+            let mut d = Dedup::new(4);
+            let mut model = BTreeSet::new();
+            for s in &seqs {
+                d.record(id(1, *s));
+                model.insert(*s);
+                prop_assert!(d.ranges() <= 4);
+            }
+            for s in 0..510 {
+                if d.is_acked(id(1, s)) {
+                    prop_assert!(model.contains(&s), "claims unacked seq {}", s);
+                }
+            }
+        }
+
+        #[test]
+        fn link_acks_cover_exactly_done(done in proptest::collection::btree_set(1u64..100, 0..80)) {
+            let mut acks = LinkAcks::default();
+            for s in &done { acks.done(*s); }
+            let ack = acks.take_ack();
+            if done.is_empty() { prop_assert!(ack.is_none()); return Ok(()); }
+            let ack = ack.expect("dirty");
+            let mut covered: BTreeSet<u64> = (1..=ack.upto).collect();
+            covered.extend(ack.extra.iter().copied());
+            prop_assert_eq!(covered, done);
+        }
+    }
+
+    #[test]
+    fn contiguous_stream_is_one_range() {
+        let mut d = Dedup::new(16);
+        for s in 1..=1000 {
+            d.record(id(9, s));
+        }
+        assert_eq!(d.ranges(), 1);
+    }
+}

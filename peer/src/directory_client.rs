@@ -1,0 +1,308 @@
+//! The peer's link to the directory: attach to one node, fail over to another when it
+//! is lost (backoff with jitter), keep the desired registrations and watches, and push
+//! every route received to the peer. Routes stay cached in the peer while no directory
+//! node is reachable, so existing flows keep delivering.
+
+use crate::error::{Error, ErrorKind, Result};
+use rand::Rng;
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+use weft_proto::wire::{
+    self, DirRequest, DirResponse, Frame, FrameReader, FrameWriter, Hello, Route, Subscription,
+};
+
+/// Bound of queued directory commands from the application.
+const COMMAND_QUEUE: usize = 1024;
+/// First and largest delay between attempts to reach a directory node.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+type Reply = oneshot::Sender<Result<Option<Route>>>;
+
+enum Command {
+    Register(Subscription, Reply),
+    Unregister(Subscription, Reply),
+    Watch(String, Reply),
+}
+
+/// Called with every route the directory sends.
+pub(crate) type RouteSink = Arc<dyn Fn(Route) + Send + Sync>;
+
+/// What the client needs to attach.
+pub(crate) struct ClientSettings {
+    pub addrs: Vec<SocketAddr>,
+    pub hello: Hello,
+    pub max_frame: usize,
+}
+
+/// Handle to the directory client task.
+#[derive(Clone)]
+pub(crate) struct DirectoryClient {
+    commands: mpsc::Sender<Command>,
+}
+
+impl DirectoryClient {
+    pub(crate) fn start(
+        endpoint: quinn::Endpoint,
+        settings: ClientSettings,
+        sink: RouteSink,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let task = tokio::spawn(run(endpoint, settings, sink, rx));
+        (Self { commands: tx }, task)
+    }
+
+    async fn call(
+        &self,
+        make: impl FnOnce(Reply) -> Command,
+        timeout: Duration,
+    ) -> Result<Option<Route>> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "peer is shut down"))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::new(ErrorKind::Closed, "peer is shut down")),
+            Err(_) => Err(Error::new(
+                ErrorKind::DirectoryUnavailable,
+                format!("no directory node answered within {timeout:?}; check the directory addresses and that a node is running"),
+            )),
+        }
+    }
+
+    /// Registers a subscription; it is re-registered on every reconnect. Returns once a
+    /// directory node accepted it (or the timeout passed: the registration stays desired).
+    pub(crate) async fn register(&self, sub: Subscription, timeout: Duration) -> Result<()> {
+        self.call(|r| Command::Register(sub, r), timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes a subscription.
+    pub(crate) async fn unregister(&self, sub: Subscription, timeout: Duration) -> Result<()> {
+        self.call(|r| Command::Unregister(sub, r), timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Watches a topic; returns its current route.
+    pub(crate) async fn watch(&self, topic: &str, timeout: Duration) -> Result<Route> {
+        match self
+            .call(|r| Command::Watch(topic.to_string(), r), timeout)
+            .await?
+        {
+            Some(route) => Ok(route),
+            None => Err(Error::new(
+                ErrorKind::Protocol,
+                "directory answered Watch without a route",
+            )),
+        }
+    }
+}
+
+/// Desired state, kept across reconnects.
+#[derive(Default)]
+struct Desired {
+    subscriptions: BTreeSet<Subscription>,
+    watches: BTreeSet<String>,
+    /// Replies owed once the next directory node answers.
+    waiting: Vec<(DirRequest, Reply)>,
+}
+
+async fn run(
+    endpoint: quinn::Endpoint,
+    settings: ClientSettings,
+    sink: RouteSink,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    let mut desired = Desired::default();
+    let mut backoff = BACKOFF_MIN;
+    let mut next = rand::rng().random_range(0..settings.addrs.len().max(1));
+    loop {
+        let Some(addr) = settings
+            .addrs
+            .get(next % settings.addrs.len().max(1))
+            .copied()
+        else {
+            warn!("no directory addresses configured");
+            return;
+        };
+        next += 1;
+        let attached = attach(
+            &endpoint,
+            addr,
+            &settings,
+            &mut desired,
+            &sink,
+            &mut commands,
+        )
+        .await;
+        match attached {
+            Ok(Exit::Shutdown) => return,
+            Ok(Exit::Lost) => {
+                backoff = BACKOFF_MIN;
+                info!(%addr, "directory node lost; failing over");
+            }
+            Err(e) => debug!(%addr, error = %e, "directory node unreachable"),
+        }
+        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+        let delay = backoff + Duration::from_millis(jitter);
+        // Keep accepting commands while waiting, so callers queue rather than block.
+        let deadline = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => remember(&mut desired, cmd),
+                    None => return,
+                },
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+enum Exit {
+    Shutdown,
+    Lost,
+}
+
+fn remember(desired: &mut Desired, cmd: Command) {
+    let (req, reply) = match cmd {
+        Command::Register(s, r) => {
+            desired.subscriptions.insert(s.clone());
+            (DirRequest::Register(s), r)
+        }
+        Command::Unregister(s, r) => {
+            desired.subscriptions.remove(&s);
+            (DirRequest::Unregister(s), r)
+        }
+        Command::Watch(t, r) => {
+            desired.watches.insert(t.clone());
+            (DirRequest::Watch { topic: t }, r)
+        }
+    };
+    desired.waiting.push((req, reply));
+}
+
+async fn attach(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    settings: &ClientSettings,
+    desired: &mut Desired,
+    sink: &RouteSink,
+    commands: &mut mpsc::Receiver<Command>,
+) -> Result<Exit> {
+    let conn = weft_proto::tls::connect(endpoint, addr, weft_proto::DIRECTORY_IDENTITY).await?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::DirectoryUnavailable,
+            "opening directory stream",
+            e,
+        )
+    })?;
+    let mut writer = FrameWriter::new(send, settings.max_frame);
+    let mut reader = FrameReader::new(recv, settings.max_frame);
+    let welcome = wire::open_handshake(&mut writer, &mut reader, &settings.hello)
+        .await
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::DirectoryUnavailable,
+                format!("handshake with directory {addr}"),
+                e,
+            )
+        })?;
+    info!(%addr, node = %welcome.identity, "attached to directory node");
+    let mut next_id: u64 = 1;
+    let mut pending: HashMap<u64, (DirRequest, Option<Reply>)> = HashMap::new();
+    let wire_err = |e: wire::WireError| {
+        Error::with_source(ErrorKind::DirectoryUnavailable, "directory stream", e)
+    };
+    // Re-establish everything desired, then answer whoever waited.
+    let mut requests: Vec<(DirRequest, Option<Reply>)> = desired
+        .subscriptions
+        .iter()
+        .map(|s| (DirRequest::Register(s.clone()), None))
+        .chain(
+            desired
+                .watches
+                .iter()
+                .map(|t| (DirRequest::Watch { topic: t.clone() }, None)),
+        )
+        .collect();
+    requests.extend(
+        desired
+            .waiting
+            .drain(..)
+            .map(|(req, reply)| (req, Some(reply))),
+    );
+    for (req, reply) in requests {
+        writer
+            .queue(&Frame::Request {
+                id: next_id,
+                body: req.clone(),
+            })
+            .map_err(wire_err)?;
+        pending.insert(next_id, (req, reply));
+        next_id += 1;
+    }
+    writer.flush().await.map_err(wire_err)?;
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else {
+                    conn.close(0u32.into(), b"peer shutting down");
+                    return Ok(Exit::Shutdown);
+                };
+                remember(desired, cmd);
+                for (req, reply) in desired.waiting.drain(..) {
+                    writer.queue(&Frame::Request { id: next_id, body: req.clone() }).map_err(wire_err)?;
+                    pending.insert(next_id, (req, Some(reply)));
+                    next_id += 1;
+                }
+                writer.flush().await.map_err(wire_err)?;
+            }
+            frame = reader.next() => {
+                match frame {
+                    Ok(Some(Frame::Response { id, body })) => {
+                        let reply = pending.remove(&id).and_then(|(_, reply)| reply);
+                        let result = match body {
+                            DirResponse::Ok => Ok(None),
+                            DirResponse::Route(route) => {
+                                sink(route.clone());
+                                Ok(Some(route))
+                            }
+                            DirResponse::Error(r) => {
+                                warn!(code = ?r.code, reason = %r.reason, "directory refused a request");
+                                Err(Error::new(ErrorKind::DirectoryRejected, r.reason))
+                            }
+                        };
+                        if let Some(reply) = reply {
+                            let _ = reply.send(result);
+                        }
+                    }
+                    Ok(Some(Frame::RouteChanged(route))) => sink(route),
+                    Ok(Some(other)) => {
+                        warn!(kind = other.kind(), "unexpected frame from directory");
+                    }
+                    Ok(None) | Err(_) => {
+                        // Requests in flight are re-sent (desired state) on the next node;
+                        // their callers keep waiting until it answers or they time out.
+                        for (_, (req, reply)) in pending.drain() {
+                            if let Some(reply) = reply {
+                                desired.waiting.push((req, reply));
+                            }
+                        }
+                        return Ok(Exit::Lost);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The sender's delivery state machine (sans-IO).
+//!
+//! It knows, for every (topic, group) the peer publishes to, which messages wait for a
+//! member and which are in flight on which *link* (one QUIC stream to one member for one
+//! subscription), how much credit each link has, and which links should exist given the
+//! routes. Events come in with `now`; [`Action`]s come out for the runtime to perform.
+//! Message bodies are not held here, only sequence numbers and key hashes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use weft_proto::wire::Route;
+
+/// Outbox sequence number of a message.
+pub(crate) type Seq = u64;
+
+/// One data stream: messages of `topic` for `member`'s membership in `group`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct LinkKey {
+    pub member: String,
+    pub topic: String,
+    pub group: String,
+}
+
+/// What the runtime must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Run a link task for this key (connect, open the stream, report `link_up`).
+    OpenLink(LinkKey),
+    /// Stop the link task (its in-flight messages were already requeued).
+    CloseLink(LinkKey),
+    /// Messages are ready for the link: call [`Dispatcher::take_outgoing`].
+    Wake(LinkKey),
+    /// The message needs nothing more from this group.
+    Settle { seq: Seq, group: String },
+    /// Every target group of a confirmed publish has acknowledged it.
+    Confirmed(Seq),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    key_hash: Option<u64>,
+    deliveries: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    seq: Seq,
+    entry: Entry,
+    sent_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct GroupQueue {
+    /// Messages not on any link, in publish order.
+    waiting: BTreeMap<Seq, Entry>,
+    /// Members in the current route, sorted.
+    members: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Link {
+    up: bool,
+    window: u32,
+    next_link_seq: u64,
+    inflight: BTreeMap<u64, InFlight>,
+    outgoing: Vec<(u64, Seq)>,
+}
+
+impl Link {
+    fn new() -> Self {
+        Self {
+            up: false,
+            window: 0,
+            next_link_seq: 1,
+            inflight: BTreeMap::new(),
+            outgoing: Vec::new(),
+        }
+    }
+
+    fn free(&self) -> u32 {
+        if self.up {
+            self.window
+                .saturating_sub(self.inflight.len().try_into().unwrap_or(u32::MAX))
+        } else {
+            0
+        }
+    }
+}
+
+/// Per-group backlog, as reported by [`Dispatcher::backlog`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupBacklog {
+    /// Topic.
+    pub topic: String,
+    /// Group.
+    pub group: String,
+    /// Messages waiting for a member or for credit.
+    pub waiting: usize,
+    /// Messages sent and not yet acknowledged.
+    pub in_flight: usize,
+    /// Members in the route.
+    pub members: usize,
+}
+
+/// Upper bound of waiting messages examined per pump, so that a large backlog blocked on
+/// credit costs bounded work per event.
+const SCAN_LIMIT: usize = 65_536;
+
+/// The sender's delivery state.
+#[derive(Debug)]
+pub(crate) struct Dispatcher {
+    ack_timeout: Duration,
+    groups: HashMap<(String, String), GroupQueue>,
+    links: HashMap<LinkKey, Link>,
+    confirm: HashMap<Seq, usize>,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(ack_timeout: Duration) -> Self {
+        Self {
+            ack_timeout,
+            groups: HashMap::new(),
+            links: HashMap::new(),
+            confirm: HashMap::new(),
+        }
+    }
+
+    /// A message entered the outbox (or was recovered from it) for `targets`.
+    pub(crate) fn on_publish(
+        &mut self,
+        now: Instant,
+        seq: Seq,
+        topic: &str,
+        key_hash: Option<u64>,
+        targets: &[String],
+        confirm: bool,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if confirm {
+            if targets.is_empty() {
+                actions.push(Action::Confirmed(seq));
+            } else {
+                self.confirm.insert(seq, targets.len());
+            }
+        }
+        for group in targets {
+            let queue = self
+                .groups
+                .entry((topic.to_string(), group.clone()))
+                .or_default();
+            queue.waiting.insert(
+                seq,
+                Entry {
+                    key_hash,
+                    deliveries: 0,
+                },
+            );
+            self.pump(now, topic, group, &mut actions);
+        }
+        actions
+    }
+
+    /// The directory says `route` is current for its topic.
+    pub(crate) fn on_route(&mut self, now: Instant, route: &Route) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let topic = route.topic.as_str();
+        let mut listed: Vec<&str> = Vec::new();
+        for g in &route.groups {
+            listed.push(&g.group);
+            let members: Vec<String> = g.members.iter().map(|m| m.identity.clone()).collect();
+            self.set_members(now, topic, &g.group, members, &mut actions);
+        }
+        // Groups that left the route keep their waiting messages, with no members.
+        let gone: Vec<String> = self
+            .groups
+            .keys()
+            .filter(|(t, g)| t == topic && !listed.contains(&g.as_str()))
+            .map(|(_, g)| g.clone())
+            .collect();
+        for group in gone {
+            self.set_members(now, topic, &group, Vec::new(), &mut actions);
+        }
+        actions
+    }
+
+    fn set_members(
+        &mut self,
+        now: Instant,
+        topic: &str,
+        group: &str,
+        mut members: Vec<String>,
+        actions: &mut Vec<Action>,
+    ) {
+        members.sort();
+        members.dedup();
+        let queue = self
+            .groups
+            .entry((topic.to_string(), group.to_string()))
+            .or_default();
+        let old = std::mem::replace(&mut queue.members, members.clone());
+        for member in old.iter().filter(|m| !members.contains(m)) {
+            let key = LinkKey {
+                member: member.clone(),
+                topic: topic.to_string(),
+                group: group.to_string(),
+            };
+            self.requeue_link(&key);
+            self.links.remove(&key);
+            actions.push(Action::CloseLink(key));
+        }
+        for member in members.iter().filter(|m| !old.contains(m)) {
+            let key = LinkKey {
+                member: member.clone(),
+                topic: topic.to_string(),
+                group: group.to_string(),
+            };
+            self.links.insert(key.clone(), Link::new());
+            actions.push(Action::OpenLink(key));
+        }
+        self.pump(now, topic, group, actions);
+    }
+
+    /// The link's stream is open and the receiver granted `window`.
+    pub(crate) fn on_link_up(&mut self, now: Instant, key: &LinkKey, window: u32) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(link) = self.links.get_mut(key) {
+            link.up = true;
+            link.window = window;
+            self.pump(now, &key.topic, &key.group, &mut actions);
+        }
+        actions
+    }
+
+    /// The receiver changed the link's window.
+    pub(crate) fn on_credit(&mut self, now: Instant, key: &LinkKey, window: u32) -> Vec<Action> {
+        self.on_link_up(now, key, window)
+    }
+
+    /// The link's stream or connection failed: its in-flight messages go back to the
+    /// group's queue (to other members, or to this one when it is back).
+    pub(crate) fn on_link_down(&mut self, now: Instant, key: &LinkKey) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.requeue_link(key);
+        if let Some(link) = self.links.get_mut(key) {
+            link.up = false;
+        }
+        self.pump(now, &key.topic, &key.group, &mut actions);
+        actions
+    }
+
+    /// The receiver acknowledged link sequences `<= upto` and `extra`.
+    pub(crate) fn on_ack(
+        &mut self,
+        now: Instant,
+        key: &LinkKey,
+        upto: u64,
+        extra: &[u64],
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some(link) = self.links.get_mut(key) else {
+            return actions;
+        };
+        let above = link.inflight.split_off(&upto.saturating_add(1));
+        let mut acked: Vec<Seq> = std::mem::replace(&mut link.inflight, above)
+            .into_values()
+            .map(|f| f.seq)
+            .collect();
+        for link_seq in extra {
+            if let Some(f) = link.inflight.remove(link_seq) {
+                acked.push(f.seq);
+            }
+        }
+        for seq in acked {
+            self.settle(seq, &key.group, &mut actions);
+        }
+        self.pump(now, &key.topic, &key.group, &mut actions);
+        actions
+    }
+
+    /// Requeues the in-flight messages of links whose oldest message waited longer than
+    /// the ack timeout (the member is alive but not acknowledging).
+    pub(crate) fn tick(&mut self, now: Instant) -> Vec<Action> {
+        let stuck: Vec<LinkKey> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.inflight
+                    .values()
+                    .next()
+                    .is_some_and(|f| now.duration_since(f.sent_at) >= self.ack_timeout)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut actions = Vec::new();
+        for key in stuck {
+            tracing::warn!(member = %key.member, topic = %key.topic, group = %key.group, "ack timeout: redelivering unacknowledged messages");
+            self.requeue_link(&key);
+            self.pump(now, &key.topic, &key.group, &mut actions);
+        }
+        actions
+    }
+
+    /// Messages assigned to the link and not yet handed to it: `(link_seq, seq)`.
+    pub(crate) fn take_outgoing(&mut self, key: &LinkKey) -> Vec<(u64, Seq)> {
+        self.links
+            .get_mut(key)
+            .map(|l| std::mem::take(&mut l.outgoing))
+            .unwrap_or_default()
+    }
+
+    /// Waiting and in-flight counts per group.
+    pub(crate) fn backlog(&self) -> Vec<GroupBacklog> {
+        let mut out: Vec<GroupBacklog> = self
+            .groups
+            .iter()
+            .map(|((topic, group), q)| GroupBacklog {
+                topic: topic.clone(),
+                group: group.clone(),
+                waiting: q.waiting.len(),
+                in_flight: self
+                    .links
+                    .iter()
+                    .filter(|(k, _)| &k.topic == topic && &k.group == group)
+                    .map(|(_, l)| l.inflight.len())
+                    .sum(),
+                members: q.members.len(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.topic, &a.group).cmp(&(&b.topic, &b.group)));
+        out
+    }
+
+    fn settle(&mut self, seq: Seq, group: &str, actions: &mut Vec<Action>) {
+        actions.push(Action::Settle {
+            seq,
+            group: group.to_string(),
+        });
+        if let Some(remaining) = self.confirm.get_mut(&seq) {
+            *remaining -= 1;
+            if *remaining == 0 {
+                self.confirm.remove(&seq);
+                actions.push(Action::Confirmed(seq));
+            }
+        }
+    }
+
+    fn requeue_link(&mut self, key: &LinkKey) {
+        let Some(link) = self.links.get_mut(key) else {
+            return;
+        };
+        link.outgoing.clear();
+        let inflight = std::mem::take(&mut link.inflight);
+        if let Some(queue) = self.groups.get_mut(&(key.topic.clone(), key.group.clone())) {
+            for f in inflight.into_values() {
+                queue.waiting.insert(f.seq, f.entry);
+            }
+        }
+    }
+
+    /// Assigns waiting messages of one group to its links, within their credit.
+    fn pump(&mut self, now: Instant, topic: &str, group: &str, actions: &mut Vec<Action>) {
+        let Some(queue) = self.groups.get_mut(&(topic.to_string(), group.to_string())) else {
+            return;
+        };
+        let keys: Vec<LinkKey> = queue
+            .members
+            .iter()
+            .map(|m| LinkKey {
+                member: m.clone(),
+                topic: topic.to_string(),
+                group: group.to_string(),
+            })
+            .filter(|k| self.links.get(k).is_some_and(|l| l.up))
+            .collect();
+        if keys.is_empty() || queue.waiting.is_empty() {
+            return;
+        }
+        let mut free: Vec<u32> = keys
+            .iter()
+            .map(|k| self.links.get(k).map_or(0, Link::free))
+            .collect();
+        let mut assigned: Vec<(usize, Seq, Entry)> = Vec::new();
+        for (scanned, (&seq, &entry)) in queue.waiting.iter().enumerate() {
+            if free.iter().all(|f| *f == 0) || scanned >= SCAN_LIMIT {
+                break;
+            }
+            let target = match entry.key_hash {
+                Some(h) => rendezvous(h, &keys),
+                None => most_free(&free),
+            };
+            if free[target] == 0 {
+                continue;
+            }
+            free[target] -= 1;
+            assigned.push((target, seq, entry));
+        }
+        let mut woken = vec![false; keys.len()];
+        for (target, seq, mut entry) in assigned {
+            queue.waiting.remove(&seq);
+            entry.deliveries += 1;
+            if let Some(link) = self.links.get_mut(&keys[target]) {
+                let link_seq = link.next_link_seq;
+                link.next_link_seq += 1;
+                link.inflight.insert(
+                    link_seq,
+                    InFlight {
+                        seq,
+                        entry,
+                        sent_at: now,
+                    },
+                );
+                link.outgoing.push((link_seq, seq));
+                woken[target] = true;
+            }
+        }
+        for (i, key) in keys.into_iter().enumerate() {
+            if woken[i] {
+                actions.push(Action::Wake(key));
+            }
+        }
+    }
+}
+
+/// Rendezvous (highest random weight) hashing: the member a key maps to changes only
+/// when that member leaves.
+fn rendezvous(key_hash: u64, keys: &[LinkKey]) -> usize {
+    let mut best = 0;
+    let mut best_score = 0u64;
+    for (i, k) in keys.iter().enumerate() {
+        let score = mix(key_hash ^ crate::message::key_hash(&k.member));
+        if i == 0 || score > best_score {
+            best = i;
+            best_score = score;
+        }
+    }
+    best
+}
+
+fn most_free(free: &[u32]) -> usize {
+    let mut best = 0;
+    for (i, f) in free.iter().enumerate() {
+        if *f > free[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// A 64-bit finalizer (splitmix64) spreading similar inputs.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests;

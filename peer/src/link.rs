@@ -1,0 +1,194 @@
+//! Outgoing links: one task per (member, topic, group) that keeps a data stream open to
+//! the member and sends it the messages the dispatcher assigns.
+
+use crate::dispatch::LinkKey;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::decode_stored;
+use crate::peer::Inner;
+use rand::Rng;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tracing::{debug, info};
+use weft_proto::wire::{self, Deliver, Envelope, Frame, FrameReader, FrameWriter, MessageId, Open};
+
+/// Most messages per `Deliver` frame.
+pub const MAX_BATCH_MESSAGES: usize = 1024;
+/// Payload bytes after which a `Deliver` frame is cut (well below the frame limit).
+const BATCH_BYTES: usize = 512 * 1024;
+/// Reconnect backoff bounds for a member that cannot be reached.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// How the runtime controls a link task.
+#[derive(Debug, Default)]
+pub(crate) struct LinkControl {
+    pub(crate) wake: Notify,
+    pub(crate) closed: AtomicBool,
+}
+
+impl LinkControl {
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Runs until the dispatcher closes the link.
+pub(crate) async fn run(inner: Arc<Inner>, key: LinkKey, control: Arc<LinkControl>) {
+    let mut backoff = BACKOFF_MIN;
+    while !control.is_closed() {
+        let started = Instant::now();
+        match serve(&inner, &key, &control).await {
+            Ok(()) => return,
+            Err(e) => {
+                debug!(member = %key.member, topic = %key.topic, group = %key.group, error = %e, "link down")
+            }
+        }
+        let actions = inner.core().on_link_down(Instant::now(), &key);
+        inner.execute(actions);
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = BACKOFF_MIN;
+        }
+        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+            () = control.wake.notified() => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn serve(inner: &Arc<Inner>, key: &LinkKey, control: &LinkControl) -> Result<()> {
+    let conn = inner.connection_to(&key.member).await?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Protocol, "opening data stream", e))?;
+    let max_frame = inner.config.max_frame;
+    let mut writer = FrameWriter::new(send, max_frame);
+    let mut reader = FrameReader::new(recv, max_frame);
+    let wire_err = |e: wire::WireError| Error::with_source(ErrorKind::Protocol, "data stream", e);
+    wire::open_handshake(&mut writer, &mut reader, &inner.hello())
+        .await
+        .map_err(wire_err)?;
+    writer
+        .send(&Frame::Open(Open {
+            topic: key.topic.clone(),
+            group: key.group.clone(),
+        }))
+        .await
+        .map_err(wire_err)?;
+    let window = match reader.expect("Credit").await.map_err(wire_err)? {
+        Frame::Credit(c) => c.window,
+        other => {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                format!("expected Credit, got {}", other.kind()),
+            ))
+        }
+    };
+    info!(member = %key.member, topic = %key.topic, group = %key.group, window, "link up");
+    let actions = inner.core().on_link_up(Instant::now(), key, window);
+    inner.execute(actions);
+    loop {
+        if control.is_closed() {
+            let _ = writer.finish().await;
+            return Ok(());
+        }
+        tokio::select! {
+            () = control.wake.notified() => {
+                let outgoing = inner.core().take_outgoing(key);
+                send_batch(inner, key, &mut writer, outgoing).await?;
+            }
+            frame = reader.next() => match frame.map_err(wire_err)? {
+                Some(Frame::Ack(ack)) => {
+                    let actions = inner.core().on_ack(Instant::now(), key, ack.upto, &ack.extra);
+                    inner.execute(actions);
+                }
+                Some(Frame::Credit(c)) => {
+                    let actions = inner.core().on_credit(Instant::now(), key, c.window);
+                    inner.execute(actions);
+                }
+                Some(Frame::Reject(r)) => {
+                    return Err(Error::new(ErrorKind::Protocol, format!("member refused: {:?}: {}", r.code, r.reason)));
+                }
+                Some(other) => {
+                    return Err(Error::new(ErrorKind::Protocol, format!("unexpected {} on data stream", other.kind())));
+                }
+                None => return Err(Error::new(ErrorKind::Protocol, "member closed the data stream")),
+            }
+        }
+    }
+}
+
+/// Reads the bodies of `outgoing` from the outbox and writes them as `Deliver` frames,
+/// one frame per run of consecutive link sequence numbers (cut by size).
+async fn send_batch(
+    inner: &Arc<Inner>,
+    key: &LinkKey,
+    writer: &mut FrameWriter,
+    outgoing: Vec<(u64, u64)>,
+) -> Result<()> {
+    let mut batch: Vec<Envelope> = Vec::new();
+    let mut first = 0u64;
+    let mut bytes = 0usize;
+    let mut unsendable = Vec::new();
+    for (link_seq, seq) in outgoing {
+        let id = MessageId {
+            producer: inner.producer_id,
+            seq,
+        };
+        let Some(stored) = inner.outbox.read(seq).await? else {
+            // Already settled everywhere: nothing to send.
+            unsendable.push(link_seq);
+            continue;
+        };
+        let Some(envelope) = decode_stored(id, &stored) else {
+            tracing::error!(%id, "outbox record is not a valid message; settling it for this group to avoid a redelivery loop");
+            unsendable.push(link_seq);
+            continue;
+        };
+        let contiguous = batch.is_empty() || first + batch.len() as u64 == link_seq;
+        if !contiguous || batch.len() >= MAX_BATCH_MESSAGES || bytes >= BATCH_BYTES {
+            queue(writer, key, first, std::mem::take(&mut batch))?;
+            bytes = 0;
+        }
+        if batch.is_empty() {
+            first = link_seq;
+        }
+        bytes += envelope.payload.len();
+        batch.push(envelope);
+    }
+    if !batch.is_empty() {
+        queue(writer, key, first, batch)?;
+    }
+    if !unsendable.is_empty() {
+        let actions = inner.core().on_ack(Instant::now(), key, 0, &unsendable);
+        inner.execute(actions);
+    }
+    writer
+        .flush()
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Protocol, "data stream", e))
+}
+
+fn queue(
+    writer: &mut FrameWriter,
+    key: &LinkKey,
+    first: u64,
+    messages: Vec<Envelope>,
+) -> Result<()> {
+    writer
+        .queue(&Frame::Deliver(Deliver {
+            group: key.group.clone(),
+            first_link_seq: first,
+            messages,
+        }))
+        .map_err(|e| Error::with_source(ErrorKind::TooLarge, "encoding a batch", e))
+}

@@ -1,0 +1,649 @@
+//! The outbox: the sender's durable log of messages not yet settled by every target
+//! group.
+//!
+//! # Layout
+//!
+//! `cfg.dir` holds segment files `NNNNNNNNNNNNNNNNNNNN.log` (see [`record`] for the
+//! framing), a `producer` file with this outbox's producer id, and a `LOCK` file that
+//! keeps a second process (or a second [`Outbox`] in the same process) away.
+//!
+//! # Writing
+//!
+//! One writer thread does group commit: [`Outbox::append`] sends a request over a
+//! bounded channel; the writer drains up to `max_batch` requests, assigns sequence
+//! numbers in log order, writes the batch with one `write`, calls `fdatasync` once
+//! and then answers every caller of the batch. Settle records are buffered and written
+//! by the next batch (or a settle-only write without `fdatasync`).
+//!
+//! Sequence numbers are leased in blocks of [`LEASE_BLOCK`] with a `SeqLease` record
+//! made durable before any number of the block is handed out, so numbers never repeat
+//! across restarts, including numbers of `Memory` appends that never reach the disk.
+//! Every new segment starts with a lease record, so deleting old segments never loses
+//! the lease.
+//!
+//! # Recovery
+//!
+//! [`Outbox::open`] scans every segment in order (see [`segment::scan`] for how damage
+//! is handled), truncates a torn tail of the last segment, rebuilds the pending set,
+//! deletes segments with nothing pending, and appends into a new segment.
+//!
+//! # Accounting
+//!
+//! Settlement, per-segment live counts, segment deletion and quota live in the
+//! sans-IO [`state::OutboxState`].
+
+pub mod cache;
+pub mod record;
+mod recovery;
+pub mod segment;
+pub mod state;
+mod writer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use self::cache::BodyCache;
+use self::state::OutboxState;
+use self::writer::Req;
+
+/// Sequence numbers reserved by one `SeqLease` record.
+pub const LEASE_BLOCK: u64 = 65_536;
+
+/// Outbox configuration. Every field has a documented default, see [`OutboxConfig::new`].
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Directory of the outbox (created if missing).
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started once it reaches this size (default
+    /// 64 MiB). A segment may exceed it by one group-commit batch.
+    pub segment_bytes: u64,
+    /// Quota: total body bytes of pending messages, `Memory` ones included (default 1 GiB).
+    pub max_bytes: u64,
+    /// Quota: number of pending messages, `Memory` ones included (default 1,000,000).
+    pub max_messages: u64,
+    /// Most append requests in one group commit (default 4096).
+    pub max_batch: usize,
+    /// Bytes of bodies of disk messages kept in memory for [`Outbox::read`] (default
+    /// 32 MiB); older ones are read back from their segment.
+    pub cache_bytes: usize,
+}
+
+impl OutboxConfig {
+    /// Configuration with the defaults: 64 MiB segments, 1 GiB and 1,000,000 messages
+    /// of quota, batches of 4096 appends, 32 MiB body cache.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        OutboxConfig {
+            dir: dir.into(),
+            segment_bytes: 64 * 1024 * 1024,
+            max_bytes: 1024 * 1024 * 1024,
+            max_messages: 1_000_000,
+            max_batch: 4096,
+            cache_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// How durable an append must be before [`Outbox::append`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Kept in memory only; lost on restart (its sequence number is still never reused).
+    Memory,
+    /// Written and `fdatasync`ed to the outbox's segment file.
+    Disk,
+}
+
+/// What [`Outbox::append`] does when the quota is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Wait until settlements free enough space.
+    Wait,
+    /// Fail at once with [`OutboxError::Full`].
+    Fail,
+}
+
+/// A message found pending when the outbox was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRecord {
+    /// Sequence number.
+    pub seq: u64,
+    /// Target groups that have not settled it yet.
+    pub unsettled: Vec<String>,
+    /// Message body.
+    pub body: Bytes,
+    /// When it was appended, milliseconds since the Unix epoch (for TTLs).
+    pub appended_unix_ms: u64,
+}
+
+/// Damage found while recovering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Segment file.
+    pub segment: PathBuf,
+    /// Byte offset of the damaged frame.
+    pub offset: u64,
+    /// What was wrong ("torn tail ...", "crc mismatch", ...).
+    pub reason: String,
+}
+
+/// What [`Outbox::open`] found on disk.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// This outbox's producer id (stable across restarts).
+    pub producer_id: u64,
+    /// Messages still pending, by increasing sequence number.
+    pub pending: Vec<PendingRecord>,
+    /// Damaged or torn records found (and skipped or truncated).
+    pub damage: Vec<Damage>,
+}
+
+/// Pending state of one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStats {
+    /// Group name.
+    pub group: String,
+    /// Messages pending for the group.
+    pub pending: u64,
+    /// Age of the oldest message pending for the group.
+    pub oldest_pending_age: Option<Duration>,
+}
+
+/// A snapshot of the outbox's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Messages pending for at least one group (`Memory` ones included).
+    pub pending_messages: u64,
+    /// Body bytes of pending messages.
+    pub pending_bytes: u64,
+    /// Per-group pending counts, sorted by group name.
+    pub groups: Vec<GroupStats>,
+    /// Segment files on disk.
+    pub segments: usize,
+    /// Bytes of segment files on disk.
+    pub disk_bytes: u64,
+    /// Messages counted against the quota (pending plus in-flight appends).
+    pub quota_used_messages: u64,
+    /// Bytes counted against the quota.
+    pub quota_used_bytes: u64,
+    /// Message quota.
+    pub quota_max_messages: u64,
+    /// Byte quota.
+    pub quota_max_bytes: u64,
+    /// Group commits that ended in an `fdatasync` since open.
+    pub commits: u64,
+    /// Messages appended since open.
+    pub appended: u64,
+    /// Bytes of bodies in the read cache.
+    pub cache_bytes: usize,
+}
+
+/// Errors of the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The quota is full and the caller asked not to wait.
+    #[error(
+        "outbox full: {used_messages}/{max_messages} messages, {used_bytes}/{max_bytes} bytes \
+         pending (need {needed_bytes} more bytes); wait for receivers to ack, raise the quota, \
+         or append with WhenFull::Wait"
+    )]
+    Full {
+        /// Messages counted against the quota.
+        used_messages: u64,
+        /// Bytes counted against the quota.
+        used_bytes: u64,
+        /// Message quota.
+        max_messages: u64,
+        /// Byte quota.
+        max_bytes: u64,
+        /// Size of the rejected body.
+        needed_bytes: u64,
+    },
+    /// A disk operation failed.
+    #[error("outbox I/O error on {}: {source}", path.display())]
+    Io {
+        /// File or directory involved.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The outbox was closed (or its writer stopped).
+    #[error("outbox is closed")]
+    Closed,
+    /// A body can never fit.
+    #[error("message body of {size} bytes exceeds the limit of {limit} bytes (64 MiB or the outbox byte quota)")]
+    TooLarge {
+        /// Body size.
+        size: u64,
+        /// The limit it exceeds.
+        limit: u64,
+    },
+    /// A target group name is unusable.
+    #[error("invalid target group: {reason}")]
+    InvalidTarget {
+        /// Why.
+        reason: String,
+    },
+    /// Another outbox holds the directory.
+    #[error("outbox directory {} is in use by another outbox (lock file held)", path.display())]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// A file of the outbox is unreadable in a way that cannot be skipped.
+    #[error("outbox file {} is corrupt: {reason}; fix or remove it by hand", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An earlier write or fdatasync failed; the outbox refuses further appends.
+    #[error("outbox writer failed earlier ({reason}); close and reopen the outbox")]
+    WriterFailed {
+        /// The earlier error.
+        reason: String,
+    },
+}
+
+impl OutboxError {
+    fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        OutboxError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// State shared by callers and the writer thread.
+struct Shared {
+    cfg: OutboxConfig,
+    core: Mutex<Core>,
+    /// Woken whenever quota is released (or the outbox closes).
+    space: Notify,
+    closed: AtomicBool,
+    commits: AtomicU64,
+    appended: AtomicU64,
+    /// Held for the life of the outbox: an advisory lock on `dir/LOCK`.
+    _lock: File,
+}
+
+struct Core {
+    state: OutboxState,
+    cache: BodyCache,
+    /// Bodies of `Memory` messages (never evicted; they have no other copy).
+    mem_bodies: HashMap<u64, Bytes>,
+    /// Settles to write: `(seq, group, segment of the message)`.
+    settles: Vec<(u64, String, u64)>,
+    /// Segment files to delete, in order.
+    deletions: Vec<u64>,
+    /// A wake-up is queued for the writer.
+    wake_queued: bool,
+    /// Size of each segment file.
+    seg_sizes: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock cannot leave the state worse than the panic
+        // itself; keep serving.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: Option<mpsc::Sender<Req>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel stops the writer (without flushing buffered settles, as a
+        // crash would); wait for it so the directory is free when this returns.
+        self.tx.take();
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The outbox. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+    producer_id: u64,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("dir", &self.inner.shared.cfg.dir)
+            .field("producer_id", &self.producer_id)
+            .finish()
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn validate_targets(mut targets: Vec<String>) -> Result<Vec<String>, OutboxError> {
+    targets.sort_unstable();
+    targets.dedup();
+    if targets.len() > record::MAX_TARGETS {
+        return Err(OutboxError::InvalidTarget {
+            reason: format!(
+                "{} target groups, at most {} allowed",
+                targets.len(),
+                record::MAX_TARGETS
+            ),
+        });
+    }
+    for t in &targets {
+        if t.is_empty() || t.len() > record::MAX_GROUP_LEN {
+            return Err(OutboxError::InvalidTarget {
+                reason: format!(
+                    "group name of {} bytes, must be 1..={}",
+                    t.len(),
+                    record::MAX_GROUP_LEN
+                ),
+            });
+        }
+    }
+    Ok(targets)
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `cfg.dir`, recovers what is on disk and starts
+    /// the writer.
+    pub async fn open(cfg: OutboxConfig) -> Result<(Outbox, Recovery), OutboxError> {
+        let cfg2 = cfg.clone();
+        let rec = tokio::task::spawn_blocking(move || recovery::recover(&cfg2))
+            .await
+            .map_err(|e| OutboxError::Corrupt {
+                path: cfg.dir.clone(),
+                reason: format!("recovery task failed: {e}"),
+            })??;
+        let (tx, rx) = mpsc::channel(cfg.max_batch.max(1) * 2);
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                state: rec.state,
+                cache: BodyCache::new(cfg.cache_bytes),
+                mem_bodies: HashMap::new(),
+                settles: Vec::new(),
+                deletions: Vec::new(),
+                wake_queued: false,
+                seg_sizes: rec.seg_sizes,
+            }),
+            cfg,
+            space: Notify::new(),
+            closed: AtomicBool::new(false),
+            commits: AtomicU64::new(0),
+            appended: AtomicU64::new(0),
+            _lock: rec.lock,
+        });
+        let w = writer::Writer::new(
+            shared.clone(),
+            rx,
+            rec.file,
+            rec.active,
+            rec.active_size,
+            rec.next_seq,
+            rec.lease_upto,
+        );
+        let handle = std::thread::Builder::new()
+            .name("weft-outbox-writer".into())
+            .spawn(move || w.run())
+            .map_err(|e| OutboxError::io(shared.cfg.dir.clone(), e))?;
+        let producer_id = rec.producer_id;
+        let inner = Arc::new(Inner {
+            shared,
+            tx: Some(tx),
+            writer: Some(handle),
+        });
+        Ok((
+            Outbox { inner, producer_id },
+            Recovery {
+                producer_id,
+                pending: rec.pending,
+                damage: rec.damage,
+            },
+        ))
+    }
+
+    /// This outbox's producer id (random at first open, then persisted).
+    pub fn producer_id(&self) -> u64 {
+        self.producer_id
+    }
+
+    /// Assigns the next sequence number (never repeats, also across restarts and across
+    /// `Memory` appends), stores the record and returns once it has the requested
+    /// durability (`Disk`: after the `fdatasync` of the group commit that holds it;
+    /// `Memory`: at once, kept in memory only). `targets` may be empty: the message is
+    /// then settled at once and nothing is written. Duplicate targets are merged.
+    pub async fn append(
+        &self,
+        targets: Vec<String>,
+        body: Bytes,
+        durability: Durability,
+        when_full: WhenFull,
+    ) -> Result<u64, OutboxError> {
+        let shared = &self.inner.shared;
+        let size = body.len() as u64;
+        let limit = (record::MAX_BODY as u64).min(shared.cfg.max_bytes);
+        if size > limit {
+            return Err(OutboxError::TooLarge { size, limit });
+        }
+        let targets = validate_targets(targets)?;
+        let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
+        if !targets.is_empty() {
+            self.reserve(size, when_full).await?;
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = Req::Append {
+            targets,
+            body,
+            durability,
+            reply,
+        };
+        if let Err(mpsc::error::SendError(req)) = tx.send(req).await {
+            self.unreserve(&req);
+            return Err(OutboxError::Closed);
+        }
+        rx.await.unwrap_or(Err(OutboxError::Closed))
+    }
+
+    fn unreserve(&self, req: &Req) {
+        if let Req::Append { targets, body, .. } = req {
+            if !targets.is_empty() {
+                self.inner.shared.core().state.unreserve(body.len() as u64);
+                self.inner.shared.space.notify_waiters();
+            }
+        }
+    }
+
+    async fn reserve(&self, size: u64, when_full: WhenFull) -> Result<(), OutboxError> {
+        let shared = &self.inner.shared;
+        loop {
+            if shared.closed.load(Ordering::Acquire) {
+                return Err(OutboxError::Closed);
+            }
+            let notified = shared.space.notified();
+            tokio::pin!(notified);
+            {
+                let mut core = shared.core();
+                match core.state.reserve(size) {
+                    Ok(()) => return Ok(()),
+                    Err(full) if when_full == WhenFull::Fail => {
+                        return Err(OutboxError::Full {
+                            used_messages: full.used_messages,
+                            used_bytes: full.used_bytes,
+                            max_messages: full.max_messages,
+                            max_bytes: full.max_bytes,
+                            needed_bytes: size,
+                        })
+                    }
+                    Err(_) => {
+                        // Register before releasing the lock so no release is missed.
+                        notified.as_mut().enable();
+                    }
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks the message settled for one group (acked, expired or dead-lettered).
+    /// Idempotent and cheap: the settle record is written by the writer's next batch,
+    /// without `fdatasync`; after a crash a few settled messages may come back as
+    /// pending.
+    pub fn settle(&self, seq: u64, group: &str) {
+        let shared = &self.inner.shared;
+        let wake = {
+            let mut core = shared.core();
+            let out = core.state.settle(seq, group);
+            if !out.applied {
+                return;
+            }
+            if let Some(seg) = out.segment {
+                core.settles.push((seq, group.to_owned(), seg));
+            }
+            if out.fully_settled {
+                core.cache.remove(seq);
+                core.mem_bodies.remove(&seq);
+            }
+            for a in out.actions {
+                let state::Action::DeleteSegment(id) = a;
+                core.deletions.push(id);
+            }
+            let work = !core.settles.is_empty() || !core.deletions.is_empty();
+            let wake = work && !core.wake_queued;
+            if wake {
+                core.wake_queued = true;
+            }
+            if out.fully_settled {
+                shared.space.notify_waiters();
+            }
+            wake
+        };
+        if wake {
+            if let Some(tx) = &self.inner.tx {
+                // If the channel is full the writer is busy and takes the settles with
+                // its next batch anyway.
+                if tx.try_send(Req::Wake).is_err() {
+                    shared.core().wake_queued = false;
+                }
+            }
+        }
+    }
+
+    /// The body of a pending message: from memory if cached, else read from its
+    /// segment. `None` if settled or unknown.
+    pub async fn read(&self, seq: u64) -> Result<Option<Bytes>, OutboxError> {
+        let shared = &self.inner.shared;
+        let loc = {
+            let core = shared.core();
+            if let Some(b) = core.mem_bodies.get(&seq) {
+                return Ok(Some(b.clone()));
+            }
+            if let Some(b) = core.cache.get(seq) {
+                return Ok(Some(b));
+            }
+            match core.state.location(seq) {
+                Some(l) => l,
+                None => return Ok(None),
+            }
+        };
+        let path = segment::path(&shared.cfg.dir, loc.segment);
+        let p2 = path.clone();
+        let res =
+            tokio::task::spawn_blocking(move || segment::read_message(&p2, loc.offset, loc.len))
+                .await
+                .map_err(|e| OutboxError::io(path.clone(), std::io::Error::other(e.to_string())))?;
+        match res {
+            Ok(Some(m)) if m.seq == seq => Ok(Some(m.body)),
+            Ok(Some(m)) => Err(OutboxError::Corrupt {
+                path,
+                reason: format!("offset {} holds seq {}, expected {seq}", loc.offset, m.seq),
+            }),
+            Ok(None) => Ok(None),
+            // Settled and deleted meanwhile.
+            Err(_) if !shared.core().state.is_pending(seq) => Ok(None),
+            Err(e) => Err(OutboxError::io(path, e)),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> OutboxStats {
+        let shared = &self.inner.shared;
+        let now = unix_ms_now();
+        let core = shared.core();
+        let (qm, qb) = core.state.quota_used();
+        let mut groups: Vec<GroupStats> = core
+            .state
+            .group_stats()
+            .into_iter()
+            .map(|g| GroupStats {
+                group: g.group,
+                pending: g.pending,
+                oldest_pending_age: g
+                    .oldest_unix_ms
+                    .map(|t| Duration::from_millis(now.saturating_sub(t))),
+            })
+            .collect();
+        groups.sort_by(|a, b| a.group.cmp(&b.group));
+        OutboxStats {
+            pending_messages: core.state.pending_messages(),
+            pending_bytes: core.state.pending_bytes(),
+            groups,
+            segments: core.seg_sizes.len(),
+            disk_bytes: core.seg_sizes.values().sum(),
+            quota_used_messages: qm,
+            quota_used_bytes: qb,
+            quota_max_messages: shared.cfg.max_messages,
+            quota_max_bytes: shared.cfg.max_bytes,
+            commits: shared.commits.load(Ordering::Relaxed),
+            appended: shared.appended.load(Ordering::Relaxed),
+            cache_bytes: core.cache.bytes(),
+        }
+    }
+
+    /// Test hook: forget settles not yet written, as a crash would, then drop.
+    #[cfg(test)]
+    fn crash(self) {
+        self.inner.shared.core().settles.clear();
+        drop(self);
+    }
+
+    /// Writes buffered settle records, `fdatasync`s, and stops the writer. Appends
+    /// after (or racing with) `close` fail with [`OutboxError::Closed`].
+    pub async fn close(&self) -> Result<(), OutboxError> {
+        let shared = &self.inner.shared;
+        let Some(tx) = &self.inner.tx else {
+            return Ok(());
+        };
+        let (reply, rx) = oneshot::channel();
+        let res = if tx.send(Req::Close(reply)).await.is_err() {
+            // Already closed.
+            Ok(())
+        } else {
+            rx.await.unwrap_or(Ok(()))
+        };
+        shared.closed.store(true, Ordering::Release);
+        shared.space.notify_waiters();
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests;

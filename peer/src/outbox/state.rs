@@ -1,0 +1,573 @@
+//! Sans-IO settlement, segment and quota accounting of the outbox.
+//!
+//! [`OutboxState`] knows which messages are pending for which groups, where each one
+//! lives on disk, how many live messages each segment holds, and how much of the quota
+//! is used. It does no I/O and reads no clock: callers pass times in and carry out the
+//! [`Action`]s it returns.
+//!
+//! # When may a segment be deleted?
+//!
+//! A segment file is deleted once (1) it is sealed (not the active segment), (2) every
+//! message written in it is settled, and (3) every *older* segment for whose messages
+//! it holds settle records is already deleted. Rule (3) keeps settle records alive
+//! while the messages they settle are still on disk, so deleting files never makes a
+//! settled message come back after a restart. Deletions are returned in ascending
+//! segment order and must be carried out in that order.
+//!
+//! Limitation: a message that stays pending for a long time pins its segment, and
+//! segments holding settles for that segment's other messages; they go once it settles
+//! (ack, TTL or dead letter). There is no compaction that copies such messages forward.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+/// Where a message record lives on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// Segment id (the file name's number).
+    pub segment: u64,
+    /// Byte offset of the frame in the segment.
+    pub offset: u64,
+    /// Payload length of the frame (without the 8-byte header).
+    pub len: u32,
+}
+
+/// Something the I/O layer must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Delete this segment file (then fsync the directory).
+    DeleteSegment(u64),
+}
+
+/// The quota would be exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaFull {
+    /// Messages currently counted against the quota.
+    pub used_messages: u64,
+    /// Bytes currently counted against the quota.
+    pub used_bytes: u64,
+    /// Message quota.
+    pub max_messages: u64,
+    /// Byte quota.
+    pub max_bytes: u64,
+}
+
+/// Result of [`OutboxState::settle`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettleOutcome {
+    /// The group was pending for this message and is now settled.
+    pub applied: bool,
+    /// The message is now settled for every group and left the state.
+    pub fully_settled: bool,
+    /// Segment holding the message, if it was written to disk (a settle record is
+    /// then worth writing).
+    pub segment: Option<u64>,
+    /// Actions to carry out.
+    pub actions: Vec<Action>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Interned ids of groups not yet settled.
+    groups: Vec<u32>,
+    loc: Option<Location>,
+    bytes: u64,
+    unix_ms: u64,
+}
+
+#[derive(Debug)]
+struct Group {
+    name: Arc<str>,
+    pending: u64,
+    /// Seqs pending for this group in increasing order; settled ones are removed
+    /// lazily from the front.
+    order: VecDeque<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Segment {
+    live: u64,
+    sealed: bool,
+    /// Older segments this one holds settle records for.
+    refs: BTreeSet<u64>,
+}
+
+/// Per-group view returned by [`OutboxState::group_stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    /// Group name.
+    pub group: String,
+    /// Messages pending for the group.
+    pub pending: u64,
+    /// Append time (Unix ms) of the oldest message pending for the group.
+    pub oldest_unix_ms: Option<u64>,
+}
+
+/// The sans-IO core of the outbox.
+#[derive(Debug)]
+pub struct OutboxState {
+    max_bytes: u64,
+    max_messages: u64,
+    used_bytes: u64,
+    used_messages: u64,
+    entries: HashMap<u64, Entry>,
+    groups: Vec<Group>,
+    group_ids: HashMap<Arc<str>, u32>,
+    segments: BTreeMap<u64, Segment>,
+    active: Option<u64>,
+}
+
+impl OutboxState {
+    /// A new, empty state with the given quota.
+    pub fn new(max_bytes: u64, max_messages: u64) -> Self {
+        OutboxState {
+            max_bytes,
+            max_messages,
+            used_bytes: 0,
+            used_messages: 0,
+            entries: HashMap::new(),
+            groups: Vec::new(),
+            group_ids: HashMap::new(),
+            segments: BTreeMap::new(),
+            active: None,
+        }
+    }
+
+    /// Reserves quota for one message of `bytes`. On success the reservation counts
+    /// until [`message_added`](Self::message_added) turns it into a pending message or
+    /// [`unreserve`](Self::unreserve) gives it back.
+    pub fn reserve(&mut self, bytes: u64) -> Result<(), QuotaFull> {
+        let fits_msgs = self.used_messages < self.max_messages;
+        // An empty outbox always admits one message that fits the quota on its own.
+        let fits_bytes = self.used_bytes.saturating_add(bytes) <= self.max_bytes;
+        if fits_msgs && fits_bytes {
+            self.used_bytes += bytes;
+            self.used_messages += 1;
+            Ok(())
+        } else {
+            Err(QuotaFull {
+                used_messages: self.used_messages,
+                used_bytes: self.used_bytes,
+                max_messages: self.max_messages,
+                max_bytes: self.max_bytes,
+            })
+        }
+    }
+
+    /// Gives back a reservation that did not become a message.
+    pub fn unreserve(&mut self, bytes: u64) {
+        self.used_bytes = self.used_bytes.saturating_sub(bytes);
+        self.used_messages = self.used_messages.saturating_sub(1);
+    }
+
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.group_ids.get(name) {
+            return id;
+        }
+        let id = self.groups.len() as u32;
+        let name: Arc<str> = Arc::from(name);
+        self.groups.push(Group {
+            name: name.clone(),
+            pending: 0,
+            order: VecDeque::new(),
+        });
+        self.group_ids.insert(name, id);
+        id
+    }
+
+    /// A message became pending (its quota reserved before, unless `reserved` is false:
+    /// then it is counted now, possibly above the quota, as in recovery). Seqs must be
+    /// added in increasing order. Targets must be deduplicated and non-empty.
+    pub fn message_added(
+        &mut self,
+        seq: u64,
+        targets: &[String],
+        loc: Option<Location>,
+        bytes: u64,
+        unix_ms: u64,
+        reserved: bool,
+    ) {
+        if !reserved {
+            self.used_bytes += bytes;
+            self.used_messages += 1;
+        }
+        if let Some(old) = self.entries.remove(&seq) {
+            // A duplicate record of the same seq (not produced by this writer): the
+            // later one replaces the earlier one.
+            self.drop_entry(seq, old);
+        }
+        let mut groups = Vec::with_capacity(targets.len());
+        for t in targets {
+            let id = self.intern(t);
+            if groups.contains(&id) {
+                continue;
+            }
+            groups.push(id);
+            let g = &mut self.groups[id as usize];
+            g.pending += 1;
+            g.order.push_back(seq);
+        }
+        if let Some(l) = loc {
+            self.segments.entry(l.segment).or_default().live += 1;
+        }
+        self.entries.insert(
+            seq,
+            Entry {
+                groups,
+                loc,
+                bytes,
+                unix_ms,
+            },
+        );
+    }
+
+    fn drop_entry(&mut self, _seq: u64, e: Entry) {
+        for id in &e.groups {
+            let g = &mut self.groups[*id as usize];
+            g.pending = g.pending.saturating_sub(1);
+        }
+        if let Some(l) = e.loc {
+            if let Some(s) = self.segments.get_mut(&l.segment) {
+                s.live = s.live.saturating_sub(1);
+            }
+        }
+        self.used_bytes = self.used_bytes.saturating_sub(e.bytes);
+        self.used_messages = self.used_messages.saturating_sub(1);
+    }
+
+    /// Removes a message entirely (e.g. its write failed), releasing its quota.
+    pub fn forget(&mut self, seq: u64) -> Vec<Action> {
+        if let Some(e) = self.entries.remove(&seq) {
+            self.drop_entry(seq, e);
+            self.trim_orders();
+        }
+        self.collect_deletable()
+    }
+
+    fn trim_orders(&mut self) {
+        let entries = &self.entries;
+        for (id, g) in self.groups.iter_mut().enumerate() {
+            while let Some(&front) = g.order.front() {
+                let pending = entries
+                    .get(&front)
+                    .is_some_and(|e| e.groups.contains(&(id as u32)));
+                if pending {
+                    break;
+                }
+                g.order.pop_front();
+            }
+            if g.pending == 0 {
+                g.order.clear();
+            }
+        }
+    }
+
+    /// Marks `seq` settled for `group`. Idempotent: unknown seqs or groups are no-ops.
+    pub fn settle(&mut self, seq: u64, group: &str) -> SettleOutcome {
+        let mut out = SettleOutcome::default();
+        let Some(&gid) = self.group_ids.get(group) else {
+            return out;
+        };
+        let Some(e) = self.entries.get_mut(&seq) else {
+            return out;
+        };
+        let Some(pos) = e.groups.iter().position(|g| *g == gid) else {
+            return out;
+        };
+        e.groups.swap_remove(pos);
+        out.applied = true;
+        out.segment = e.loc.map(|l| l.segment);
+        let now_empty = e.groups.is_empty();
+        let g = &mut self.groups[gid as usize];
+        g.pending = g.pending.saturating_sub(1);
+        // Trim this group's order queue from the front.
+        while let Some(&front) = g.order.front() {
+            let pending = self
+                .entries
+                .get(&front)
+                .is_some_and(|e| e.groups.contains(&gid));
+            if pending {
+                break;
+            }
+            g.order.pop_front();
+        }
+        if now_empty {
+            out.fully_settled = true;
+            if let Some(e) = self.entries.remove(&seq) {
+                self.used_bytes = self.used_bytes.saturating_sub(e.bytes);
+                self.used_messages = self.used_messages.saturating_sub(1);
+                if let Some(l) = e.loc {
+                    if let Some(s) = self.segments.get_mut(&l.segment) {
+                        s.live = s.live.saturating_sub(1);
+                        if s.live == 0 && s.sealed {
+                            out.actions = self.collect_deletable();
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A settle record for a message in `msg_segment` was written into `holder`.
+    pub fn settle_written(&mut self, holder: u64, msg_segment: u64) {
+        if holder != msg_segment && self.segments.contains_key(&msg_segment) {
+            self.segments
+                .entry(holder)
+                .or_default()
+                .refs
+                .insert(msg_segment);
+        }
+    }
+
+    /// A segment file exists (recovery, sealed) or was created (it becomes the active
+    /// segment and the previous active one is sealed).
+    pub fn segment_opened(&mut self, id: u64, active: bool) -> Vec<Action> {
+        let s = self.segments.entry(id).or_default();
+        s.sealed = !active;
+        if active {
+            if let Some(prev) = self.active.replace(id) {
+                if let Some(p) = self.segments.get_mut(&prev) {
+                    p.sealed = true;
+                }
+            }
+        }
+        self.collect_deletable()
+    }
+
+    /// Sealed segments that can be deleted now, in ascending order. They are removed
+    /// from the state at once; the caller must delete the files in this order.
+    pub fn collect_deletable(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        let ids: Vec<u64> = self.segments.keys().copied().collect();
+        for id in ids {
+            let Some(s) = self.segments.get(&id) else {
+                continue;
+            };
+            if !s.sealed || s.live > 0 || Some(id) == self.active {
+                continue;
+            }
+            if s.refs.iter().any(|r| self.segments.contains_key(r)) {
+                continue;
+            }
+            self.segments.remove(&id);
+            out.push(Action::DeleteSegment(id));
+        }
+        out
+    }
+
+    /// Location of a pending disk message.
+    pub fn location(&self, seq: u64) -> Option<Location> {
+        self.entries.get(&seq).and_then(|e| e.loc)
+    }
+
+    /// True if the message is pending for at least one group.
+    pub fn is_pending(&self, seq: u64) -> bool {
+        self.entries.contains_key(&seq)
+    }
+
+    /// Groups the message is still pending for.
+    pub fn unsettled(&self, seq: u64) -> Vec<String> {
+        self.entries
+            .get(&seq)
+            .map(|e| {
+                e.groups
+                    .iter()
+                    .map(|g| self.groups[*g as usize].name.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Append time (Unix ms) of a pending message.
+    pub fn appended_unix_ms(&self, seq: u64) -> Option<u64> {
+        self.entries.get(&seq).map(|e| e.unix_ms)
+    }
+
+    /// Pending seqs (unordered).
+    pub fn pending_seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries.keys().copied()
+    }
+
+    /// Number of pending messages (settled for at least one group remaining).
+    pub fn pending_messages(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    /// `(messages, bytes)` counted against the quota, reservations included.
+    pub fn quota_used(&self) -> (u64, u64) {
+        (self.used_messages, self.used_bytes)
+    }
+
+    /// Bytes of pending messages (reservations excluded).
+    pub fn pending_bytes(&self) -> u64 {
+        self.entries.values().map(|e| e.bytes).sum()
+    }
+
+    /// Segments known (existing files).
+    pub fn segment_ids(&self) -> Vec<u64> {
+        self.segments.keys().copied().collect()
+    }
+
+    /// Live message count of a segment.
+    pub fn segment_live(&self, id: u64) -> Option<u64> {
+        self.segments.get(&id).map(|s| s.live)
+    }
+
+    /// Per-group pending counts and oldest pending append time.
+    pub fn group_stats(&self) -> Vec<GroupView> {
+        self.groups
+            .iter()
+            .filter(|g| g.pending > 0)
+            .map(|g| GroupView {
+                group: g.name.to_string(),
+                pending: g.pending,
+                oldest_unix_ms: g
+                    .order
+                    .front()
+                    .and_then(|s| self.entries.get(s))
+                    .map(|e| e.unix_ms),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+    fn loc(segment: u64, offset: u64) -> Option<Location> {
+        Some(Location {
+            segment,
+            offset,
+            len: 10,
+        })
+    }
+
+    #[test]
+    fn settle_per_group_then_fully() {
+        let mut s = OutboxState::new(1000, 10);
+        s.segment_opened(1, true);
+        s.reserve(10).unwrap();
+        s.message_added(1, &t(&["a", "b"]), loc(1, 0), 10, 100, true);
+        assert_eq!(s.pending_messages(), 1);
+        let o = s.settle(1, "a");
+        assert!(o.applied && !o.fully_settled);
+        assert_eq!(o.segment, Some(1));
+        assert_eq!(s.unsettled(1), t(&["b"]));
+        // Idempotent.
+        assert!(!s.settle(1, "a").applied);
+        assert!(!s.settle(99, "a").applied);
+        assert!(!s.settle(1, "zzz").applied);
+        let o = s.settle(1, "b");
+        assert!(o.applied && o.fully_settled);
+        assert!(o.actions.is_empty(), "active segment is never deleted");
+        assert_eq!(s.quota_used(), (0, 0));
+        assert_eq!(s.segment_live(1), Some(0));
+    }
+
+    #[test]
+    fn sealed_segment_deleted_when_empty() {
+        let mut s = OutboxState::new(1000, 10);
+        s.segment_opened(1, true);
+        s.message_added(1, &t(&["a"]), loc(1, 0), 1, 0, false);
+        s.message_added(2, &t(&["a"]), loc(1, 20), 1, 0, false);
+        assert!(s.segment_opened(2, true).is_empty());
+        assert!(s.settle(1, "a").actions.is_empty());
+        assert_eq!(s.settle(2, "a").actions, vec![Action::DeleteSegment(1)]);
+        assert_eq!(s.segment_ids(), vec![2]);
+    }
+
+    #[test]
+    fn rolling_seals_and_deletes_empty_previous() {
+        let mut s = OutboxState::new(1000, 10);
+        s.segment_opened(1, true);
+        assert_eq!(s.segment_opened(2, true), vec![Action::DeleteSegment(1)]);
+    }
+
+    #[test]
+    fn settle_refs_keep_holder_until_referenced_segment_goes() {
+        let mut s = OutboxState::new(1000, 10);
+        s.segment_opened(1, true);
+        s.message_added(1, &t(&["a", "b"]), loc(1, 0), 1, 0, false);
+        s.message_added(2, &t(&["a"]), loc(1, 10), 1, 0, false);
+        s.segment_opened(2, true);
+        // seq 1 settled for a; record lands in segment 2.
+        s.settle(1, "a");
+        s.settle_written(2, 1);
+        s.segment_opened(3, true);
+        // Segment 2 has no live messages but holds a settle for segment 1 which still
+        // exists: it must stay.
+        assert!(s.collect_deletable().is_empty());
+        s.settle(2, "a");
+        let o = s.settle(1, "b");
+        assert_eq!(
+            o.actions,
+            vec![Action::DeleteSegment(1), Action::DeleteSegment(2)]
+        );
+    }
+
+    #[test]
+    fn quota_reserve_and_release() {
+        let mut s = OutboxState::new(100, 2);
+        s.reserve(60).unwrap();
+        let e = s.reserve(60).unwrap_err();
+        assert_eq!((e.used_bytes, e.max_bytes), (60, 100));
+        s.reserve(40).unwrap();
+        assert!(s.reserve(0).is_err(), "message quota");
+        s.unreserve(40);
+        s.message_added(1, &t(&["g"]), None, 60, 0, true);
+        assert_eq!(s.quota_used(), (1, 60));
+        s.settle(1, "g");
+        assert_eq!(s.quota_used(), (0, 0));
+    }
+
+    #[test]
+    fn group_stats_track_oldest() {
+        let mut s = OutboxState::new(1000, 10);
+        s.message_added(1, &t(&["a", "b"]), None, 1, 100, false);
+        s.message_added(2, &t(&["a"]), None, 1, 200, false);
+        s.message_added(3, &t(&["b"]), None, 1, 300, false);
+        s.settle(1, "a");
+        let mut g = s.group_stats();
+        g.sort_by(|x, y| x.group.cmp(&y.group));
+        assert_eq!(
+            g[0],
+            GroupView {
+                group: "a".into(),
+                pending: 1,
+                oldest_unix_ms: Some(200)
+            }
+        );
+        assert_eq!(
+            g[1],
+            GroupView {
+                group: "b".into(),
+                pending: 2,
+                oldest_unix_ms: Some(100)
+            }
+        );
+        s.settle(1, "b");
+        let g: Vec<_> = s
+            .group_stats()
+            .into_iter()
+            .filter(|g| g.group == "b")
+            .collect();
+        assert_eq!(g[0].oldest_unix_ms, Some(300));
+    }
+
+    #[test]
+    fn forget_releases_everything() {
+        let mut s = OutboxState::new(1000, 10);
+        s.segment_opened(1, true);
+        s.reserve(5).unwrap();
+        s.message_added(7, &t(&["a"]), loc(1, 0), 5, 0, true);
+        s.forget(7);
+        assert_eq!(s.quota_used(), (0, 0));
+        assert_eq!(s.segment_live(1), Some(0));
+        assert!(s.group_stats().is_empty());
+    }
+}

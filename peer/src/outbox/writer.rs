@@ -1,0 +1,335 @@
+//! The group-commit writer: one thread owns the active segment file.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::state::{Action, Location};
+use super::{record, segment, unix_ms_now, Durability, OutboxError, Shared, LEASE_BLOCK};
+
+/// Settle entries per Settle record.
+const SETTLES_PER_RECORD: usize = 16_384;
+
+/// A request to the writer.
+pub(super) enum Req {
+    Append {
+        targets: Vec<String>,
+        body: Bytes,
+        durability: Durability,
+        reply: oneshot::Sender<Result<u64, OutboxError>>,
+    },
+    /// Settles or deletions are waiting.
+    Wake,
+    /// Flush, fsync and stop.
+    Close(oneshot::Sender<Result<(), OutboxError>>),
+}
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Req>,
+    file: File,
+    active: u64,
+    size: u64,
+    next_seq: u64,
+    lease_upto: u64,
+    buf: Vec<u8>,
+    failed: Option<String>,
+}
+
+type Reply = oneshot::Sender<Result<u64, OutboxError>>;
+
+impl Writer {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        rx: mpsc::Receiver<Req>,
+        file: File,
+        active: u64,
+        size: u64,
+        next_seq: u64,
+        lease_upto: u64,
+    ) -> Self {
+        Writer {
+            shared,
+            rx,
+            file,
+            active,
+            size,
+            next_seq,
+            lease_upto,
+            buf: Vec::new(),
+            failed: None,
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let max_batch = self.shared.cfg.max_batch.max(1);
+        let mut batch = Vec::with_capacity(max_batch);
+        while let Some(first) = self.rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < max_batch {
+                match self.rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let mut close = None;
+            let mut appends = Vec::with_capacity(batch.len());
+            for r in batch.drain(..) {
+                match r {
+                    Req::Append {
+                        targets,
+                        body,
+                        durability,
+                        reply,
+                    } => appends.push((targets, body, durability, reply)),
+                    Req::Wake => {}
+                    Req::Close(reply) => close = Some(reply),
+                }
+            }
+            let res = self.commit(appends, close.is_some());
+            if let Some(reply) = close {
+                self.rx.close();
+                // Answer requests that raced with close.
+                while let Ok(r) = self.rx.try_recv() {
+                    if let Req::Append {
+                        targets,
+                        body,
+                        reply,
+                        ..
+                    } = r
+                    {
+                        if !targets.is_empty() {
+                            self.shared.core().state.unreserve(body.len() as u64);
+                        }
+                        let _ = reply.send(Err(OutboxError::Closed));
+                    }
+                }
+                let _ = reply.send(res);
+                return;
+            }
+        }
+    }
+
+    fn io_err(&self, e: std::io::Error) -> OutboxError {
+        OutboxError::Io {
+            path: segment::path(&self.shared.cfg.dir, self.active),
+            source: e,
+        }
+    }
+
+    /// Starts a new segment. The caller writes the lease record first in it.
+    fn roll(&mut self) -> Result<Vec<Action>, OutboxError> {
+        let id = self.active + 1;
+        let dir = &self.shared.cfg.dir;
+        let f = segment::create(dir, id).map_err(|e| OutboxError::Io {
+            path: segment::path(dir, id),
+            source: e,
+        })?;
+        self.file = f;
+        self.active = id;
+        self.size = 0;
+        let mut core = self.shared.core();
+        core.seg_sizes.insert(id, 0);
+        Ok(core.state.segment_opened(id, true))
+    }
+
+    /// Writes one batch. Returns the result of the batch's write/sync (for `close`).
+    fn commit(
+        &mut self,
+        appends: Vec<(Vec<String>, Bytes, Durability, Reply)>,
+        sync: bool,
+    ) -> Result<(), OutboxError> {
+        if let Some(reason) = &self.failed {
+            let mut core = self.shared.core();
+            for (targets, body, _, reply) in appends {
+                if !targets.is_empty() {
+                    core.state.unreserve(body.len() as u64);
+                }
+                let _ = reply.send(Err(OutboxError::WriterFailed {
+                    reason: reason.clone(),
+                }));
+            }
+            drop(core);
+            self.shared.space.notify_waiters();
+            return Err(OutboxError::WriterFailed {
+                reason: reason.clone(),
+            });
+        }
+        self.buf.clear();
+        let mut need_sync = sync;
+        let mut deletions: Vec<u64> = Vec::new();
+        let mut write_lease = false;
+        if self.size >= self.shared.cfg.segment_bytes {
+            match self.roll() {
+                Ok(actions) => {
+                    deletions.extend(actions.into_iter().map(|Action::DeleteSegment(id)| id));
+                    write_lease = true;
+                    need_sync = true;
+                }
+                Err(e) => return self.fail(appends, e),
+            }
+        }
+        let n = appends.len() as u64;
+        let mut lease_in_batch = false;
+        if write_lease || self.next_seq + n > self.lease_upto {
+            if self.next_seq + n > self.lease_upto {
+                self.lease_upto = self.next_seq + n + LEASE_BLOCK;
+            }
+            record::encode_lease(&mut self.buf, self.lease_upto);
+            lease_in_batch = true;
+            need_sync = true;
+        }
+        let now = unix_ms_now();
+        // Replies to send after the sync: (reply, seq, wrote_to_disk).
+        let mut deferred: Vec<(Reply, u64, bool)> = Vec::new();
+        {
+            let mut core = self.shared.core();
+            for (targets, body, durability, reply) in appends {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                if targets.is_empty() {
+                    if lease_in_batch {
+                        deferred.push((reply, seq, false));
+                    } else {
+                        let _ = reply.send(Ok(seq));
+                    }
+                    continue;
+                }
+                let bytes = body.len() as u64;
+                match durability {
+                    Durability::Memory => {
+                        core.state
+                            .message_added(seq, &targets, None, bytes, now, true);
+                        core.mem_bodies.insert(seq, body);
+                        if lease_in_batch {
+                            deferred.push((reply, seq, false));
+                        } else {
+                            let _ = reply.send(Ok(seq));
+                        }
+                    }
+                    Durability::Disk => {
+                        let offset = self.size + self.buf.len() as u64;
+                        let len = record::encode_message(&mut self.buf, seq, now, &targets, &body);
+                        let loc = Location {
+                            segment: self.active,
+                            offset,
+                            len,
+                        };
+                        core.state
+                            .message_added(seq, &targets, Some(loc), bytes, now, true);
+                        core.cache.insert(seq, body);
+                        deferred.push((reply, seq, true));
+                        need_sync = true;
+                    }
+                }
+            }
+            core.wake_queued = false;
+            let settles = std::mem::take(&mut core.settles);
+            for chunk in settles.chunks(SETTLES_PER_RECORD) {
+                record::encode_settle(
+                    &mut self.buf,
+                    chunk.iter().map(|(s, g, _)| (*s, g.as_str())),
+                );
+                for (_, _, seg) in chunk {
+                    core.state.settle_written(self.active, *seg);
+                }
+            }
+            deletions.append(&mut core.deletions);
+        }
+        self.shared.appended.fetch_add(n, Ordering::Relaxed);
+
+        let mut res = Ok(());
+        if !self.buf.is_empty() {
+            res = self.file.write_all(&self.buf).map_err(|e| self.io_err(e));
+            if res.is_ok() {
+                self.size += self.buf.len() as u64;
+            }
+        }
+        if res.is_ok() && need_sync {
+            res = self.file.sync_data().map_err(|e| self.io_err(e));
+            if res.is_ok() {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        {
+            let mut core = self.shared.core();
+            core.seg_sizes.insert(self.active, self.size);
+            if let Err(e) = &res {
+                self.failed = Some(e.to_string());
+                tracing::error!(error = %e, "outbox write failed; further appends will fail");
+                for (_, seq, _) in &deferred {
+                    core.cache.remove(*seq);
+                    core.mem_bodies.remove(seq);
+                    let acts = core.state.forget(*seq);
+                    core.deletions
+                        .extend(acts.into_iter().map(|Action::DeleteSegment(id)| id));
+                }
+            }
+        }
+        match &res {
+            Ok(()) => {
+                for (reply, seq, _) in deferred {
+                    let _ = reply.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                for (reply, ..) in deferred {
+                    let _ = reply.send(Err(OutboxError::WriterFailed {
+                        reason: reason.clone(),
+                    }));
+                }
+                self.shared.space.notify_waiters();
+            }
+        }
+        self.delete_segments(&deletions);
+        res
+    }
+
+    fn fail(
+        &mut self,
+        appends: Vec<(Vec<String>, Bytes, Durability, Reply)>,
+        e: OutboxError,
+    ) -> Result<(), OutboxError> {
+        let reason = e.to_string();
+        tracing::error!(error = %reason, "outbox writer failed; further appends will fail");
+        self.failed = Some(reason.clone());
+        let mut core = self.shared.core();
+        for (targets, body, _, reply) in appends {
+            if !targets.is_empty() {
+                core.state.unreserve(body.len() as u64);
+            }
+            let _ = reply.send(Err(OutboxError::WriterFailed {
+                reason: reason.clone(),
+            }));
+        }
+        drop(core);
+        self.shared.space.notify_waiters();
+        Err(e)
+    }
+
+    fn delete_segments(&mut self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        let dir = &self.shared.cfg.dir;
+        for id in ids {
+            let p = segment::path(dir, *id);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot delete settled outbox segment")
+                }
+            }
+            self.shared.core().seg_sizes.remove(id);
+        }
+        if let Err(e) = segment::sync_dir(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot fsync outbox directory after deleting segments");
+        }
+    }
+}

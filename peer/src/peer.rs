@@ -1,0 +1,781 @@
+//! The peer runtime: builder, handle, and the glue that drives the state machines.
+
+use crate::directory_client::{ClientSettings, DirectoryClient};
+use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkKey, Seq};
+use crate::error::{Error, ErrorKind, Result};
+use crate::link::{self, LinkControl};
+use crate::message::{self, Message};
+use crate::outbox::{self, Outbox, OutboxConfig, OutboxStats};
+use crate::subscription::{lock, SubShared, SubState, Subscription, DEFAULT_CREDIT};
+use crate::{Durability, Receipt, WhenFull};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use weft_proto::certs;
+use weft_proto::tls::{self, Credentials};
+use weft_proto::wire::{Hello, MessageId, Role, Route, Subscription as SubKey, PROTOCOL_VERSION};
+
+/// Default time a sent message may stay unacknowledged before it is redelivered.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default largest message payload accepted by `publish`.
+pub const DEFAULT_MAX_MESSAGE: usize = 1024 * 1024;
+/// Default time `publish` and `subscribe` wait for the directory when the route is not
+/// cached yet.
+pub const DEFAULT_DIRECTORY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of a running peer.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerConfig {
+    pub(crate) max_frame: usize,
+    pub(crate) max_message: usize,
+    pub(crate) ack_timeout: Duration,
+    pub(crate) directory_timeout: Duration,
+    pub(crate) durability: Durability,
+    pub(crate) when_full: WhenFull,
+    pub(crate) zone: Option<String>,
+}
+
+enum TlsSource {
+    Dev(Option<PathBuf>),
+    Files(PathBuf, PathBuf, PathBuf),
+    Loaded(Credentials),
+}
+
+/// Configures and starts a [`Peer`].
+pub struct PeerBuilder {
+    identity: String,
+    directories: Vec<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    listen: SocketAddr,
+    tls: Option<TlsSource>,
+    config: PeerConfig,
+    outbox: Option<Box<dyn FnOnce(OutboxConfig) -> OutboxConfig + Send>>,
+}
+
+impl PeerBuilder {
+    pub(crate) fn new(identity: String) -> Self {
+        Self {
+            identity,
+            directories: Vec::new(),
+            data_dir: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
+            config: PeerConfig {
+                max_frame: weft_proto::wire::DEFAULT_MAX_FRAME,
+                max_message: DEFAULT_MAX_MESSAGE,
+                ack_timeout: DEFAULT_ACK_TIMEOUT,
+                directory_timeout: DEFAULT_DIRECTORY_TIMEOUT,
+                durability: Durability::Disk,
+                when_full: WhenFull::Wait,
+                zone: None,
+            },
+            outbox: None,
+        }
+    }
+
+    /// Directory node addresses; the peer attaches to one and fails over to the others.
+    pub fn directory<I, A>(mut self, addrs: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<DirectoryAddr>,
+    {
+        self.directories = addrs.into_iter().map(|a| a.into().0).collect();
+        self
+    }
+
+    /// Where the outbox and state live (required).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Address to accept data connections on (default `127.0.0.1:0`).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Development mode: a CA and certificate are created under `<data_dir>/../dev-ca`
+    /// (or [`dev_ca`](Self::dev_ca)) if missing. Logs a warning; never use in production.
+    pub fn dev(mut self) -> Self {
+        if !matches!(self.tls, Some(TlsSource::Dev(Some(_)))) {
+            self.tls = Some(TlsSource::Dev(None));
+        }
+        self
+    }
+
+    /// Development mode with the CA kept in `dir` (share it with the directory's `--dev-ca`).
+    pub fn dev_ca(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.tls = Some(TlsSource::Dev(Some(dir.into())));
+        self
+    }
+
+    /// Fabric CA, this peer's certificate and key (PEM).
+    pub fn tls_files(
+        mut self,
+        ca: impl Into<PathBuf>,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls = Some(TlsSource::Files(ca.into(), cert.into(), key.into()));
+        self
+    }
+
+    /// Already loaded credentials.
+    pub fn credentials(mut self, creds: Credentials) -> Self {
+        self.tls = Some(TlsSource::Loaded(creds));
+        self
+    }
+
+    /// Default durability of `publish` (default [`Durability::Disk`]).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.config.durability = durability;
+        self
+    }
+
+    /// What `publish` does when the outbox quota is full (default wait).
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.config.when_full = when_full;
+        self
+    }
+
+    /// How long a sent message may stay unacknowledged before redelivery (default 30 s).
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.config.ack_timeout = timeout;
+        self
+    }
+
+    /// Largest frame sent or accepted (default 4 MiB).
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.config.max_frame = bytes;
+        self
+    }
+
+    /// Largest payload `publish` accepts (default 1 MiB; must fit in a frame).
+    pub fn max_message(mut self, bytes: usize) -> Self {
+        self.config.max_message = bytes;
+        self
+    }
+
+    /// How long to wait for the directory when a route is not cached (default 10 s).
+    pub fn directory_timeout(mut self, timeout: Duration) -> Self {
+        self.config.directory_timeout = timeout;
+        self
+    }
+
+    /// Locality label advertised to the directory.
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.config.zone = Some(zone.into());
+        self
+    }
+
+    /// Adjusts the outbox settings (quota, segment size...).
+    pub fn outbox(mut self, f: impl FnOnce(OutboxConfig) -> OutboxConfig + Send + 'static) -> Self {
+        self.outbox = Some(Box::new(f));
+        self
+    }
+
+    /// Opens the outbox, binds the endpoint, attaches to the directory and resumes
+    /// sending whatever the outbox recovered.
+    pub async fn start(self) -> Result<Peer> {
+        let data_dir = self
+            .data_dir
+            .ok_or_else(|| Error::new(ErrorKind::Config, "data_dir is required"))?;
+        if self.directories.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "at least one directory address is required",
+            ));
+        }
+        if self.config.max_message + 64 * 1024 > self.config.max_frame {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "max_message must be at least 64 KiB below max_frame",
+            ));
+        }
+        let creds = load_credentials(&self.identity, &data_dir, self.tls).await?;
+        let mut outbox_config = OutboxConfig::new(data_dir.join("outbox"));
+        if let Some(f) = self.outbox {
+            outbox_config = f(outbox_config);
+        }
+        let (outbox, recovery) = Outbox::open(outbox_config).await?;
+        for damage in &recovery.damage {
+            warn!(segment = %damage.segment.display(), offset = damage.offset, reason = %damage.reason, "outbox damage found during recovery");
+        }
+        let endpoint = tls::endpoint(self.listen, &creds)?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|e| Error::with_source(ErrorKind::Io, "reading the bound address", e))?;
+        let incarnation = rand::random::<u64>();
+        let inner = Arc::new(Inner {
+            identity: creds.identity().to_string(),
+            incarnation,
+            local_addr,
+            config: self.config,
+            endpoint: endpoint.clone(),
+            producer_id: outbox.producer_id(),
+            outbox,
+            core: Mutex::new(Dispatcher::new(DEFAULT_ACK_TIMEOUT)),
+            links: Mutex::new(HashMap::new()),
+            confirms: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
+            addrs: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(HashMap::new()),
+            directory: OnceLock::new(),
+        });
+        *lock(&inner.core) = Dispatcher::new(inner.config.ack_timeout);
+        let sink_inner = Arc::downgrade(&inner);
+        let (client, client_task) = DirectoryClient::start(
+            endpoint,
+            ClientSettings {
+                addrs: self.directories,
+                hello: inner.hello(),
+                max_frame: inner.config.max_frame,
+            },
+            Arc::new(move |route| {
+                if let Some(inner) = sink_inner.upgrade() {
+                    inner.on_route(route);
+                }
+            }),
+        );
+        let _ = inner.directory.set(client);
+        let tasks = vec![
+            client_task,
+            tokio::spawn(crate::inbound::accept_loop(inner.clone())),
+            tokio::spawn(tick_loop(Arc::downgrade(&inner))),
+        ];
+        inner.resume(recovery);
+        info!(identity = %inner.identity, %local_addr, producer = format!("{:016x}", inner.producer_id), "peer started");
+        Ok(Peer {
+            inner: inner.clone(),
+            guard: Arc::new(Guard { inner, tasks }),
+        })
+    }
+}
+
+async fn load_credentials(
+    identity: &str,
+    data_dir: &std::path::Path,
+    tls: Option<TlsSource>,
+) -> Result<Credentials> {
+    match tls {
+        Some(TlsSource::Loaded(c)) => Ok(c),
+        Some(TlsSource::Files(ca, cert, key)) => Ok(Credentials::load(&ca, &cert, &key)?),
+        Some(TlsSource::Dev(dir)) => {
+            let dir = dir.unwrap_or_else(|| {
+                data_dir
+                    .parent()
+                    .map(|p| p.join("dev-ca"))
+                    .unwrap_or_else(|| PathBuf::from("dev-ca"))
+            });
+            let name = identity.to_string();
+            let paths = tokio::task::spawn_blocking(move || certs::ensure_dev(&dir, &name, &[]))
+                .await
+                .map_err(|e| Error::with_source(ErrorKind::Tls, "development certificates", e))?
+                .map_err(|e| Error::with_source(ErrorKind::Tls, "development certificates", e))?;
+            Ok(Credentials::from_paths(&paths)?)
+        }
+        None => Err(Error::new(
+            ErrorKind::Config,
+            "no TLS credentials: call .tls_files(ca, cert, key) or .dev() for development",
+        )),
+    }
+}
+
+/// A directory address (anything convertible to a socket address).
+#[derive(Debug, Clone, Copy)]
+pub struct DirectoryAddr(SocketAddr);
+
+impl From<SocketAddr> for DirectoryAddr {
+    fn from(a: SocketAddr) -> Self {
+        Self(a)
+    }
+}
+
+impl From<&str> for DirectoryAddr {
+    /// Parses `ip:port`. An unparsable address becomes `0.0.0.0:0`, which fails to
+    /// connect with a clear log line; use `SocketAddr` to check early.
+    fn from(s: &str) -> Self {
+        Self(s.parse().unwrap_or_else(|_| {
+            warn!(address = s, "unparsable directory address");
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        }))
+    }
+}
+
+/// A handle to a running peer. Cheap to clone; the peer stops when the last handle is
+/// dropped or [`Peer::close`] is called.
+#[derive(Clone)]
+pub struct Peer {
+    inner: Arc<Inner>,
+    guard: Arc<Guard>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("identity", &self.inner.identity)
+            .finish()
+    }
+}
+
+struct Guard {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for control in lock(&self.inner.links).values() {
+            control.close();
+        }
+        self.inner.endpoint.close(0u32.into(), b"peer closed");
+    }
+}
+
+impl Peer {
+    /// Starts configuring a peer whose identity (certificate name) is `identity`.
+    pub fn builder(identity: impl Into<String>) -> PeerBuilder {
+        PeerBuilder::new(identity.into())
+    }
+
+    /// This peer's identity.
+    pub fn identity(&self) -> &str {
+        &self.inner.identity
+    }
+
+    /// The address data connections reach this peer on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Publishes `message` to `topic` with the peer's default durability. Returns once
+    /// the message holds that durability (see [`Durability`]).
+    pub async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+        self.publish_with(
+            topic,
+            message,
+            self.inner.config.durability,
+            self.inner.config.when_full,
+        )
+        .await
+    }
+
+    /// Publishes and returns only after every target group acknowledged the message
+    /// (durable in the outbox meanwhile).
+    pub async fn publish_confirmed(&self, topic: &str, message: Message) -> Result<Receipt> {
+        self.publish_with(
+            topic,
+            message,
+            Durability::Confirmed,
+            self.inner.config.when_full,
+        )
+        .await
+    }
+
+    /// Publishes with an explicit durability and quota behaviour.
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        message: Message,
+        durability: Durability,
+        when_full: WhenFull,
+    ) -> Result<Receipt> {
+        self.inner
+            .publish(topic, message, durability, when_full)
+            .await
+    }
+
+    /// Starts configuring a subscription to `topic`.
+    pub fn subscribe(&self, topic: impl Into<String>) -> SubscribeBuilder {
+        SubscribeBuilder {
+            peer: self.clone(),
+            topic: topic.into(),
+            group: None,
+            credit: DEFAULT_CREDIT,
+        }
+    }
+
+    /// Messages waiting or in flight, per (topic, group) this peer publishes to.
+    pub fn backlog(&self) -> Vec<GroupBacklog> {
+        self.inner.core().backlog()
+    }
+
+    /// Outbox figures: pending messages and bytes, per-group oldest age, quota use.
+    pub fn outbox_stats(&self) -> OutboxStats {
+        self.inner.outbox.stats()
+    }
+
+    /// Waits until nothing is pending in the outbox (every message settled), or the
+    /// timeout passes; returns whether it drained.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.inner.outbox.stats().pending_messages == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the peer: flushes the outbox bookkeeping and closes every connection.
+    /// Unsettled messages stay in the outbox and are resent on the next start.
+    pub async fn close(self) -> Result<()> {
+        self.inner.outbox.close().await?;
+        for control in lock(&self.inner.links).values() {
+            control.close();
+        }
+        self.inner.endpoint.close(0u32.into(), b"peer closed");
+        drop(self.guard);
+        Ok(())
+    }
+}
+
+/// Configures a subscription; see [`Peer::subscribe`].
+pub struct SubscribeBuilder {
+    peer: Peer,
+    topic: String,
+    group: Option<String>,
+    credit: u32,
+}
+
+impl SubscribeBuilder {
+    /// The group to join (default: a group named after this peer, i.e. every message).
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Unacknowledged messages each sender may have in flight to this subscription.
+    pub fn credit(mut self, window: u32) -> Self {
+        self.credit = window.max(1);
+        self
+    }
+
+    /// Registers with the directory and returns the stream of deliveries.
+    pub async fn start(self) -> Result<Subscription> {
+        let inner = &self.peer.inner;
+        if self.topic.is_empty() {
+            return Err(Error::new(ErrorKind::Config, "topic must not be empty"));
+        }
+        let group = self.group.unwrap_or_else(|| inner.identity.clone());
+        let key = (self.topic.clone(), group.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(self.credit as usize);
+        let shared = Arc::new(SubShared {
+            topic: self.topic.clone(),
+            group: group.clone(),
+            credit: self.credit,
+            state: Mutex::new(SubState {
+                dedup: crate::dedup::Dedup::new(crate::dedup::DEFAULT_MAX_RANGES),
+                in_progress: HashMap::new(),
+            }),
+            tx,
+        });
+        {
+            let mut subs = lock(&inner.subscriptions);
+            if subs.contains_key(&key) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "already subscribed to {:?} in group {:?}",
+                        self.topic, group
+                    ),
+                ));
+            }
+            subs.insert(key.clone(), shared.clone());
+        }
+        let sub_key = SubKey {
+            topic: self.topic.clone(),
+            group: group.clone(),
+        };
+        if let Err(e) = inner
+            .directory()
+            .register(sub_key.clone(), inner.config.directory_timeout)
+            .await
+        {
+            lock(&inner.subscriptions).remove(&key);
+            return Err(e);
+        }
+        let weak = Arc::downgrade(inner);
+        Ok(Subscription {
+            rx,
+            shared,
+            on_drop: Some(Box::new(move || {
+                if let Some(inner) = weak.upgrade() {
+                    lock(&inner.subscriptions).remove(&key);
+                    let directory = inner.directory().clone();
+                    let timeout = inner.config.directory_timeout;
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        rt.spawn(async move {
+                            let _ = directory.unregister(sub_key, timeout).await;
+                        });
+                    }
+                }
+            })),
+        })
+    }
+}
+
+/// Shared state of a running peer.
+pub(crate) struct Inner {
+    pub(crate) identity: String,
+    pub(crate) incarnation: u64,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) config: PeerConfig,
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) producer_id: u64,
+    pub(crate) outbox: Outbox,
+    core: Mutex<Dispatcher>,
+    links: Mutex<HashMap<LinkKey, Arc<LinkControl>>>,
+    confirms: Mutex<HashMap<Seq, oneshot::Sender<()>>>,
+    routes: Mutex<HashMap<String, Route>>,
+    addrs: Mutex<HashMap<String, Vec<SocketAddr>>>,
+    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    subscriptions: Mutex<HashMap<(String, String), Arc<SubShared>>>,
+    directory: OnceLock<DirectoryClient>,
+}
+
+impl Inner {
+    pub(crate) fn core(&self) -> std::sync::MutexGuard<'_, Dispatcher> {
+        lock(&self.core)
+    }
+
+    fn directory(&self) -> &DirectoryClient {
+        // Set in `start` before the handle is returned.
+        self.directory
+            .get()
+            .expect("directory client is set at start")
+    }
+
+    pub(crate) fn hello(&self) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            identity: self.identity.clone(),
+            incarnation: self.incarnation,
+            role: Role::Peer,
+            listen_addrs: vec![self.local_addr],
+            zone: self.config.zone.clone(),
+        }
+    }
+
+    pub(crate) fn subscription(&self, topic: &str, group: &str) -> Option<Arc<SubShared>> {
+        lock(&self.subscriptions)
+            .get(&(topic.to_string(), group.to_string()))
+            .cloned()
+    }
+
+    /// Performs the dispatcher's actions.
+    pub(crate) fn execute(self: &Arc<Self>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::OpenLink(key) => {
+                    let control = Arc::new(LinkControl::default());
+                    if let Some(old) = lock(&self.links).insert(key.clone(), control.clone()) {
+                        old.close();
+                    }
+                    tokio::spawn(link::run(self.clone(), key, control));
+                }
+                Action::CloseLink(key) => {
+                    if let Some(control) = lock(&self.links).remove(&key) {
+                        control.close();
+                    }
+                }
+                Action::Wake(key) => {
+                    if let Some(control) = lock(&self.links).get(&key) {
+                        control.wake.notify_one();
+                    }
+                }
+                Action::Settle { seq, group } => self.outbox.settle(seq, &group),
+                Action::Confirmed(seq) => {
+                    if let Some(tx) = lock(&self.confirms).remove(&seq) {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_route(self: &Arc<Self>, route: Route) {
+        {
+            let mut addrs = lock(&self.addrs);
+            for g in &route.groups {
+                for m in &g.members {
+                    addrs.insert(m.identity.clone(), m.addrs.clone());
+                }
+            }
+        }
+        let actions = self.core().on_route(Instant::now(), &route);
+        lock(&self.routes).insert(route.topic.clone(), route);
+        self.execute(actions);
+    }
+
+    /// The cached route of `topic`, or the directory's answer to a watch.
+    async fn route(&self, topic: &str) -> Result<Route> {
+        if let Some(route) = lock(&self.routes).get(topic) {
+            return Ok(route.clone());
+        }
+        self.directory()
+            .watch(topic, self.config.directory_timeout)
+            .await
+    }
+
+    async fn publish(
+        self: &Arc<Self>,
+        topic: &str,
+        message: Message,
+        durability: Durability,
+        when_full: WhenFull,
+    ) -> Result<Receipt> {
+        if topic.is_empty() {
+            return Err(Error::new(ErrorKind::Config, "topic must not be empty"));
+        }
+        if message.payload.len() > self.config.max_message {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "payload of {} bytes exceeds max_message ({} bytes)",
+                    message.payload.len(),
+                    self.config.max_message
+                ),
+            ));
+        }
+        let route = self.route(topic).await?;
+        let targets: Vec<String> = route.groups.iter().map(|g| g.group.clone()).collect();
+        let key_hash = message.key.as_deref().map(message::key_hash);
+        let body = message::encode_stored(topic, &message, message::now_ms());
+        let stored_durability = match durability {
+            Durability::Memory => outbox::Durability::Memory,
+            Durability::Disk | Durability::Confirmed => outbox::Durability::Disk,
+        };
+        let outbox_when_full = match when_full {
+            WhenFull::Wait => outbox::WhenFull::Wait,
+            WhenFull::Fail => outbox::WhenFull::Fail,
+        };
+        let seq = self
+            .outbox
+            .append(targets.clone(), body, stored_durability, outbox_when_full)
+            .await?;
+        let confirmed = durability == Durability::Confirmed;
+        let waiter = confirmed.then(|| {
+            let (tx, rx) = oneshot::channel();
+            lock(&self.confirms).insert(seq, tx);
+            rx
+        });
+        let actions =
+            self.core()
+                .on_publish(Instant::now(), seq, topic, key_hash, &targets, confirmed);
+        self.execute(actions);
+        if let Some(rx) = waiter {
+            rx.await.map_err(|_| {
+                Error::new(
+                    ErrorKind::Closed,
+                    "peer closed before every group acknowledged",
+                )
+            })?;
+        }
+        Ok(Receipt {
+            id: MessageId {
+                producer: self.producer_id,
+                seq,
+            },
+            groups: targets.len(),
+        })
+    }
+
+    /// Feeds the recovered outbox backlog to the dispatcher and watches its topics.
+    fn resume(self: &Arc<Self>, recovery: outbox::Recovery) {
+        if recovery.pending.is_empty() {
+            return;
+        }
+        info!(
+            pending = recovery.pending.len(),
+            "resuming delivery of recovered outbox messages"
+        );
+        let mut topics = std::collections::BTreeSet::new();
+        let now = Instant::now();
+        let mut actions = Vec::new();
+        {
+            let mut core = self.core();
+            for record in &recovery.pending {
+                let id = MessageId {
+                    producer: self.producer_id,
+                    seq: record.seq,
+                };
+                let Some(envelope) = message::decode_stored(id, &record.body) else {
+                    warn!(%id, "recovered outbox record is not a valid message; skipping");
+                    continue;
+                };
+                let key_hash = envelope.key.as_deref().map(message::key_hash);
+                actions.extend(core.on_publish(
+                    now,
+                    record.seq,
+                    &envelope.topic,
+                    key_hash,
+                    &record.unsettled,
+                    false,
+                ));
+                topics.insert(envelope.topic);
+            }
+        }
+        self.execute(actions);
+        for topic in topics {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = inner.route(&topic).await {
+                    warn!(%topic, error = %e, "cannot resolve the route of recovered messages yet");
+                }
+            });
+        }
+    }
+
+    /// A connection to `member`, reusing the open one.
+    pub(crate) async fn connection_to(&self, member: &str) -> Result<quinn::Connection> {
+        let slot = lock(&self.conns)
+            .entry(member.to_string())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let addrs = lock(&self.addrs).get(member).cloned().unwrap_or_default();
+        let mut last = Error::new(
+            ErrorKind::Protocol,
+            format!("no address known for {member}"),
+        );
+        for addr in addrs {
+            match tls::connect(&self.endpoint, addr, member).await {
+                Ok(conn) => {
+                    *slot = Some(conn.clone());
+                    return Ok(conn);
+                }
+                Err(e) => last = e.into(),
+            }
+        }
+        Err(last)
+    }
+}
+
+async fn tick_loop(inner: std::sync::Weak<Inner>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let actions = inner.core().tick(Instant::now());
+        inner.execute(actions);
+    }
+}

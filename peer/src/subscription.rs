@@ -1,0 +1,173 @@
+//! Subscriptions: the application's side of receiving. A [`Subscription`] is a `Stream`
+//! of owned [`Delivery`] values; acknowledging consumes the delivery.
+
+use crate::dedup::{Dedup, LinkAcks};
+use bytes::Bytes;
+use futures::Stream;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::{mpsc, Notify};
+use weft_proto::wire::{Envelope, MessageId};
+
+/// Default number of unacknowledged messages a subscription lets each sender have in
+/// flight (its credit window).
+pub const DEFAULT_CREDIT: u32 = 4096;
+
+/// Receiving side of one data stream: acknowledgements owed to the sender.
+#[derive(Debug, Default)]
+pub(crate) struct InboundLink {
+    pub(crate) acks: Mutex<LinkAcks>,
+    pub(crate) wake: Notify,
+}
+
+impl InboundLink {
+    pub(crate) fn done(&self, link_seq: u64) {
+        lock(&self.acks).done(link_seq);
+        self.wake.notify_one();
+    }
+}
+
+/// Dedup and in-progress deliveries of one subscription.
+#[derive(Debug)]
+pub(crate) struct SubState {
+    pub(crate) dedup: Dedup,
+    /// Delivered to the application, not yet acknowledged: where to send the ack.
+    pub(crate) in_progress: HashMap<MessageId, Vec<(Arc<InboundLink>, u64)>>,
+}
+
+/// What inbound streams share with the subscription they feed.
+#[derive(Debug)]
+pub(crate) struct SubShared {
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    pub(crate) credit: u32,
+    pub(crate) state: Mutex<SubState>,
+    pub(crate) tx: mpsc::Sender<Delivery>,
+}
+
+impl SubShared {
+    fn ack(&self, id: MessageId) {
+        let links = {
+            let mut state = lock(&self.state);
+            state.dedup.record(id);
+            state.in_progress.remove(&id).unwrap_or_default()
+        };
+        for (link, link_seq) in links {
+            link.done(link_seq);
+        }
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned mutex means another thread panicked; the data is still consistent
+    // enough to continue (every critical section here is a few map operations).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One message handed to the application. Acknowledge it with [`Delivery::ack`]; a
+/// delivery dropped without an ack is redelivered after the sender's ack timeout.
+#[derive(Debug)]
+pub struct Delivery {
+    pub(crate) envelope: Envelope,
+    pub(crate) sub: Arc<SubShared>,
+}
+
+impl Delivery {
+    /// The payload (a slice of the received frame; cloning it is cheap).
+    pub fn payload(&self) -> &Bytes {
+        &self.envelope.payload
+    }
+
+    /// The message id (stable across redeliveries).
+    pub fn id(&self) -> MessageId {
+        self.envelope.id
+    }
+
+    /// Topic.
+    pub fn topic(&self) -> &str {
+        &self.envelope.topic
+    }
+
+    /// The group this delivery is for.
+    pub fn group(&self) -> &str {
+        &self.sub.group
+    }
+
+    /// Ordering key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.envelope.key.as_deref()
+    }
+
+    /// Tags.
+    pub fn tags(&self) -> &[String] {
+        &self.envelope.tags
+    }
+
+    /// Headers.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.envelope.headers
+    }
+
+    /// Publish time in milliseconds since the Unix epoch.
+    pub fn publish_time_ms(&self) -> u64 {
+        self.envelope.publish_time_ms
+    }
+
+    /// Acknowledges the message: the sender settles it for this group and this
+    /// subscription will drop any retransmission of it.
+    pub fn ack(self) {
+        self.sub.ack(self.envelope.id);
+    }
+}
+
+/// A stream of deliveries for one (topic, group). Dropping it unregisters the
+/// subscription.
+pub struct Subscription {
+    pub(crate) rx: mpsc::Receiver<Delivery>,
+    pub(crate) shared: Arc<SubShared>,
+    pub(crate) on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topic", &self.shared.topic)
+            .field("group", &self.shared.group)
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// The next delivery; `None` once the peer is closed. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    /// Topic.
+    pub fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    /// Group.
+    pub fn group(&self) -> &str {
+        &self.shared.group
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_drop.take() {
+            f();
+        }
+    }
+}
