@@ -1,0 +1,150 @@
+//! Fault tests with real processes killed by SIGKILL and real files.
+
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use weft_directory::Directory;
+use weft_peer::Peer;
+use weft_tests::{binary, eventually, init_logs};
+
+/// (member, key) → numbers in delivery order.
+type Log = Arc<Mutex<HashMap<(String, String), Vec<u64>>>>;
+
+fn consume(member: String, mut sub: weft_peer::Subscription, log: Log) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(d) = sub.next().await {
+            let n: u64 = std::str::from_utf8(d.payload()).expect("utf8").parse().expect("n");
+            let key = d.key().unwrap_or_default().to_string();
+            log.lock().expect("lock").entry((member.clone(), key)).or_default().push(n);
+            d.ack();
+        }
+    })
+}
+
+fn recorded(path: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn spawn_publisher(directory: &Directory, root: &std::path::Path, from: u64, to: u64) -> Child {
+    Command::new(binary("crash-publisher"))
+        .arg(directory.local_addr().to_string())
+        .arg(root.join("dev-ca"))
+        .arg(root.join("publisher"))
+        .arg("numbers")
+        .arg(root.join("recorded.txt"))
+        .arg(from.to_string())
+        .arg(to.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn crash-publisher")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_killed_at_random_points_loses_nothing_it_confirmed() {
+    init_logs();
+    let seed: u64 = std::env::var("WEFT_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("sender crash test seed: {seed} (rerun with WEFT_FAULT_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = Directory::builder("dir-1")
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .dev(root.path().join("dev-ca"))
+        .start()
+        .await
+        .expect("directory");
+    let log: Log = Arc::default();
+    let mut members = Vec::new();
+    for (name, group) in [("g1-a", "g1"), ("g1-b", "g1"), ("g2-a", "g2")] {
+        let peer = Peer::builder(name)
+            .directory([directory.local_addr()])
+            .dev_ca(root.path().join("dev-ca"))
+            .data_dir(root.path().join(name))
+            .start()
+            .await
+            .expect("member");
+        let sub = peer.subscribe("numbers").group(group).start().await.expect("subscribe");
+        consume(name.to_string(), sub, log.clone());
+        members.push(peer);
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || directory.route("numbers").groups.iter().map(|g| g.members.len()).sum::<usize>() == 3).await
+    );
+    const KILLS: usize = 20;
+    const PER_RUN: u64 = 400;
+    let record = root.path().join("recorded.txt");
+    for _ in 0..KILLS {
+        let from = recorded(&record).last().map_or(0, |n| n + 1);
+        let mut child = spawn_publisher(&directory, root.path(), from, from + PER_RUN);
+        // The random kill point: this sleep *is* the fault injection, not a wait.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..700))).await;
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+    let from = recorded(&record).last().map_or(0, |n| n + 1);
+    let mut child = spawn_publisher(&directory, root.path(), from, from + PER_RUN);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "final publisher run did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "final publisher run failed: {status}");
+    let confirmed: HashSet<u64> = recorded(&record).into_iter().collect();
+    assert!(confirmed.len() as u64 >= PER_RUN, "at least the final run is recorded");
+    let groups = |log: &HashMap<(String, String), Vec<u64>>, prefix: &str| -> Vec<u64> {
+        log.iter()
+            .filter(|((m, _), _)| m.starts_with(prefix))
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect()
+    };
+    let complete = eventually(Duration::from_secs(60), || {
+        let log = log.lock().expect("lock");
+        ["g1-", "g2-"].iter().all(|p| {
+            let got: HashSet<u64> = groups(&log, p).into_iter().collect();
+            confirmed.is_subset(&got)
+        })
+    })
+    .await;
+    let log = log.lock().expect("lock");
+    for prefix in ["g1-", "g2-"] {
+        let all = groups(&log, prefix);
+        let unique: HashSet<u64> = all.iter().copied().collect();
+        let missing: Vec<u64> = confirmed.difference(&unique).copied().take(10).collect();
+        eprintln!(
+            "group {prefix}: {} confirmed, {} delivered, {} unique, {} duplicates, missing (first 10): {missing:?}",
+            confirmed.len(),
+            all.len(),
+            unique.len(),
+            all.len() - unique.len()
+        );
+    }
+    // Per-key order: first deliveries of each key at each member in increasing order.
+    let mut inversions = 0;
+    for numbers in log.values() {
+        let mut first_seen: BTreeMap<u64, usize> = BTreeMap::new();
+        for (i, n) in numbers.iter().enumerate() {
+            first_seen.entry(*n).or_insert(i);
+        }
+        let order: Vec<u64> = {
+            let mut v: Vec<(usize, u64)> = first_seen.iter().map(|(n, i)| (*i, *n)).collect();
+            v.sort();
+            v.into_iter().map(|(_, n)| n).collect()
+        };
+        inversions += order.windows(2).filter(|w| w[0] > w[1]).count();
+    }
+    eprintln!("per-key order inversions across members: {inversions}");
+    assert!(complete, "some confirmed numbers never arrived (seed {seed})");
+}
