@@ -52,6 +52,7 @@ pub struct PeerBuilder {
     directories: Vec<SocketAddr>,
     data_dir: Option<PathBuf>,
     listen: SocketAddr,
+    advertise: Vec<SocketAddr>,
     tls: Option<TlsSource>,
     config: PeerConfig,
     outbox: Option<Box<dyn FnOnce(OutboxConfig) -> OutboxConfig + Send>>,
@@ -64,6 +65,7 @@ impl PeerBuilder {
             directories: Vec::new(),
             data_dir: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: Vec::new(),
             tls: None,
             config: PeerConfig {
                 max_frame: weft_proto::wire::DEFAULT_MAX_FRAME,
@@ -97,6 +99,13 @@ impl PeerBuilder {
     /// Address to accept data connections on (default `127.0.0.1:0`).
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.listen = addr;
+        self
+    }
+
+    /// Addresses senders should dial to reach this peer, when they differ from the bound
+    /// address (NAT, proxies). Default: the bound address.
+    pub fn advertise(mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.advertise = addrs.into_iter().collect();
         self
     }
 
@@ -212,10 +221,16 @@ impl PeerBuilder {
             .local_addr()
             .map_err(|e| Error::with_source(ErrorKind::Io, "reading the bound address", e))?;
         let incarnation = rand::random::<u64>();
+        let advertised = if self.advertise.is_empty() {
+            vec![local_addr]
+        } else {
+            self.advertise
+        };
         let inner = Arc::new(Inner {
             identity: creds.identity().to_string(),
             incarnation,
             local_addr,
+            advertised,
             config: self.config,
             endpoint: endpoint.clone(),
             producer_id: outbox.producer_id(),
@@ -533,6 +548,7 @@ pub(crate) struct Inner {
     pub(crate) identity: String,
     pub(crate) incarnation: u64,
     pub(crate) local_addr: SocketAddr,
+    advertised: Vec<SocketAddr>,
     pub(crate) config: PeerConfig,
     pub(crate) endpoint: quinn::Endpoint,
     pub(crate) producer_id: u64,
@@ -565,7 +581,7 @@ impl Inner {
             identity: self.identity.clone(),
             incarnation: self.incarnation,
             role: Role::Peer,
-            listen_addrs: vec![self.local_addr],
+            listen_addrs: self.advertised.clone(),
             zone: self.config.zone.clone(),
         }
     }

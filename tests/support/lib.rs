@@ -43,3 +43,72 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A UDP relay in front of `upstream` whose traffic can be cut and healed, to partition
+/// two peers without touching the host's network.
+pub struct UdpProxy {
+    /// Address to advertise instead of `upstream`.
+    pub addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UdpProxy {
+    /// Starts relaying datagrams between clients and `upstream`.
+    pub async fn start(upstream: std::net::SocketAddr) -> UdpProxy {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind proxy"));
+        let addr = front.local_addr().expect("proxy addr");
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            // One upstream socket per client, so replies find their way back.
+            let mut clients: std::collections::HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> =
+                std::collections::HashMap::new();
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let Ok((n, client)) = front.recv_from(&mut buf).await else { return };
+                if flag.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let back = match clients.get(&client) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream"));
+                        let (s2, front2, flag2) = (s.clone(), front.clone(), flag.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65_536];
+                            while let Ok(n) = s2.recv(&mut buf).await {
+                                if !flag2.load(Ordering::Relaxed) {
+                                    let _ = front2.send_to(&buf[..n], client).await;
+                                }
+                            }
+                        });
+                        s.connect(upstream).await.expect("connect upstream");
+                        clients.insert(client, s.clone());
+                        s
+                    }
+                };
+                let _ = back.send(&buf[..n]).await;
+            }
+        });
+        UdpProxy { addr, cut, task }
+    }
+
+    /// Drops every datagram in both directions until [`heal`](Self::heal).
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Relays again.
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for UdpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
