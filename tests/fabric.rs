@@ -149,10 +149,28 @@ async fn unacked_messages_of_a_dropped_member_reach_the_other_member() {
     let sender = fabric.peer("sender").await;
     let m1 = fabric.peer("member-1").await;
     let m2 = fabric.peer("member-2").await;
-    let sub1 = m1.subscribe("jobs").group("workers").credit(64).start().await.expect("sub1");
-    let sub2 = m2.subscribe("jobs").group("workers").credit(64).start().await.expect("sub2");
+    let sub1 = m1
+        .subscribe("jobs")
+        .group("workers")
+        .credit(64)
+        .start()
+        .await
+        .expect("sub1");
+    let sub2 = m2
+        .subscribe("jobs")
+        .group("workers")
+        .credit(64)
+        .start()
+        .await
+        .expect("sub2");
     assert!(
-        eventually(Duration::from_secs(10), || fabric.directory.route("jobs").groups.first().is_some_and(|g| g.members.len() == 2)).await
+        eventually(Duration::from_secs(10), || fabric
+            .directory
+            .route("jobs")
+            .groups
+            .first()
+            .is_some_and(|g| g.members.len() == 2))
+        .await
     );
     // member-1 acks its first 50 deliveries, then holds everything else unacked.
     let acked_by_1: Arc<Mutex<HashSet<u64>>> = Arc::default();
@@ -163,7 +181,10 @@ async fn unacked_messages_of_a_dropped_member_reach_the_other_member() {
         let mut sub1 = sub1;
         tokio::spawn(async move {
             while let Some(d) = sub1.next().await {
-                let n: u64 = std::str::from_utf8(d.payload()).expect("utf8").parse().expect("n");
+                let n: u64 = std::str::from_utf8(d.payload())
+                    .expect("utf8")
+                    .parse()
+                    .expect("n");
                 let mut a = acked.lock().expect("lock");
                 if a.len() < 50 {
                     a.insert(n);
@@ -178,10 +199,15 @@ async fn unacked_messages_of_a_dropped_member_reach_the_other_member() {
     let t2 = consume("member-2", sub2, seen.clone());
     const N: u64 = 2_000;
     for i in 0..N {
-        sender.publish("jobs", Message::new(i.to_string())).await.expect("publish");
+        sender
+            .publish("jobs", Message::new(i.to_string()))
+            .await
+            .expect("publish");
     }
     assert!(
-        eventually(Duration::from_secs(20), || held.lock().expect("lock").len() >= 10).await,
+        eventually(Duration::from_secs(20), || held.lock().expect("lock").len()
+            >= 10)
+        .await,
         "member-1 should hold some unacked deliveries"
     );
     // member-1 dies with deliveries in hand.
@@ -191,7 +217,13 @@ async fn unacked_messages_of_a_dropped_member_reach_the_other_member() {
     assert!(
         eventually(Duration::from_secs(30), || {
             let s = seen.lock().expect("lock");
-            let got: HashSet<u64> = s.get("member-2").into_iter().flatten().copied().chain(acked_1.iter().copied()).collect();
+            let got: HashSet<u64> = s
+                .get("member-2")
+                .into_iter()
+                .flatten()
+                .copied()
+                .chain(acked_1.iter().copied())
+                .collect();
             got.len() == N as usize
         })
         .await,
@@ -207,7 +239,12 @@ async fn unacked_messages_of_a_dropped_member_reach_the_other_member() {
 async fn a_peer_from_a_foreign_ca_is_refused_by_directory_and_peers() {
     let fabric = Fabric::start().await;
     let honest = fabric.peer("honest").await;
-    let _sub = honest.subscribe("orders").group("g").start().await.expect("subscribe");
+    let _sub = honest
+        .subscribe("orders")
+        .group("g")
+        .start()
+        .await
+        .expect("subscribe");
     let foreign = tempfile::tempdir().expect("tempdir");
     let intruder = Peer::builder("intruder")
         .directory([fabric.directory.local_addr()])
@@ -221,13 +258,24 @@ async fn a_peer_from_a_foreign_ca_is_refused_by_directory_and_peers() {
         .publish("orders", Message::new("x"))
         .await
         .expect_err("directory must refuse a foreign certificate");
-    assert_eq!(err.kind(), weft_peer::ErrorKind::DirectoryUnavailable, "{err}");
+    assert_eq!(
+        err.kind(),
+        weft_peer::ErrorKind::DirectoryUnavailable,
+        "{err}"
+    );
     // Direct connection to the honest peer with the foreign certificate.
-    let paths = weft_proto::certs::ensure_dev(&foreign.path().join("other-ca"), "intruder", &[]).expect("certs");
+    let paths = weft_proto::certs::ensure_dev(&foreign.path().join("other-ca"), "intruder", &[])
+        .expect("certs");
     let creds = weft_proto::tls::Credentials::from_paths(&paths).expect("creds");
-    let endpoint = weft_proto::tls::endpoint("127.0.0.1:0".parse().expect("addr"), &creds).expect("endpoint");
+    let endpoint =
+        weft_proto::tls::endpoint("127.0.0.1:0".parse().expect("addr"), &creds).expect("endpoint");
     let refused = weft_proto::tls::connect(&endpoint, honest.local_addr(), "honest").await;
     assert!(refused.is_err(), "peer must refuse a foreign certificate");
     assert!(refused.err().is_some_and(|e| e.is_auth_failure()));
-    assert!(fabric.directory.route("orders").groups.iter().all(|g| g.members.iter().all(|m| m.identity != "intruder")));
+    assert!(fabric
+        .directory
+        .route("orders")
+        .groups
+        .iter()
+        .all(|g| g.members.iter().all(|m| m.identity != "intruder")));
 }

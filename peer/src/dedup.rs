@@ -204,3 +204,85 @@ mod tests {
         assert_eq!(d.ranges(), 1);
     }
 }
+
+/// Where a subscription's dedup state is kept: `<data_dir>/dedup/<topic>.<group>` with
+/// both names hex-encoded (any topic or group name is a safe file name).
+pub(crate) fn state_path(
+    data_dir: &std::path::Path,
+    topic: &str,
+    group: &str,
+) -> std::path::PathBuf {
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    data_dir
+        .join("dedup")
+        .join(format!("{}.{}", hex(topic), hex(group)))
+}
+
+/// Loads a saved dedup state; a missing file is an empty state, an unreadable one is
+/// reported and replaced by an empty state (duplicates possible, never loss).
+pub(crate) fn load(path: &std::path::Path, max_ranges: usize) -> Dedup {
+    match std::fs::read(path) {
+        Ok(bytes) => match rmp_serde::from_slice::<Dedup>(&bytes) {
+            Ok(mut d) => {
+                d.max_ranges = max_ranges.max(1);
+                d
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "dedup state unreadable; starting empty (retransmissions may be delivered again)");
+                Dedup::new(max_ranges)
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Dedup::new(max_ranges),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read dedup state; starting empty");
+            Dedup::new(max_ranges)
+        }
+    }
+}
+
+/// Writes the state durably: temporary file, fsync, rename, fsync of the directory.
+pub(crate) fn save(path: &std::path::Path, state: &Dedup) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let bytes = rmp_serde::to_vec(state).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod persistence_tests {
+    use super::*;
+
+    #[test]
+    fn saved_state_loads_back_and_garbage_loads_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = state_path(dir.path(), "orders.created", "billing/eu");
+        let mut d = Dedup::new(16);
+        for s in [1, 2, 3, 10] {
+            d.record(MessageId {
+                producer: 5,
+                seq: s,
+            });
+        }
+        save(&path, &d).expect("save");
+        let back = load(&path, 16);
+        assert!(back.is_acked(MessageId {
+            producer: 5,
+            seq: 10
+        }));
+        assert!(!back.is_acked(MessageId {
+            producer: 5,
+            seq: 4
+        }));
+        std::fs::write(&path, b"\xff\x00garbage").expect("write");
+        assert!(!load(&path, 16).is_acked(MessageId {
+            producer: 5,
+            seq: 1
+        }));
+    }
+}

@@ -230,6 +230,7 @@ impl PeerBuilder {
             identity: creds.identity().to_string(),
             incarnation,
             local_addr,
+            data_dir: data_dir.clone(),
             advertised,
             config: self.config,
             endpoint: endpoint.clone(),
@@ -264,6 +265,7 @@ impl PeerBuilder {
             client_task,
             tokio::spawn(crate::inbound::accept_loop(inner.clone())),
             tokio::spawn(tick_loop(Arc::downgrade(&inner))),
+            tokio::spawn(persist_loop(Arc::downgrade(&inner))),
         ];
         inner.resume(recovery);
         info!(identity = %inner.identity, %local_addr, producer = format!("{:016x}", inner.producer_id), "peer started");
@@ -445,15 +447,24 @@ impl Peer {
         }
     }
 
-    /// Stops the peer: flushes the outbox bookkeeping and closes every connection.
-    /// Unsettled messages stay in the outbox and are resent on the next start.
+    /// Stops the peer: saves dedup state, flushes the outbox bookkeeping, closes every
+    /// connection and waits (up to 5 s) until background work ended and the UDP port is
+    /// released. Unsettled messages stay in the outbox and are resent on the next start.
     pub async fn close(self) -> Result<()> {
+        self.inner.persist_dedup().await;
         self.inner.outbox.close().await?;
-        for control in lock(&self.inner.links).values() {
-            control.close();
+        let Peer { inner, guard } = self;
+        for task in &guard.tasks {
+            task.abort();
         }
-        self.inner.endpoint.close(0u32.into(), b"peer closed");
-        drop(self.guard);
+        drop(guard);
+        inner.endpoint.wait_idle().await;
+        // Link and stream tasks hold the shared state until they notice the closed
+        // endpoint; the socket is released when the last of them is gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&inner) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Ok(())
     }
 }
@@ -488,12 +499,21 @@ impl SubscribeBuilder {
         let group = self.group.unwrap_or_else(|| inner.identity.clone());
         let key = (self.topic.clone(), group.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(self.credit as usize);
+        let dedup_path = crate::dedup::state_path(&inner.data_dir, &self.topic, &group);
+        let path = dedup_path.clone();
+        let dedup = tokio::task::spawn_blocking(move || {
+            crate::dedup::load(&path, crate::dedup::DEFAULT_MAX_RANGES)
+        })
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Io, "loading dedup state", e))?;
         let shared = Arc::new(SubShared {
+            dedup_path,
             topic: self.topic.clone(),
             group: group.clone(),
             credit: self.credit,
             state: Mutex::new(SubState {
-                dedup: crate::dedup::Dedup::new(crate::dedup::DEFAULT_MAX_RANGES),
+                dedup,
+                dirty: false,
                 in_progress: HashMap::new(),
             }),
             tx,
@@ -529,7 +549,9 @@ impl SubscribeBuilder {
             shared,
             on_drop: Some(Box::new(move || {
                 if let Some(inner) = weak.upgrade() {
-                    lock(&inner.subscriptions).remove(&key);
+                    if let Some(sub) = lock(&inner.subscriptions).remove(&key) {
+                        sub.persist();
+                    }
                     let directory = inner.directory().clone();
                     let timeout = inner.config.directory_timeout;
                     if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -548,6 +570,7 @@ pub(crate) struct Inner {
     pub(crate) identity: String,
     pub(crate) incarnation: u64,
     pub(crate) local_addr: SocketAddr,
+    data_dir: PathBuf,
     advertised: Vec<SocketAddr>,
     pub(crate) config: PeerConfig,
     pub(crate) endpoint: quinn::Endpoint,
@@ -756,6 +779,12 @@ impl Inner {
         }
     }
 
+    /// Saves the dedup state of every subscription that changed.
+    async fn persist_dedup(&self) {
+        let subs: Vec<Arc<SubShared>> = lock(&self.subscriptions).values().cloned().collect();
+        let _ = tokio::task::spawn_blocking(move || subs.iter().for_each(|s| s.persist())).await;
+    }
+
     /// A connection to `member`, reusing the open one.
     pub(crate) async fn connection_to(&self, member: &str) -> Result<quinn::Connection> {
         let slot = lock(&self.conns)
@@ -793,5 +822,19 @@ async fn tick_loop(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         let actions = inner.core().tick(Instant::now());
         inner.execute(actions);
+    }
+}
+
+/// How often changed dedup state is saved. A receiver crash can lose at most this much
+/// of it: messages acked in that window whose acks did not reach the sender may be
+/// delivered once more after the restart.
+pub const DEDUP_SAVE_INTERVAL: Duration = Duration::from_millis(500);
+
+async fn persist_loop(inner: std::sync::Weak<Inner>) {
+    let mut ticker = tokio::time::interval(DEDUP_SAVE_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        inner.persist_dedup().await;
     }
 }

@@ -33,6 +33,8 @@ impl InboundLink {
 #[derive(Debug)]
 pub(crate) struct SubState {
     pub(crate) dedup: Dedup,
+    /// The dedup state changed since it was last saved.
+    pub(crate) dirty: bool,
     /// Delivered to the application, not yet acknowledged: where to send the ack.
     pub(crate) in_progress: HashMap<MessageId, Vec<(Arc<InboundLink>, u64)>>,
 }
@@ -40,6 +42,7 @@ pub(crate) struct SubState {
 /// What inbound streams share with the subscription they feed.
 #[derive(Debug)]
 pub(crate) struct SubShared {
+    pub(crate) dedup_path: std::path::PathBuf,
     pub(crate) topic: String,
     pub(crate) group: String,
     pub(crate) credit: u32,
@@ -48,10 +51,27 @@ pub(crate) struct SubShared {
 }
 
 impl SubShared {
+    /// Saves the dedup state if it changed.
+    pub(crate) fn persist(&self) {
+        let snapshot = {
+            let mut state = lock(&self.state);
+            if !state.dirty {
+                return;
+            }
+            state.dirty = false;
+            state.dedup.clone()
+        };
+        if let Err(e) = crate::dedup::save(&self.dedup_path, &snapshot) {
+            lock(&self.state).dirty = true;
+            tracing::warn!(path = %self.dedup_path.display(), error = %e, "cannot save dedup state");
+        }
+    }
+
     fn ack(&self, id: MessageId) {
         let links = {
             let mut state = lock(&self.state);
             state.dedup.record(id);
+            state.dirty = true;
             state.in_progress.remove(&id).unwrap_or_default()
         };
         for (link, link_seq) in links {

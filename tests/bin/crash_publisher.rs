@@ -12,7 +12,10 @@ use weft_peer::{Message, Peer};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() == 8, "usage: crash-publisher DIRECTORY DEV_CA DATA_DIR TOPIC RECORD FROM TO");
+    anyhow::ensure!(
+        args.len() == 8,
+        "usage: crash-publisher DIRECTORY DEV_CA DATA_DIR TOPIC RECORD FROM TO"
+    );
     let directory: std::net::SocketAddr = args[1].parse().context("directory address")?;
     let from: u64 = args[6].parse().context("FROM")?;
     let to: u64 = args[7].parse().context("TO")?;
@@ -30,12 +33,16 @@ async fn main() -> Result<()> {
         .context("record file")?;
     for n in from..to {
         let key = format!("k{}", n % 7);
-        peer.publish(&args[4], Message::new(n.to_string()).key(key)).await?;
+        peer.publish(&args[4], Message::new(n.to_string()).key(key))
+            .await?;
         writeln!(record, "{n}")?;
     }
     record.sync_all()?;
     println!("published");
-    anyhow::ensure!(peer.drain(Duration::from_secs(60)).await, "outbox did not drain");
+    anyhow::ensure!(
+        peer.drain(Duration::from_secs(60)).await,
+        "outbox did not drain"
+    );
     println!("drained");
     peer.close().await?;
     Ok(())

@@ -58,24 +58,36 @@ impl UdpProxy {
     pub async fn start(upstream: std::net::SocketAddr) -> UdpProxy {
         use std::sync::atomic::Ordering;
         use std::sync::Arc;
-        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind proxy"));
+        let front = Arc::new(
+            tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind proxy"),
+        );
         let addr = front.local_addr().expect("proxy addr");
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = cut.clone();
         let task = tokio::spawn(async move {
             // One upstream socket per client, so replies find their way back.
-            let mut clients: std::collections::HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> =
-                std::collections::HashMap::new();
+            let mut clients: std::collections::HashMap<
+                std::net::SocketAddr,
+                Arc<tokio::net::UdpSocket>,
+            > = std::collections::HashMap::new();
             let mut buf = vec![0u8; 65_536];
             loop {
-                let Ok((n, client)) = front.recv_from(&mut buf).await else { return };
+                let Ok((n, client)) = front.recv_from(&mut buf).await else {
+                    return;
+                };
                 if flag.load(Ordering::Relaxed) {
                     continue;
                 }
                 let back = match clients.get(&client) {
                     Some(s) => s.clone(),
                     None => {
-                        let s = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream"));
+                        let s = Arc::new(
+                            tokio::net::UdpSocket::bind("127.0.0.1:0")
+                                .await
+                                .expect("bind upstream"),
+                        );
                         let (s2, front2, flag2) = (s.clone(), front.clone(), flag.clone());
                         tokio::spawn(async move {
                             let mut buf = vec![0u8; 65_536];
