@@ -47,7 +47,7 @@ pub use peer::{
     DEFAULT_DIRECTORY_TIMEOUT, DEFAULT_MAX_MESSAGE,
 };
 pub use subscription::{Delivery, Subscription, DEFAULT_CREDIT};
-pub use weft_proto::wire::MessageId;
+pub use weft_proto::wire::{GroupRoute, Member, MessageId, Route};
 
 /// How far a message must have got before `publish` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -422,6 +422,12 @@ impl Peer {
         }
     }
 
+    /// The route of `topic` (groups and their live members) as this peer sees it: the
+    /// cached one, kept fresh by the directory, or the directory's answer.
+    pub async fn route(&self, topic: &str) -> Result<Route> {
+        self.inner.route(topic).await
+    }
+
     /// Messages waiting or in flight, per (topic, group) this peer publishes to.
     pub fn backlog(&self) -> Vec<GroupBacklog> {
         self.inner.core().backlog()

@@ -1,0 +1,122 @@
+//! Multi-process tests: `weft-directory`, `weft sub` and `weft pub` as real child
+//! processes; a subscriber killed with SIGKILL mid-stream.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use weft_tests::{binary, eventually, init_logs};
+
+/// A child process killed when dropped, whose stdout lines are collected.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn child");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn weft(root: &std::path::Path, directory: &str, name: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("weft"));
+    cmd.args(args)
+        .args(["--dev", "--dev-ca"])
+        .arg(root.join("dev-ca"))
+        .args(["--directory", directory, "--name", name, "--data-dir"])
+        .arg(root.join(name));
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_killed() {
+    init_logs();
+    let root = tempfile::tempdir().expect("tempdir");
+    let directory = Proc::spawn(
+        Command::new(binary("weft-directory"))
+            .args(["--dev", "--listen", "127.0.0.1:0", "--print-addr", "--grace-period-ms", "1000", "--dev-ca"])
+            .arg(root.path().join("dev-ca")),
+    );
+    assert!(eventually(Duration::from_secs(20), || !directory.lines().is_empty()).await, "directory printed its address");
+    let addr = directory.lines()[0].strip_prefix("listening ").expect("listening line").to_string();
+    const N: usize = 300;
+    // Group g1: one member that never acks (and is killed), one that acks. Group g2: one.
+    let holder = Proc::spawn(&mut weft(root.path(), &addr, "g1-holder", &["sub", "orders", "--group", "g1", "--raw", "--no-ack"]));
+    let g1 = Proc::spawn(&mut weft(root.path(), &addr, "g1-worker", &["sub", "orders", "--group", "g1", "--raw"]));
+    let g2 = Proc::spawn(&mut weft(root.path(), &addr, "g2-worker", &["sub", "orders", "--group", "g2", "--raw"]));
+    // Observe registrations through the directory, as any peer would.
+    let observer = weft_peer::Peer::builder("observer")
+        .directory([addr.parse::<std::net::SocketAddr>().expect("addr")])
+        .dev_ca(root.path().join("dev-ca"))
+        .data_dir(root.path().join("observer"))
+        .start()
+        .await
+        .expect("observer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let route = observer.route("orders").await.expect("route");
+        if route.groups.iter().map(|g| g.members.len()).sum::<usize>() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "subscribers did not register: {route:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut publisher = Proc::spawn(&mut weft(
+        root.path(),
+        &addr,
+        "publisher",
+        &["pub", "orders", "order-{{n}}", "--count", &N.to_string(), "--concurrency", "32", "--drain-timeout-s", "90"],
+    ));
+    assert!(eventually(Duration::from_secs(30), || !holder.lines().is_empty()).await, "the holder receives some orders");
+    // Kill the member holding unacknowledged deliveries.
+    let mut holder = holder;
+    holder.child.kill().expect("SIGKILL");
+    holder.child.wait().expect("reap");
+    let held: HashSet<String> = holder.lines().into_iter().collect();
+    let expected: HashSet<String> = (0..N).map(|n| format!("order-{n}")).collect();
+    let complete = |p: &Proc| p.lines().into_iter().collect::<HashSet<String>>().is_superset(&expected);
+    assert!(
+        eventually(Duration::from_secs(90), || complete(&g1) && complete(&g2)).await,
+        "every order reaches both groups: g1 {} (holder held {}), g2 {}",
+        g1.lines().len(),
+        held.len(),
+        g2.lines().len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = publisher.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "publisher did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "weft pub drained and exited cleanly: {status}");
+    eprintln!("holder held {} unacked orders before SIGKILL; g1 worker got {} lines, g2 {}", held.len(), g1.lines().len(), g2.lines().len());
+}
