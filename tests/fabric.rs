@@ -279,3 +279,51 @@ async fn a_peer_from_a_foreign_ca_is_refused_by_directory_and_peers() {
         .iter()
         .all(|g| g.members.iter().all(|m| m.identity != "intruder")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_without_ack_comes_back_after_the_ack_timeout() {
+    let fabric = Fabric::start().await;
+    let sender = Peer::builder("impatient-sender")
+        .directory([fabric.directory.local_addr()])
+        .data_dir(fabric.dir.path().join("impatient-sender"))
+        .dev_ca(fabric.dir.path().join("dev-ca"))
+        .ack_timeout(Duration::from_secs(1))
+        .start()
+        .await
+        .expect("sender");
+    let receiver = fabric.peer("receiver").await;
+    let mut sub = receiver
+        .subscribe("t")
+        .group("g")
+        .start()
+        .await
+        .expect("subscribe");
+    assert!(
+        eventually(Duration::from_secs(10), || !fabric
+            .directory
+            .route("t")
+            .groups
+            .is_empty())
+        .await
+    );
+    sender
+        .publish("t", Message::new("again"))
+        .await
+        .expect("publish");
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("first delivery")
+        .expect("open");
+    let id = first.id();
+    drop(first); // not acked
+    let second = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("redelivered")
+        .expect("open");
+    assert_eq!(second.id(), id);
+    second.ack();
+    assert!(
+        sender.drain(Duration::from_secs(10)).await,
+        "settled once acked"
+    );
+}

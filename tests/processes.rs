@@ -61,16 +61,45 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
     let root = tempfile::tempdir().expect("tempdir");
     let directory = Proc::spawn(
         Command::new(binary("weft-directory"))
-            .args(["--dev", "--listen", "127.0.0.1:0", "--print-addr", "--grace-period-ms", "1000", "--dev-ca"])
+            .args([
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--print-addr",
+                "--grace-period-ms",
+                "1000",
+                "--dev-ca",
+            ])
             .arg(root.path().join("dev-ca")),
     );
-    assert!(eventually(Duration::from_secs(20), || !directory.lines().is_empty()).await, "directory printed its address");
-    let addr = directory.lines()[0].strip_prefix("listening ").expect("listening line").to_string();
+    assert!(
+        eventually(Duration::from_secs(20), || !directory.lines().is_empty()).await,
+        "directory printed its address"
+    );
+    let addr = directory.lines()[0]
+        .strip_prefix("listening ")
+        .expect("listening line")
+        .to_string();
     const N: usize = 300;
     // Group g1: one member that never acks (and is killed), one that acks. Group g2: one.
-    let holder = Proc::spawn(&mut weft(root.path(), &addr, "g1-holder", &["sub", "orders", "--group", "g1", "--raw", "--no-ack"]));
-    let g1 = Proc::spawn(&mut weft(root.path(), &addr, "g1-worker", &["sub", "orders", "--group", "g1", "--raw"]));
-    let g2 = Proc::spawn(&mut weft(root.path(), &addr, "g2-worker", &["sub", "orders", "--group", "g2", "--raw"]));
+    let holder = Proc::spawn(&mut weft(
+        root.path(),
+        &addr,
+        "g1-holder",
+        &["sub", "orders", "--group", "g1", "--raw", "--no-ack"],
+    ));
+    let g1 = Proc::spawn(&mut weft(
+        root.path(),
+        &addr,
+        "g1-worker",
+        &["sub", "orders", "--group", "g1", "--raw"],
+    ));
+    let g2 = Proc::spawn(&mut weft(
+        root.path(),
+        &addr,
+        "g2-worker",
+        &["sub", "orders", "--group", "g2", "--raw"],
+    ));
     // Observe registrations through the directory, as any peer would.
     let observer = weft_peer::Peer::builder("observer")
         .directory([addr.parse::<std::net::SocketAddr>().expect("addr")])
@@ -85,23 +114,44 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
         if route.groups.iter().map(|g| g.members.len()).sum::<usize>() == 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "subscribers did not register: {route:?}");
+        assert!(
+            Instant::now() < deadline,
+            "subscribers did not register: {route:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut publisher = Proc::spawn(&mut weft(
         root.path(),
         &addr,
         "publisher",
-        &["pub", "orders", "order-{{n}}", "--count", &N.to_string(), "--concurrency", "32", "--drain-timeout-s", "90"],
+        &[
+            "pub",
+            "orders",
+            "order-{{n}}",
+            "--count",
+            &N.to_string(),
+            "--concurrency",
+            "32",
+            "--drain-timeout-s",
+            "90",
+        ],
     ));
-    assert!(eventually(Duration::from_secs(30), || !holder.lines().is_empty()).await, "the holder receives some orders");
+    assert!(
+        eventually(Duration::from_secs(30), || !holder.lines().is_empty()).await,
+        "the holder receives some orders"
+    );
     // Kill the member holding unacknowledged deliveries.
     let mut holder = holder;
     holder.child.kill().expect("SIGKILL");
     holder.child.wait().expect("reap");
     let held: HashSet<String> = holder.lines().into_iter().collect();
     let expected: HashSet<String> = (0..N).map(|n| format!("order-{n}")).collect();
-    let complete = |p: &Proc| p.lines().into_iter().collect::<HashSet<String>>().is_superset(&expected);
+    let complete = |p: &Proc| {
+        p.lines()
+            .into_iter()
+            .collect::<HashSet<String>>()
+            .is_superset(&expected)
+    };
     assert!(
         eventually(Duration::from_secs(90), || complete(&g1) && complete(&g2)).await,
         "every order reaches both groups: g1 {} (holder held {}), g2 {}",
@@ -117,6 +167,14 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
         assert!(Instant::now() < deadline, "publisher did not exit");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(status.success(), "weft pub drained and exited cleanly: {status}");
-    eprintln!("holder held {} unacked orders before SIGKILL; g1 worker got {} lines, g2 {}", held.len(), g1.lines().len(), g2.lines().len());
+    assert!(
+        status.success(),
+        "weft pub drained and exited cleanly: {status}"
+    );
+    eprintln!(
+        "holder held {} unacked orders before SIGKILL; g1 worker got {} lines, g2 {}",
+        held.len(),
+        g1.lines().len(),
+        g2.lines().len()
+    );
 }

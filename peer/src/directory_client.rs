@@ -123,7 +123,8 @@ async fn run(
 ) {
     let mut desired = Desired::default();
     let mut backoff = BACKOFF_MIN;
-    let mut next = rand::rng().random_range(0..settings.addrs.len().max(1));
+    // Addresses are tried in the configured order: the first is the preferred node.
+    let mut next = 0usize;
     loop {
         let Some(addr) = settings
             .addrs

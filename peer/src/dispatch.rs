@@ -224,6 +224,11 @@ impl Dispatcher {
     pub(crate) fn on_link_up(&mut self, now: Instant, key: &LinkKey, window: u32) -> Vec<Action> {
         let mut actions = Vec::new();
         if let Some(link) = self.links.get_mut(key) {
+            if !link.up {
+                // A new stream: the receiver numbers from scratch. Nothing is in flight
+                // (everything was requeued when the previous stream went down).
+                link.next_link_seq = 1;
+            }
             link.up = true;
             link.window = window;
             self.pump(now, &key.topic, &key.group, &mut actions);
@@ -233,7 +238,12 @@ impl Dispatcher {
 
     /// The receiver changed the link's window.
     pub(crate) fn on_credit(&mut self, now: Instant, key: &LinkKey, window: u32) -> Vec<Action> {
-        self.on_link_up(now, key, window)
+        let mut actions = Vec::new();
+        if let Some(link) = self.links.get_mut(key).filter(|l| l.up) {
+            link.window = window;
+            self.pump(now, &key.topic, &key.group, &mut actions);
+        }
+        actions
     }
 
     /// The link's stream or connection failed: its in-flight messages go back to the

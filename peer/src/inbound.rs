@@ -1,7 +1,7 @@
 //! Accepting data streams from senders and feeding them to local subscriptions.
 
 use crate::peer::Inner;
-use crate::subscription::{lock, Delivery, InboundLink, SubShared};
+use crate::subscription::{lock, Delivery, InboundLink, Progress, SubShared};
 use std::sync::Arc;
 use tracing::{debug, warn};
 use weft_proto::tls;
@@ -81,23 +81,33 @@ async fn serve_stream(
     let link = Arc::new(InboundLink::default());
     loop {
         tokio::select! {
-            frame = reader.next() => match frame? {
-                Some(Frame::Deliver(d)) => {
-                    if d.group != sub.group {
-                        writer.reject(ErrorCode::Protocol, "Deliver for another group than the stream's Open").await;
+            frame = reader.next() => match frame {
+                Err(e) => {
+                    let code = match e {
+                        wire::WireError::FrameTooLarge { .. } => ErrorCode::LimitExceeded,
+                        _ => ErrorCode::Protocol,
+                    };
+                    warn!(peer = %identity, error = %e, "bad frame on a data stream; closing it");
+                    writer.reject(code, e.to_string()).await;
+                    return Err(e);
+                }
+                Ok(Some(Frame::Deliver(d))) => {
+                    if let Err((code, reason)) = check_batch(&open, &d) {
+                        warn!(peer = %identity, %reason, "refusing a batch; closing the stream");
+                        writer.reject(code, reason).await;
                         return Ok(());
                     }
-                    if !receive(&sub, &link, d).await {
-                        writer.reject(ErrorCode::ShuttingDown, "subscription closed").await;
+                    if let Err((code, reason)) = receive(&sub, &link, d).await {
+                        writer.reject(code, reason).await;
                         return Ok(());
                     }
                 }
-                Some(other) => {
+                Ok(Some(other)) => {
                     warn!(peer = %identity, kind = other.kind(), "unexpected frame on a data stream; closing it");
                     writer.reject(ErrorCode::Protocol, format!("unexpected {}", other.kind())).await;
                     return Ok(());
                 }
-                None => return Ok(()),
+                Ok(None) => return Ok(()),
             },
             () = link.wake.notified() => {
                 let ack = lock(&link.acks).take_ack();
@@ -109,16 +119,43 @@ async fn serve_stream(
     }
 }
 
+/// A batch must belong to the stream's subscription.
+fn check_batch(open: &wire::Open, batch: &wire::Deliver) -> Result<(), (ErrorCode, String)> {
+    if batch.group != open.group {
+        return Err((
+            ErrorCode::Protocol,
+            format!(
+                "Deliver for group {:?} on a stream opened for {:?}",
+                batch.group, open.group
+            ),
+        ));
+    }
+    if let Some(m) = batch.messages.iter().find(|m| m.topic != open.topic) {
+        return Err((
+            ErrorCode::Protocol,
+            format!(
+                "message for topic {:?} on a stream opened for {:?}",
+                m.topic, open.topic
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Hands new messages of a batch to the application, skipping the ones already acked
-/// or already being processed. False if the subscription is gone.
-async fn receive(sub: &Arc<SubShared>, link: &Arc<InboundLink>, batch: wire::Deliver) -> bool {
+/// or being processed. A retransmission supersedes the earlier places of its message
+/// (the sender requeued them), so those are released at once.
+async fn receive(
+    sub: &Arc<SubShared>,
+    link: &Arc<InboundLink>,
+    batch: wire::Deliver,
+) -> Result<(), (ErrorCode, String)> {
     let count = batch.messages.len() as u64;
     if !lock(&link.acks).received(batch.first_link_seq, count) {
-        warn!(
-            first = batch.first_link_seq,
-            "implausible link sequence from sender; closing stream"
-        );
-        return false;
+        return Err((
+            ErrorCode::Protocol,
+            format!("implausible link sequence {}", batch.first_link_seq),
+        ));
     }
     let mut fresh = Vec::with_capacity(batch.messages.len());
     {
@@ -127,12 +164,21 @@ async fn receive(sub: &Arc<SubShared>, link: &Arc<InboundLink>, batch: wire::Del
             let link_seq = batch.first_link_seq + i as u64;
             if state.dedup.is_acked(envelope.id) {
                 link.done(link_seq);
-            } else if let Some(places) = state.in_progress.get_mut(&envelope.id) {
-                places.push((link.clone(), link_seq));
-            } else {
-                state
-                    .in_progress
-                    .insert(envelope.id, vec![(link.clone(), link_seq)]);
+                continue;
+            }
+            let progress = state
+                .in_progress
+                .entry(envelope.id)
+                .or_insert_with(|| Progress {
+                    places: Vec::new(),
+                    abandoned: true,
+                });
+            for (old_link, old_seq) in progress.places.drain(..) {
+                old_link.done(old_seq);
+            }
+            progress.places.push((link.clone(), link_seq));
+            if progress.abandoned {
+                progress.abandoned = false;
                 fresh.push(envelope);
             }
         }
@@ -141,10 +187,11 @@ async fn receive(sub: &Arc<SubShared>, link: &Arc<InboundLink>, batch: wire::Del
         let delivery = Delivery {
             envelope,
             sub: sub.clone(),
+            acked: false,
         };
         if sub.tx.send(delivery).await.is_err() {
-            return false;
+            return Err((ErrorCode::ShuttingDown, "subscription closed".into()));
         }
     }
-    true
+    Ok(())
 }

@@ -43,8 +43,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use message::Message;
 pub use outbox::OutboxStats;
 pub use peer::{
-    DirectoryAddr, Peer, PeerBuilder, SubscribeBuilder, DEFAULT_ACK_TIMEOUT,
-    DEFAULT_DIRECTORY_TIMEOUT, DEFAULT_MAX_MESSAGE,
+    DirectoryAddr, Peer, PeerBuilder, SubscribeBuilder, DEDUP_SAVE_INTERVAL, DEFAULT_ACK_TIMEOUT,
+    DEFAULT_DIRECTORY_TIMEOUT, DEFAULT_MAX_MESSAGE, MESSAGE_METADATA_LIMIT,
 };
 pub use subscription::{Delivery, Subscription, DEFAULT_CREDIT};
 pub use weft_proto::wire::{GroupRoute, Member, MessageId, Route};

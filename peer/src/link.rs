@@ -154,15 +154,17 @@ async fn send_batch(
             unsendable.push(link_seq);
             continue;
         };
+        let size = envelope.payload.len() + crate::peer::MESSAGE_METADATA_LIMIT;
         let contiguous = batch.is_empty() || first + batch.len() as u64 == link_seq;
-        if !contiguous || batch.len() >= MAX_BATCH_MESSAGES || bytes >= BATCH_BYTES {
+        let full = batch.len() >= MAX_BATCH_MESSAGES || bytes + size > BATCH_BYTES;
+        if !batch.is_empty() && (!contiguous || full) {
             queue(writer, key, first, std::mem::take(&mut batch))?;
             bytes = 0;
         }
         if batch.is_empty() {
             first = link_seq;
         }
-        bytes += envelope.payload.len();
+        bytes += envelope.payload.len() + envelope.topic.len() + 64;
         batch.push(envelope);
     }
     if !batch.is_empty() {

@@ -24,6 +24,9 @@ use weft_proto::wire::{Hello, MessageId, Role, Route, Subscription as SubKey, PR
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default largest message payload accepted by `publish`.
 pub const DEFAULT_MAX_MESSAGE: usize = 1024 * 1024;
+/// Most bytes a message's topic, key, tags and headers may take together, so that any
+/// accepted message fits in a frame.
+pub const MESSAGE_METADATA_LIMIT: usize = 64 * 1024;
 /// Default time `publish` and `subscribe` wait for the directory when the route is not
 /// cached yet.
 pub const DEFAULT_DIRECTORY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -700,6 +703,12 @@ impl Inner {
         let targets: Vec<String> = route.groups.iter().map(|g| g.group.clone()).collect();
         let key_hash = message.key.as_deref().map(message::key_hash);
         let body = message::encode_stored(topic, &message, message::now_ms());
+        if body.len() > message.payload.len() + MESSAGE_METADATA_LIMIT {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("topic, key, tags and headers take {} bytes; at most {MESSAGE_METADATA_LIMIT} allowed", body.len() - message.payload.len()),
+            ));
+        }
         let stored_durability = match durability {
             Durability::Memory => outbox::Durability::Memory,
             Durability::Disk | Durability::Confirmed => outbox::Durability::Disk,

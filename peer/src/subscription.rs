@@ -35,8 +35,18 @@ pub(crate) struct SubState {
     pub(crate) dedup: Dedup,
     /// The dedup state changed since it was last saved.
     pub(crate) dirty: bool,
-    /// Delivered to the application, not yet acknowledged: where to send the ack.
-    pub(crate) in_progress: HashMap<MessageId, Vec<(Arc<InboundLink>, u64)>>,
+    /// Delivered to the application, not yet acknowledged.
+    pub(crate) in_progress: HashMap<MessageId, Progress>,
+}
+
+/// A message handed to the application and not acknowledged yet.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Where its acknowledgement is owed: (stream, link sequence).
+    pub(crate) places: Vec<(Arc<InboundLink>, u64)>,
+    /// The application dropped the delivery without acking: the next retransmission
+    /// is handed to the application again.
+    pub(crate) abandoned: bool,
 }
 
 /// What inbound streams share with the subscription they feed.
@@ -51,6 +61,12 @@ pub(crate) struct SubShared {
 }
 
 impl SubShared {
+    fn abandon(&self, id: MessageId) {
+        if let Some(progress) = lock(&self.state).in_progress.get_mut(&id) {
+            progress.abandoned = true;
+        }
+    }
+
     /// Saves the dedup state if it changed.
     pub(crate) fn persist(&self) {
         let snapshot = {
@@ -72,7 +88,7 @@ impl SubShared {
             let mut state = lock(&self.state);
             state.dedup.record(id);
             state.dirty = true;
-            state.in_progress.remove(&id).unwrap_or_default()
+            state.in_progress.remove(&id).unwrap_or_default().places
         };
         for (link, link_seq) in links {
             link.done(link_seq);
@@ -92,6 +108,15 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Delivery {
     pub(crate) envelope: Envelope,
     pub(crate) sub: Arc<SubShared>,
+    pub(crate) acked: bool,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if !self.acked {
+            self.sub.abandon(self.envelope.id);
+        }
+    }
 }
 
 impl Delivery {
@@ -137,7 +162,8 @@ impl Delivery {
 
     /// Acknowledges the message: the sender settles it for this group and this
     /// subscription will drop any retransmission of it.
-    pub fn ack(self) {
+    pub fn ack(mut self) {
+        self.acked = true;
         self.sub.ack(self.envelope.id);
     }
 }

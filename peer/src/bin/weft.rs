@@ -29,7 +29,7 @@ Examples (development fabric, after `weft-directory --dev` on 127.0.0.1:7400):
   weft sub orders --group billing --dev                # print deliveries, ack each
   weft pub orders 'order #1' --key user-42 --dev       # publish one message
   seq 3 | weft pub orders --dev                        # one message per stdin line
-  weft pub orders 'order {{n}}' --count 1000 --dev     # templated bodies, n = 0..999
+  weft pub orders 'order {{\x1b[0mn}}' --count 1000 --dev     # templated bodies, n = 0..999
   weft sub orders --group audit --count 10 --json --dev
 
 Production certificates:
@@ -113,7 +113,12 @@ struct ConnArgs {
     data_dir: Option<PathBuf>,
     /// Development mode: create a CA and this peer's certificate in --dev-ca if missing
     /// (never in production).
-    #[arg(long, env = "WEFT_DEV", conflicts_with_all = ["ca", "cert", "key"])]
+    #[arg(
+        long,
+        env = "WEFT_DEV",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        conflicts_with_all = ["ca", "cert", "key"]
+    )]
     dev: bool,
     /// Where development mode keeps its CA (the same default as `weft-directory --dev`).
     #[arg(
@@ -139,7 +144,7 @@ struct ConnArgs {
 Examples:
   weft pub orders 'order #1' --key user-42 -H trace:abc --dev
   seq 100 | weft pub orders --dev --json
-  weft pub orders 'order {{n}}' --count 10000 --concurrency 256 --dev
+  weft pub orders 'order {{\x1b[0mn}}' --count 10000 --concurrency 256 --dev
 
 Exit codes: 0 every message was acknowledged by every subscribed group; 1 error;
 2 published, but some messages were still unacknowledged after --drain-timeout-s
@@ -147,8 +152,11 @@ Exit codes: 0 every message was acknowledged by every subscribed group; 1 error;
 struct PubArgs {
     /// Topic to publish to.
     topic: String,
-    /// Message body; `-` or absent reads stdin, one message per line. `{{n}}` is
-    /// replaced by the message's number in this run (from 0).
+    // (`{{n}}` is split by an ANSI reset, or clap would turn its `{n}` into a newline.)
+    #[arg(
+        help = "Message body; `-` or absent reads stdin, one message per line. `{{\x1b[0mn}}` is \
+                replaced by the message's number in this run (from 0)"
+    )]
     message: Option<String>,
     /// Ordering key: messages with the same key reach the same group member, in order.
     #[arg(long = "key", value_name = "KEY")]
@@ -271,6 +279,7 @@ fn init_logs(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

@@ -1,0 +1,411 @@
+//! `weft bench`: an in-process Weft fabric (embedded directory, publisher and subscriber
+//! peers over real QUIC on loopback) measuring throughput and latency. Its `--json`
+//! output has the fields of `../shared/bench-peers` so Weft lands in the same table.
+
+use anyhow::{Context, Result};
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Args, ValueEnum};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use weft_directory::Directory;
+use weft_peer::{Durability, Message, Peer, WhenFull};
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Throughput: publish `count` messages as fast as the fabric takes them.
+    Thr,
+    /// Latency: one message at a time, sender → receiver → sender round trips.
+    Lat,
+}
+
+/// Durability of the benchmark's publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDurability {
+    /// In memory only.
+    Memory,
+    /// Group-committed to the outbox on disk.
+    Disk,
+    /// On disk, and each publish waits for every group's ack.
+    Confirmed,
+}
+
+/// Flags of `weft bench` (a superset of the bench-peers harness flags).
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// thr (throughput) or lat (round-trip latency).
+    #[arg(long, value_enum, default_value = "thr")]
+    pub mode: Mode,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Messages (thr) or measured round trips (lat).
+    #[arg(long, default_value_t = 200_000)]
+    pub count: u64,
+    /// lat: unrecorded warm-up round trips.
+    #[arg(long, default_value_t = 1000)]
+    pub warmup: u64,
+    /// thr: publishes in flight at once per publisher.
+    #[arg(long, default_value_t = 4096)]
+    pub window: usize,
+    /// Hard wall-clock limit for the whole run.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
+    /// Outbox durability.
+    #[arg(long, value_enum, default_value = "memory")]
+    pub durability: BenchDurability,
+    /// Publishing peers (thr).
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Subscribed groups (each gets every message).
+    #[arg(long, default_value_t = 1)]
+    pub groups: usize,
+    /// Members per group.
+    #[arg(long, default_value_t = 1)]
+    pub members: usize,
+    /// Distinct ordering keys (0 = unkeyed).
+    #[arg(long, default_value_t = 0)]
+    pub keys: u64,
+    /// Credit window each subscription grants.
+    #[arg(long, default_value_t = weft_peer::DEFAULT_CREDIT)]
+    pub credit: u32,
+    /// Print one JSON line (bench-peers fields) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Accepted for compatibility with the bench-peers harness; ignored.
+    #[arg(long, hide = true)]
+    pub url: Option<String>,
+}
+
+/// Runs the benchmark and prints its result.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let timeout = Duration::from_secs(args.timeout_s);
+    match tokio::time::timeout(timeout, run_inner(&args)).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!("benchmark did not finish within --timeout-s {}", args.timeout_s),
+    }
+}
+
+struct Fabric {
+    _dir: tempfile::TempDir,
+    directory: Directory,
+    root: std::path::PathBuf,
+}
+
+impl Fabric {
+    async fn start() -> Result<Fabric> {
+        let dir = tempfile::tempdir().context("temporary directory")?;
+        let root = dir.path().to_path_buf();
+        let directory = Directory::builder("bench-directory")
+            .listen("127.0.0.1:0".parse()?)
+            .dev(root.join("dev-ca"))
+            .start()
+            .await?;
+        Ok(Fabric { _dir: dir, directory, root })
+    }
+
+    async fn peer(&self, name: &str, durability: Durability) -> Result<Peer> {
+        Ok(Peer::builder(name)
+            .directory([self.directory.local_addr()])
+            .dev_ca(self.root.join("dev-ca"))
+            .data_dir(self.root.join(name))
+            .durability(durability)
+            .when_full(WhenFull::Wait)
+            .start()
+            .await?)
+    }
+
+    async fn wait_members(&self, topic: &str, members: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.directory.route(topic).groups.iter().map(|g| g.members.len()).sum::<usize>() < members {
+            anyhow::ensure!(Instant::now() < deadline, "subscribers did not register in time");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+fn durability(d: BenchDurability) -> Durability {
+    match d {
+        BenchDurability::Memory => Durability::Memory,
+        BenchDurability::Disk => Durability::Disk,
+        BenchDurability::Confirmed => Durability::Confirmed,
+    }
+}
+
+fn system_name(d: BenchDurability) -> &'static str {
+    match d {
+        BenchDurability::Memory => "weft_memory",
+        BenchDurability::Disk => "weft_disk",
+        BenchDurability::Confirmed => "weft_confirmed",
+    }
+}
+
+/// A payload of `size` bytes whose first 8 bytes carry the send time (ns since `epoch`).
+fn payload(size: usize, epoch: Instant) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(8));
+    b.put_u64(epoch.elapsed().as_nanos() as u64);
+    b.resize(size.max(8), 0x5a);
+    b.freeze()
+}
+
+fn sent_ns(payload: &[u8]) -> u64 {
+    payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 ns .. 100 s, 3 significant digits: valid constant bounds.
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
+}
+
+async fn run_inner(args: &BenchArgs) -> Result<()> {
+    match args.mode {
+        Mode::Thr => throughput(args).await,
+        Mode::Lat => latency(args).await,
+    }
+}
+
+async fn throughput(args: &BenchArgs) -> Result<()> {
+    let fabric = Fabric::start().await?;
+    let topic = "bench";
+    let epoch = Instant::now();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let latency = Arc::new(Mutex::new(histogram()));
+    let mut subscribers = Vec::new();
+    for g in 0..args.groups {
+        for m in 0..args.members {
+            let peer = fabric.peer(&format!("sub-{g}-{m}"), Durability::Memory).await?;
+            let mut sub = peer.subscribe(topic).group(format!("group-{g}")).credit(args.credit).start().await?;
+            let delivered = delivered.clone();
+            let latency = latency.clone();
+            tokio::spawn(async move {
+                let mut local = histogram();
+                let mut n = 0u64;
+                while let Some(d) = sub.next().await {
+                    let sent = sent_ns(d.payload());
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    let _ = local.record(now.saturating_sub(sent).max(1));
+                    d.ack();
+                    n += 1;
+                    if n % 1024 == 0 {
+                        delivered.fetch_add(1024, Ordering::Relaxed);
+                        if let Ok(mut h) = latency.lock() {
+                            let _ = h.add(&local);
+                        }
+                        local.reset();
+                    }
+                }
+            });
+            subscribers.push(peer);
+        }
+    }
+    fabric.wait_members(topic, args.groups * args.members).await?;
+    let mut publishers = Vec::new();
+    for p in 0..args.publishers {
+        publishers.push(fabric.peer(&format!("pub-{p}"), durability(args.durability)).await?);
+    }
+    let per_publisher = args.count / args.publishers as u64;
+    let total = per_publisher * args.publishers as u64;
+    let start = Instant::now();
+    let progress = !args.json;
+    let mut tasks = Vec::new();
+    for publisher in &publishers {
+        let publisher = publisher.clone();
+        let (size, window, keys) = (args.size, args.window, args.keys);
+        tasks.push(tokio::spawn(async move {
+            futures::stream::iter(0..per_publisher)
+                .map(|i| {
+                    let publisher = publisher.clone();
+                    async move {
+                        let mut m = Message::new(payload(size, epoch));
+                        if keys > 0 {
+                            m = m.key(format!("k{}", i % keys));
+                        }
+                        publisher.publish("bench", m).await
+                    }
+                })
+                .buffer_unordered(window)
+                .fold(Ok(()), |acc: weft_peer::Result<()>, r| async move { acc.and(r.map(|_| ())) })
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.context("publisher task")??;
+    }
+    let published_in = start.elapsed();
+    // Done when every message is acknowledged by every group (the outboxes drained).
+    let mut last_report = Instant::now();
+    for publisher in &publishers {
+        while !publisher.drain(Duration::from_millis(200)).await {
+            if progress && last_report.elapsed() > Duration::from_secs(1) {
+                eprintln!("  ... {} delivered", delivered.load(Ordering::Relaxed));
+                last_report = Instant::now();
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let expected = total * args.groups as u64;
+    let h = latency.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let msgs_per_s = total as f64 / elapsed.as_secs_f64();
+    let report = Report {
+        system: system_name(args.durability),
+        mode: "thr",
+        size: args.size,
+        count: total,
+        elapsed_s: elapsed.as_secs_f64(),
+        msgs_per_s,
+        mb_per_s: msgs_per_s * args.size as f64 / 1e6,
+        p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
+        p90_us: h.value_at_quantile(0.90) as f64 / 1e3,
+        p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
+        p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
+        max_us: h.max() as f64 / 1e3,
+        latency_kind: "publish_to_delivery",
+        extra: format!(
+            "\"delivered_msgs_per_s\":{:.0},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"expected_deliveries\":{expected}",
+            expected as f64 / elapsed.as_secs_f64(),
+            published_in.as_secs_f64(),
+            args.groups,
+            args.members,
+            args.publishers
+        ),
+    };
+    report.print(args.json);
+    for p in publishers.into_iter().chain(subscribers) {
+        let _ = p.close().await;
+    }
+    Ok(())
+}
+
+async fn latency(args: &BenchArgs) -> Result<()> {
+    let fabric = Fabric::start().await?;
+    let sender = fabric.peer("ping", durability(args.durability)).await?;
+    let echo = fabric.peer("pong", durability(args.durability)).await?;
+    let mut requests = echo.subscribe("bench.ping").group("pong").start().await?;
+    let mut replies = sender.subscribe("bench.pong").group("ping").start().await?;
+    fabric.wait_members("bench.ping", 1).await?;
+    fabric.wait_members("bench.pong", 1).await?;
+    let echo_task = {
+        let echo = echo.clone();
+        tokio::spawn(async move {
+            while let Some(d) = requests.next().await {
+                let body = d.payload().clone();
+                d.ack();
+                if echo.publish("bench.pong", Message::new(body)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut h = histogram();
+    let body = Bytes::from(vec![0x5au8; args.size]);
+    let start = Instant::now();
+    let mut measured_from = start;
+    for i in 0..(args.warmup + args.count) {
+        if i == args.warmup {
+            measured_from = Instant::now();
+        }
+        let t0 = Instant::now();
+        sender.publish("bench.ping", Message::new(body.clone())).await?;
+        let reply = replies.next().await.context("reply stream ended")?;
+        reply.ack();
+        if i >= args.warmup {
+            let _ = h.record((t0.elapsed().as_nanos() as u64).max(1));
+        }
+    }
+    let elapsed = measured_from.elapsed();
+    let report = Report {
+        system: system_name(args.durability),
+        mode: "lat",
+        size: args.size,
+        count: args.count,
+        elapsed_s: elapsed.as_secs_f64(),
+        msgs_per_s: args.count as f64 / elapsed.as_secs_f64(),
+        mb_per_s: args.count as f64 * args.size as f64 / elapsed.as_secs_f64() / 1e6,
+        p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
+        p90_us: h.value_at_quantile(0.90) as f64 / 1e3,
+        p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
+        p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
+        max_us: h.max() as f64 / 1e3,
+        latency_kind: "round_trip",
+        extra: String::new(),
+    };
+    report.print(args.json);
+    echo_task.abort();
+    let _ = sender.close().await;
+    let _ = echo.close().await;
+    Ok(())
+}
+
+struct Report {
+    system: &'static str,
+    mode: &'static str,
+    size: usize,
+    count: u64,
+    elapsed_s: f64,
+    msgs_per_s: f64,
+    mb_per_s: f64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+    latency_kind: &'static str,
+    extra: String,
+}
+
+impl Report {
+    fn print(&self, json: bool) {
+        let (cpu, rss) = process_usage();
+        if json {
+            let extra = if self.extra.is_empty() { String::new() } else { format!(",{}", self.extra) };
+            println!(
+                "{{\"system\":\"{}\",\"mode\":\"{}\",\"size\":{},\"count\":{},\"elapsed_s\":{:.4},\"msgs_per_s\":{:.1},\"mb_per_s\":{:.2},\"rtt_p50_us\":{:.1},\"rtt_p99_us\":{:.1},\"rtt_p999_us\":{:.1},\"lat_p90_us\":{:.1},\"lat_max_us\":{:.1},\"latency_kind\":\"{}\",\"cpu_s\":{:.2},\"peak_rss_mib\":{:.1}{}}}",
+                self.system, self.mode, self.size, self.count, self.elapsed_s, self.msgs_per_s, self.mb_per_s,
+                self.p50_us, self.p99_us, self.p999_us, self.p90_us, self.max_us, self.latency_kind, cpu, rss, extra
+            );
+        } else {
+            println!("{} {} size={} count={}", self.system, self.mode, self.size, self.count);
+            println!("  {:>14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}", "msgs/s", "MB/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs");
+            println!(
+                "  {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+                self.msgs_per_s, self.mb_per_s, self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us
+            );
+            println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process)", self.latency_kind, self.elapsed_s, cpu, rss);
+            if !self.extra.is_empty() {
+                println!("  {}", self.extra.replace('"', ""));
+            }
+        }
+    }
+}
+
+/// (CPU seconds used by this process, peak RSS in MiB) from /proc; zeros elsewhere.
+fn process_usage() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let cpu_ticks: f64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    (cpu_ticks / 100.0, rss_kib / 1024.0)
+}
