@@ -4,17 +4,21 @@
 //! publishes:
 //!
 //! - `cert`: its certificate chain (PEM), see [`crate::signed`];
+//! - `id`: its chitchat generation, signed: proves that this generation (process start)
+//!   is run by the holder of the certificate's key;
 //! - `p:<identity>`: one key per peer attached to it (connected or in its grace period),
 //!   holding the peer's whole [`PeerRecord`] (MessagePack), signed and base64-encoded
 //!   ([`GossipSigner`]). The key is deleted when the peer's session expires.
 //!
-//! A watcher task follows chitchat's live-node set. For every live remote node (the
-//! highest generation per node name) whose version moved it diffs the `p:` keys against
-//! what it already applied, verifies new values (certificate chain to the fabric CA,
-//! directory name, signature, replay counter) and applies them to the route table with
-//! the node's name as the source. A node that leaves the live set (failure detector) has
-//! its source dropped. The node's own namespace is never applied as remote: its sessions
-//! are applied locally under its own name already.
+//! A watcher task follows chitchat's live-node set (`live_nodes_watcher`, which fires on
+//! joins, leaves and version changes). For every live remote node generation whose
+//! version moved it diffs the `p:` keys against what it already processed and verifies
+//! new values (certificate chain to the fabric CA, directory name, signature, replay
+//! counter). Per node name, the newest live generation that is *trusted* (valid
+//! certificate and signed `id`) is the route-table source, under the node's name; when
+//! it leaves the live set (failure detector) or is replaced by a newer generation, the
+//! source is dropped. The node's own name is never applied as remote: its sessions are
+//! applied locally under its own name already.
 //!
 //! Rejected values are counted ([`ClusterStats::rejected`]) and logged at warn level at
 //! most once per [`REJECT_LOG_EVERY`].
@@ -38,6 +42,8 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+/// Key of the signed generation proof (body: the generation, big-endian u64).
+pub const NODE_ID_KEY: &str = "id";
 /// Prefix of the per-peer keys.
 pub const PEER_KEY_PREFIX: &str = "p:";
 /// Default chitchat cluster id.
@@ -197,7 +203,7 @@ pub(crate) async fn start(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let signer = GossipSigner::from_pem(
+    let mut signer = GossipSigner::from_pem(
         &keys.cert_pem,
         &keys.key_pem,
         &settings.cluster_id,
@@ -252,7 +258,13 @@ pub(crate) async fn start(
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
         };
-        let initial = vec![(CERT_KEY.to_string(), signer.cert_pem().to_string())];
+        let id_proof = signer
+            .sign(NODE_ID_KEY, &generation.to_be_bytes())
+            .map_err(|e| DirectoryError::Config(format!("gossip: {e}")))?;
+        let initial = vec![
+            (CERT_KEY.to_string(), signer.cert_pem().to_string()),
+            (NODE_ID_KEY.to_string(), id_proof),
+        ];
         match spawn_chitchat(config, initial, &UdpTransport).await {
             Ok(h) => break (h, listen),
             Err(e) if settings.listen.port() == 0 && attempt < BIND_ATTEMPTS => {
@@ -291,6 +303,7 @@ pub(crate) async fn start(
         own_name: name.clone(),
         stats: stats.clone(),
         remotes: HashMap::new(),
+        applied: HashMap::new(),
         log: RejectLog::default(),
     };
     let watch_task = tokio::spawn(watcher.run(live.clone()));
@@ -356,29 +369,35 @@ async fn publish_loop(
     }
 }
 
-/// What we know of one remote node (its current generation).
+/// What we know of one remote node generation.
 struct Remote {
-    id: ChitchatId,
     max_version: Option<Version>,
     /// The certificate we verified, and its key.
     cert: Option<(String, NodeKey)>,
+    /// The `id` value that proved the generation is signed by the certificate's key.
+    proven_id: Option<String>,
     /// Chitchat version of each `p:` key last processed.
     seen: HashMap<String, Version>,
-    /// Identities applied under this node's name.
-    applied: HashSet<String>,
+    /// Verified records, by identity.
+    accepted: HashMap<String, PeerRecord>,
     counters: Counters,
 }
 
 impl Remote {
-    fn new(id: ChitchatId) -> Self {
+    fn new() -> Self {
         Self {
-            id,
             max_version: None,
             cert: None,
+            proven_id: None,
             seen: HashMap::new(),
-            applied: HashSet::new(),
+            accepted: HashMap::new(),
             counters: Counters::default(),
         }
+    }
+
+    /// The certificate is trusted and the generation proven by its key.
+    fn trusted(&self) -> bool {
+        self.cert.is_some() && self.proven_id.is_some()
     }
 }
 
@@ -387,8 +406,16 @@ struct NodeWork {
     id: ChitchatId,
     max_version: Version,
     cert: Option<String>,
+    node_id_value: Option<String>,
     /// (key, value or None if deleted/absent, version)
     changed: Vec<(String, Option<String>, Version)>,
+}
+
+/// What processing one node's changes did to its accepted records.
+#[derive(Default)]
+struct Delta {
+    upserts: Vec<PeerRecord>,
+    removes: Vec<String>,
 }
 
 #[derive(Default)]
@@ -403,7 +430,10 @@ struct Watcher {
     cluster_id: String,
     own_name: String,
     stats: Arc<ClusterStats>,
-    remotes: HashMap<String, Remote>,
+    /// Every live remote node generation (trusted or not).
+    remotes: HashMap<ChitchatId, Remote>,
+    /// The generation applied as the source of each node name.
+    applied: HashMap<String, ChitchatId>,
     log: RejectLog,
 }
 
@@ -411,62 +441,46 @@ impl Watcher {
     async fn run(mut self, mut live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>) {
         loop {
             let work = self.diff(&mut live);
+            let mut deltas = HashMap::new();
             for w in work {
-                self.process(w);
+                let id = w.id.clone();
+                let delta = self.process(w);
+                deltas.insert(id, delta);
             }
+            self.apply(deltas);
             if live.changed().await.is_err() {
                 return;
             }
         }
     }
 
-    /// Compares the live set with what was applied; drops departed nodes; returns the
-    /// changed keys of the others. Runs under the watch's read lock: copies only changes.
+    /// Compares the live set with what was processed; forgets departed generations;
+    /// returns the changed keys of the others. Runs under the watch's read lock: copies
+    /// only changes.
     fn diff(
         &mut self,
         live: &mut watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     ) -> Vec<NodeWork> {
         let snapshot = live.borrow_and_update();
-        // The current generation of each remote node name.
-        let mut current: HashMap<&str, (&ChitchatId, &NodeState)> = HashMap::new();
+        let gone: Vec<ChitchatId> = self
+            .remotes
+            .keys()
+            .filter(|id| !snapshot.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.remotes.remove(&id);
+            info!(node = %id.node_id, generation = id.generation_id, "directory node left the live set");
+        }
+        let mut work = Vec::new();
         for (id, state) in snapshot.iter() {
             if *id.node_id == *self.own_name {
                 continue;
             }
-            match current.get(&*id.node_id) {
-                Some((c, _)) if c.generation_id >= id.generation_id => {}
-                _ => {
-                    current.insert(&id.node_id, (id, state));
-                }
-            }
-        }
-        // Departed nodes, and replaced generations.
-        let gone: Vec<String> = self
-            .remotes
-            .iter()
-            .filter(|(name, r)| {
-                current
-                    .get(name.as_str())
-                    .is_none_or(|(id, _)| **id != r.id)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            if let Some(r) = self.remotes.remove(&name) {
-                let peers = self.shared.identities_of(&name).len();
-                info!(node = %name, generation = r.id.generation_id, peers, "directory node left the live set; dropping its registrations");
-                self.shared.drop_source(&name);
-            }
-        }
-        let mut work = Vec::new();
-        for (name, (id, state)) in current {
-            let remote = self
-                .remotes
-                .entry(name.to_string())
-                .or_insert_with(|| {
-                    info!(node = %name, generation = id.generation_id, gossip = %id.gossip_advertise_addr, "directory node joined the live set");
-                    Remote::new((*id).clone())
-                });
+            let remote = self.remotes.entry(id.clone()).or_insert_with(|| {
+                info!(node = %id.node_id, generation = id.generation_id, gossip = %id.gossip_advertise_addr, "directory node joined the live set");
+                Remote::new()
+            });
             if remote.max_version == Some(state.max_version()) {
                 continue;
             }
@@ -492,19 +506,22 @@ impl Watcher {
                 }
             }
             work.push(NodeWork {
-                id: (*id).clone(),
+                id: id.clone(),
                 max_version: state.max_version(),
                 cert,
+                node_id_value: state.get(NODE_ID_KEY).map(str::to_string),
                 changed,
             });
         }
         work
     }
 
-    fn process(&mut self, work: NodeWork) {
+    /// Verifies one node generation's changes and updates its accepted records.
+    fn process(&mut self, work: NodeWork) -> Delta {
         let name = work.id.node_id.to_string();
-        let Some(remote) = self.remotes.get_mut(&name) else {
-            return;
+        let generation = work.id.generation_id;
+        let Some(remote) = self.remotes.get_mut(&work.id) else {
+            return Delta::default();
         };
         remote.max_version = Some(work.max_version);
         // Certificate.
@@ -513,6 +530,7 @@ impl Watcher {
             (Some(pem), _) => match self.trust.verify_node(pem, &name) {
                 Ok(key) => {
                     remote.cert = Some((pem.clone(), key));
+                    remote.proven_id = None;
                     Ok(())
                 }
                 // A bad replacement does not unseat a verified certificate.
@@ -525,8 +543,25 @@ impl Watcher {
             (None, Some(_)) => Ok(()),
             (None, None) => Err(SignedError::NoCertificate),
         };
-        let mut upserts = Vec::new();
-        let mut removes = Vec::new();
+        // The generation proof: `id` signed by the certificate's key for this generation.
+        if let (Some((_, node_key)), Some(value)) = (&remote.cert, &work.node_id_value) {
+            if remote.proven_id.as_ref() != Some(value) {
+                match node_key.open(&self.cluster_id, &name, generation, NODE_ID_KEY, value) {
+                    Ok(o) if o.body == generation.to_be_bytes() => {
+                        remote.proven_id = Some(value.clone())
+                    }
+                    Ok(_) => Self::reject(
+                        &self.stats,
+                        &mut self.log,
+                        &name,
+                        NODE_ID_KEY,
+                        &SignedError::Malformed("id does not match the generation"),
+                    ),
+                    Err(e) => Self::reject(&self.stats, &mut self.log, &name, NODE_ID_KEY, &e),
+                }
+            }
+        }
+        let mut delta = Delta::default();
         for (key, value, version) in work.changed {
             let identity = &key[PEER_KEY_PREFIX.len()..];
             let Some(value) = value else {
@@ -535,15 +570,15 @@ impl Watcher {
                 } else {
                     remote.seen.insert(key.clone(), version);
                 }
-                if remote.applied.remove(identity) {
-                    removes.push(identity.to_string());
+                if remote.accepted.remove(identity).is_some() {
+                    delta.removes.push(identity.to_string());
                 }
                 continue;
             };
             remote.seen.insert(key.clone(), version);
             let opened = match (&cert_ok, &remote.cert) {
                 (Ok(()), Some((_, node_key))) => node_key
-                    .open(&self.cluster_id, &name, work.id.generation_id, &key, &value)
+                    .open(&self.cluster_id, &name, generation, &key, &value)
                     .and_then(|o| remote.counters.check(&key, o.counter).map(|()| o))
                     .and_then(|o| {
                         rmp_serde::from_slice::<PeerRecord>(&o.body)
@@ -564,16 +599,64 @@ impl Watcher {
             match opened {
                 Ok(record) => {
                     self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    remote.applied.insert(identity.to_string());
-                    upserts.push(record);
+                    remote.accepted.insert(identity.to_string(), record.clone());
+                    delta.upserts.push(record);
                 }
                 Err(e) => Self::reject(&self.stats, &mut self.log, &name, &key, &e),
             }
         }
-        if !upserts.is_empty() || !removes.is_empty() {
-            debug!(node = %name, upserts = upserts.len(), removes = removes.len(), "applying gossip");
-            self.shared.apply_remote(&name, upserts, removes);
+        delta
+    }
+
+    /// Applies to the route table: per node name, the newest trusted live generation is
+    /// the source. A generation that is not trusted (no valid certificate, or generation
+    /// not proven by its key) never is, so a forged node cannot unseat a real one.
+    fn apply(&mut self, mut deltas: HashMap<ChitchatId, Delta>) {
+        let mut current: HashMap<String, ChitchatId> = HashMap::new();
+        for (id, remote) in &self.remotes {
+            if !remote.trusted() {
+                continue;
+            }
+            let name = id.node_id.to_string();
+            match current.get(&name) {
+                Some(c) if c.generation_id >= id.generation_id => {}
+                _ => {
+                    current.insert(name, id.clone());
+                }
+            }
         }
+        let names: HashSet<String> = current.keys().chain(self.applied.keys()).cloned().collect();
+        for name in names {
+            let before = self.applied.get(&name);
+            let now = current.get(&name);
+            match (before, now) {
+                (Some(b), Some(n)) if b == n => {
+                    if let Some(d) = deltas.remove(n) {
+                        if !d.upserts.is_empty() || !d.removes.is_empty() {
+                            debug!(node = %name, upserts = d.upserts.len(), removes = d.removes.len(), "applying gossip");
+                            self.shared.apply_remote(&name, d.upserts, d.removes);
+                        }
+                    }
+                }
+                (before, now) => {
+                    if before.is_some() {
+                        let peers = self.shared.identities_of(&name).len();
+                        info!(node = %name, peers, "dropping the registrations of a departed directory node");
+                        self.shared.drop_source(&name);
+                    }
+                    if let Some(n) = now {
+                        let records: Vec<PeerRecord> = self
+                            .remotes
+                            .get(n)
+                            .map(|r| r.accepted.values().cloned().collect())
+                            .unwrap_or_default();
+                        info!(node = %name, generation = n.generation_id, peers = records.len(), "directory node trusted; applying its registrations");
+                        self.shared.apply_remote(&name, records, Vec::new());
+                    }
+                }
+            }
+        }
+        self.applied = current;
     }
 
     fn reject(stats: &ClusterStats, log: &mut RejectLog, node: &str, key: &str, e: &SignedError) {
