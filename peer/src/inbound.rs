@@ -85,7 +85,9 @@ async fn serve_stream(
                 Err(e) => {
                     let code = match e {
                         wire::WireError::FrameTooLarge { .. } => ErrorCode::LimitExceeded,
-                        _ => ErrorCode::Protocol,
+                        wire::WireError::Malformed(_) | wire::WireError::Truncated { .. } => ErrorCode::Protocol,
+                        // The connection or stream went away: nothing to answer.
+                        _ => return Err(e),
                     };
                     warn!(peer = %identity, error = %e, "bad frame on a data stream; closing it");
                     writer.reject(code, e.to_string()).await;

@@ -717,20 +717,36 @@ impl Inner {
             WhenFull::Wait => outbox::WhenFull::Wait,
             WhenFull::Fail => outbox::WhenFull::Fail,
         };
-        let seq = self
-            .outbox
-            .append(targets.clone(), body, stored_durability, outbox_when_full)
-            .await?;
         let confirmed = durability == Durability::Confirmed;
-        let waiter = confirmed.then(|| {
-            let (tx, rx) = oneshot::channel();
-            lock(&self.confirms).insert(seq, tx);
-            rx
+        // The append and the hand-off to the dispatcher run to completion even if the
+        // caller drops this future: a message stored but never dispatched would wait
+        // for the next restart.
+        let inner = self.clone();
+        let topic_owned = topic.to_string();
+        let handed_off = tokio::spawn(async move {
+            let seq = inner
+                .outbox
+                .append(targets.clone(), body, stored_durability, outbox_when_full)
+                .await?;
+            let waiter = confirmed.then(|| {
+                let (tx, rx) = oneshot::channel();
+                lock(&inner.confirms).insert(seq, tx);
+                rx
+            });
+            let actions = inner.core().on_publish(
+                Instant::now(),
+                seq,
+                &topic_owned,
+                key_hash,
+                &targets,
+                confirmed,
+            );
+            inner.execute(actions);
+            Ok::<_, Error>((seq, targets.len(), waiter))
         });
-        let actions =
-            self.core()
-                .on_publish(Instant::now(), seq, topic, key_hash, &targets, confirmed);
-        self.execute(actions);
+        let (seq, groups, waiter) = handed_off
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Closed, "publish task", e))??;
         if let Some(rx) = waiter {
             rx.await.map_err(|_| {
                 Error::new(
@@ -744,7 +760,7 @@ impl Inner {
                 producer: self.producer_id,
                 seq,
             },
-            groups: targets.len(),
+            groups,
         })
     }
 

@@ -37,10 +37,10 @@ Production certificates:
   weft certs issue dir-1 --dir ./certs --directory     # a directory node's certificate
   weft certs issue billing-1 --dir ./certs             # a peer's certificate
   weft pub orders hello --name billing-1 \\
-      --ca certs/ca.pem --cert certs/billing-1.pem --key certs/billing-1.key
+      --ca certs/ca.pem --cert certs/billing-1.pem --cert-key certs/billing-1.key
 
 Every connection flag has an environment variable (WEFT_DIRECTORY, WEFT_NAME,
-WEFT_DATA_DIR, WEFT_DEV, WEFT_DEV_CA, WEFT_CA, WEFT_CERT, WEFT_KEY).
+WEFT_DATA_DIR, WEFT_DEV, WEFT_DEV_CA, WEFT_CA, WEFT_CERT, WEFT_CERT_KEY).
 Logs go to stderr: -v (info), -vv (debug), -vvv (trace), or RUST_LOG.";
 
 /// Weft command-line tool: publish and subscribe on a Weft fabric, manage certificates.
@@ -55,6 +55,9 @@ struct Cli {
     command: Command,
 }
 
+#[path = "../cli/bench.rs"]
+mod bench;
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Publish messages to a topic (from an argument or stdin, one per line).
@@ -64,6 +67,16 @@ enum Command {
     /// Create a fabric CA and issue node certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Measure throughput and latency on an in-process fabric (embedded directory,
+    /// publishers and subscribers over real QUIC on loopback).
+    ///
+    /// Examples:
+    ///   weft bench --mode thr --size 128 --count 200000 --durability disk
+    ///   weft bench --mode lat --size 128 --count 10000
+    ///   weft bench --groups 3 --count 100000            # fan-out
+    ///   weft bench --json --mode thr --size 16384 --count 20000
+    #[command(verbatim_doc_comment)]
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -117,7 +130,7 @@ struct ConnArgs {
         long,
         env = "WEFT_DEV",
         value_parser = clap::builder::BoolishValueParser::new(),
-        conflicts_with_all = ["ca", "cert", "key"]
+        conflicts_with_all = ["ca", "cert", "cert_key"]
     )]
     dev: bool,
     /// Where development mode keeps its CA (the same default as `weft-directory --dev`).
@@ -129,14 +142,19 @@ struct ConnArgs {
     )]
     dev_ca: PathBuf,
     /// Fabric CA certificate (PEM).
-    #[arg(long, env = "WEFT_CA", requires_all = ["cert", "key"], value_name = "FILE")]
+    #[arg(long, env = "WEFT_CA", requires_all = ["cert", "cert_key"], value_name = "FILE")]
     ca: Option<PathBuf>,
     /// This peer's certificate (PEM).
-    #[arg(long, env = "WEFT_CERT", requires_all = ["ca", "key"], value_name = "FILE")]
+    #[arg(long, env = "WEFT_CERT", requires_all = ["ca", "cert_key"], value_name = "FILE")]
     cert: Option<PathBuf>,
-    /// This peer's private key (PEM).
-    #[arg(long, env = "WEFT_KEY", requires_all = ["ca", "cert"], value_name = "FILE")]
-    key: Option<PathBuf>,
+    /// This peer's private key (PEM). (Not `--key`: that is the message key of `pub`.)
+    #[arg(
+        long = "cert-key",
+        env = "WEFT_CERT_KEY",
+        requires_all = ["ca", "cert"],
+        value_name = "FILE"
+    )]
+    cert_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -258,6 +276,9 @@ fn main() -> ExitCode {
         Command::Certs(cmd) => certs_command(cmd).map(|()| ExitCode::SUCCESS),
         Command::Pub(args) => run_async(pub_command(args)),
         Command::Sub(args) => run_async(sub_command(args)),
+        Command::Bench(args) => {
+            run_async(async move { bench::run(args).await.map(|()| ExitCode::SUCCESS) })
+        }
     };
     match result {
         Ok(code) => code,
@@ -364,15 +385,19 @@ impl Connected {
     async fn close(self, clean: bool) -> Result<()> {
         self.peer.close().await.context("closing the peer")?;
         if clean {
-            for path in &self.ephemeral {
-                let _ = if path.is_dir() {
-                    std::fs::remove_dir_all(path)
-                } else {
-                    std::fs::remove_file(path)
-                };
-            }
+            remove_all(&self.ephemeral);
         }
         Ok(())
+    }
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for path in paths {
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(path)
+        } else {
+            std::fs::remove_file(path)
+        };
     }
 }
 
@@ -393,7 +418,7 @@ fn resolve_directories(addrs: &[String]) -> Result<Vec<SocketAddr>> {
 async fn connect(conn: &ConnArgs, durability: Durability) -> Result<Connected> {
     let directories = resolve_directories(&conn.directories)?;
     let mut ephemeral = Vec::new();
-    let (name, creds) = match (&conn.ca, &conn.cert, &conn.key) {
+    let (name, creds) = match (&conn.ca, &conn.cert, &conn.cert_key) {
         (Some(ca), Some(cert), Some(key)) => {
             let creds = Credentials::load(ca, cert, key).with_context(|| {
                 format!(
@@ -428,7 +453,7 @@ async fn connect(conn: &ConnArgs, durability: Durability) -> Result<Connected> {
             (name, None)
         }
         _ => bail!(
-            "no credentials: pass --dev for a development fabric, or --ca, --cert and --key \
+            "no credentials: pass --dev for a development fabric, or --ca, --cert and --cert-key \
              (see `weft certs --help`)"
         ),
     };
@@ -450,13 +475,16 @@ async fn connect(conn: &ConnArgs, durability: Durability) -> Result<Connected> {
         Some(creds) => builder.credentials(creds),
         None => builder.dev_ca(&conn.dev_ca),
     };
-    let peer = builder.start().await.with_context(|| {
-        format!(
-            "starting peer {name:?} (data in {}, directory {})",
-            data_dir.display(),
-            conn.directories.join(",")
-        )
-    })?;
+    let started = builder.start().await;
+    let peer = started
+        .inspect_err(|_| remove_all(&ephemeral))
+        .with_context(|| {
+            format!(
+                "starting peer {name:?} (data in {}, directory {})",
+                data_dir.display(),
+                conn.directories.join(",")
+            )
+        })?;
     Ok(Connected {
         peer,
         data_dir,
@@ -644,7 +672,8 @@ async fn pub_command(args: PubArgs) -> Result<ExitCode> {
     let pending = peer.outbox_stats().pending_messages;
     drop(peer);
     let data_dir = connected.data_dir.clone();
-    connected.close(drained && failure.is_none()).await?;
+    // With nothing pending, a default identity's data is disposable.
+    connected.close(drained).await?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -765,7 +794,8 @@ async fn sub_command(args: SubArgs) -> Result<ExitCode> {
     }
     drop(sub);
     tokio::time::sleep(SUB_LINGER).await;
-    connected.close(failure.is_none()).await?;
+    // A subscriber's outbox is empty: a default identity's data is disposable.
+    connected.close(true).await?;
     match failure {
         Some(e) => Err(e),
         None => Ok(ExitCode::SUCCESS),

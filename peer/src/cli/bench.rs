@@ -85,7 +85,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let timeout = Duration::from_secs(args.timeout_s);
     match tokio::time::timeout(timeout, run_inner(&args)).await {
         Ok(r) => r,
-        Err(_) => anyhow::bail!("benchmark did not finish within --timeout-s {}", args.timeout_s),
+        Err(_) => anyhow::bail!(
+            "benchmark did not finish within --timeout-s {}",
+            args.timeout_s
+        ),
     }
 }
 
@@ -104,7 +107,11 @@ impl Fabric {
             .dev(root.join("dev-ca"))
             .start()
             .await?;
-        Ok(Fabric { _dir: dir, directory, root })
+        Ok(Fabric {
+            _dir: dir,
+            directory,
+            root,
+        })
     }
 
     async fn peer(&self, name: &str, durability: Durability) -> Result<Peer> {
@@ -120,8 +127,19 @@ impl Fabric {
 
     async fn wait_members(&self, topic: &str, members: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.directory.route(topic).groups.iter().map(|g| g.members.len()).sum::<usize>() < members {
-            anyhow::ensure!(Instant::now() < deadline, "subscribers did not register in time");
+        while self
+            .directory
+            .route(topic)
+            .groups
+            .iter()
+            .map(|g| g.members.len())
+            .sum::<usize>()
+            < members
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "subscribers did not register in time"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
@@ -181,8 +199,15 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let mut subscribers = Vec::new();
     for g in 0..args.groups {
         for m in 0..args.members {
-            let peer = fabric.peer(&format!("sub-{g}-{m}"), Durability::Memory).await?;
-            let mut sub = peer.subscribe(topic).group(format!("group-{g}")).credit(args.credit).start().await?;
+            let peer = fabric
+                .peer(&format!("sub-{g}-{m}"), Durability::Memory)
+                .await?;
+            let mut sub = peer
+                .subscribe(topic)
+                .group(format!("group-{g}"))
+                .credit(args.credit)
+                .start()
+                .await?;
             let delivered = delivered.clone();
             let latency = latency.clone();
             tokio::spawn(async move {
@@ -206,10 +231,16 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
             subscribers.push(peer);
         }
     }
-    fabric.wait_members(topic, args.groups * args.members).await?;
+    fabric
+        .wait_members(topic, args.groups * args.members)
+        .await?;
     let mut publishers = Vec::new();
     for p in 0..args.publishers {
-        publishers.push(fabric.peer(&format!("pub-{p}"), durability(args.durability)).await?);
+        publishers.push(
+            fabric
+                .peer(&format!("pub-{p}"), durability(args.durability))
+                .await?,
+        );
     }
     let per_publisher = args.count / args.publishers as u64;
     let total = per_publisher * args.publishers as u64;
@@ -232,7 +263,9 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                     }
                 })
                 .buffer_unordered(window)
-                .fold(Ok(()), |acc: weft_peer::Result<()>, r| async move { acc.and(r.map(|_| ())) })
+                .fold(Ok(()), |acc: weft_peer::Result<()>, r| async move {
+                    acc.and(r.map(|_| ()))
+                })
                 .await
         }));
     }
@@ -252,7 +285,10 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     }
     let elapsed = start.elapsed();
     let expected = total * args.groups as u64;
-    let h = latency.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let h = latency
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
     let msgs_per_s = total as f64 / elapsed.as_secs_f64();
     let report = Report {
         system: system_name(args.durability),
@@ -298,7 +334,11 @@ async fn latency(args: &BenchArgs) -> Result<()> {
             while let Some(d) = requests.next().await {
                 let body = d.payload().clone();
                 d.ack();
-                if echo.publish("bench.pong", Message::new(body)).await.is_err() {
+                if echo
+                    .publish("bench.pong", Message::new(body))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -313,7 +353,9 @@ async fn latency(args: &BenchArgs) -> Result<()> {
             measured_from = Instant::now();
         }
         let t0 = Instant::now();
-        sender.publish("bench.ping", Message::new(body.clone())).await?;
+        sender
+            .publish("bench.ping", Message::new(body.clone()))
+            .await?;
         let reply = replies.next().await.context("reply stream ended")?;
         reply.ack();
         if i >= args.warmup {
@@ -365,18 +407,34 @@ impl Report {
     fn print(&self, json: bool) {
         let (cpu, rss) = process_usage();
         if json {
-            let extra = if self.extra.is_empty() { String::new() } else { format!(",{}", self.extra) };
+            let extra = if self.extra.is_empty() {
+                String::new()
+            } else {
+                format!(",{}", self.extra)
+            };
             println!(
                 "{{\"system\":\"{}\",\"mode\":\"{}\",\"size\":{},\"count\":{},\"elapsed_s\":{:.4},\"msgs_per_s\":{:.1},\"mb_per_s\":{:.2},\"rtt_p50_us\":{:.1},\"rtt_p99_us\":{:.1},\"rtt_p999_us\":{:.1},\"lat_p90_us\":{:.1},\"lat_max_us\":{:.1},\"latency_kind\":\"{}\",\"cpu_s\":{:.2},\"peak_rss_mib\":{:.1}{}}}",
                 self.system, self.mode, self.size, self.count, self.elapsed_s, self.msgs_per_s, self.mb_per_s,
                 self.p50_us, self.p99_us, self.p999_us, self.p90_us, self.max_us, self.latency_kind, cpu, rss, extra
             );
         } else {
-            println!("{} {} size={} count={}", self.system, self.mode, self.size, self.count);
-            println!("  {:>14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}", "msgs/s", "MB/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs");
+            println!(
+                "{} {} size={} count={}",
+                self.system, self.mode, self.size, self.count
+            );
+            println!(
+                "  {:>14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "msgs/s", "MB/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
+            );
             println!(
                 "  {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-                self.msgs_per_s, self.mb_per_s, self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us
+                self.msgs_per_s,
+                self.mb_per_s,
+                self.p50_us,
+                self.p90_us,
+                self.p99_us,
+                self.p999_us,
+                self.max_us
             );
             println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process)", self.latency_kind, self.elapsed_s, cpu, rss);
             if !self.extra.is_empty() {
