@@ -219,7 +219,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                     let _ = local.record(now.saturating_sub(sent).max(1));
                     d.ack();
                     n += 1;
-                    if n % 1024 == 0 {
+                    if n.is_multiple_of(1024) {
                         delivered.fetch_add(1024, Ordering::Relaxed);
                         if let Ok(mut h) = latency.lock() {
                             let _ = h.add(&local);
