@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -188,7 +188,7 @@ async fn expiry_loop(shared: Arc<Shared>, grace: Duration) {
     loop {
         ticker.tick().await;
         let mut state = shared.lock();
-        let expired = state.sessions.tick(Instant::now());
+        let expired = state.sessions.tick(tokio::time::Instant::now().into_std());
         for update in &expired {
             if let SessionUpdate::Remove(id) = update {
                 info!(peer = %id, "registrations expired after the grace period");
@@ -219,7 +219,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, settings: N
             if let Err(e) = serve_connection(conn, identity, conn_id, &shared, &settings).await {
                 debug!(%remote, error = %e, "peer connection ended");
             }
-            shared.lock().sessions.disconnect(conn_id, Instant::now());
+            shared.lock().sessions.disconnect(conn_id, tokio::time::Instant::now().into_std());
             drop(permit);
         });
     }

@@ -33,6 +33,7 @@ mod dispatch;
 mod error;
 mod inbound;
 mod link;
+mod clock;
 mod message;
 pub mod outbox;
 mod peer;

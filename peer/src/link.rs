@@ -8,7 +8,7 @@ use crate::peer::Inner;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{debug, info};
 use weft_proto::wire::{self, Deliver, Envelope, Frame, FrameReader, FrameWriter, MessageId, Open};
@@ -43,14 +43,14 @@ impl LinkControl {
 pub(crate) async fn run(inner: Arc<Inner>, key: LinkKey, control: Arc<LinkControl>) {
     let mut backoff = BACKOFF_MIN;
     while !control.is_closed() {
-        let started = Instant::now();
+        let started = crate::clock::now();
         match serve(&inner, &key, &control).await {
             Ok(()) => return,
             Err(e) => {
                 debug!(member = %key.member, topic = %key.topic, group = %key.group, error = %e, "link down")
             }
         }
-        let actions = inner.core().on_link_down(Instant::now(), &key);
+        let actions = inner.core().on_link_down(crate::clock::now(), &key);
         inner.execute(actions);
         if started.elapsed() > Duration::from_secs(5) {
             backoff = BACKOFF_MIN;
@@ -94,7 +94,7 @@ async fn serve(inner: &Arc<Inner>, key: &LinkKey, control: &LinkControl) -> Resu
         }
     };
     info!(member = %key.member, topic = %key.topic, group = %key.group, window, "link up");
-    let actions = inner.core().on_link_up(Instant::now(), key, window);
+    let actions = inner.core().on_link_up(crate::clock::now(), key, window);
     inner.execute(actions);
     loop {
         if control.is_closed() {
@@ -108,11 +108,11 @@ async fn serve(inner: &Arc<Inner>, key: &LinkKey, control: &LinkControl) -> Resu
             }
             frame = reader.next() => match frame.map_err(wire_err)? {
                 Some(Frame::Ack(ack)) => {
-                    let actions = inner.core().on_ack(Instant::now(), key, ack.upto, &ack.extra);
+                    let actions = inner.core().on_ack(crate::clock::now(), key, ack.upto, &ack.extra);
                     inner.execute(actions);
                 }
                 Some(Frame::Credit(c)) => {
-                    let actions = inner.core().on_credit(Instant::now(), key, c.window);
+                    let actions = inner.core().on_credit(crate::clock::now(), key, c.window);
                     inner.execute(actions);
                 }
                 Some(Frame::Reject(r)) => {
@@ -171,7 +171,7 @@ async fn send_batch(
         queue(writer, key, first, batch)?;
     }
     if !unsendable.is_empty() {
-        let actions = inner.core().on_ack(Instant::now(), key, 0, &unsendable);
+        let actions = inner.core().on_ack(crate::clock::now(), key, 0, &unsendable);
         inner.execute(actions);
     }
     writer

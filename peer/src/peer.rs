@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -444,12 +444,12 @@ impl Peer {
     /// Waits until nothing is pending in the outbox (every message settled), or the
     /// timeout passes; returns whether it drained.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::now() + timeout;
         loop {
             if self.inner.outbox.stats().pending_messages == 0 {
                 return true;
             }
-            if Instant::now() >= deadline {
+            if crate::clock::now() >= deadline {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -470,8 +470,8 @@ impl Peer {
         inner.endpoint.wait_idle().await;
         // Link and stream tasks hold the shared state until they notice the closed
         // endpoint; the socket is released when the last of them is gone.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Arc::strong_count(&inner) > 1 && Instant::now() < deadline {
+        let deadline = crate::clock::now() + Duration::from_secs(5);
+        while Arc::strong_count(&inner) > 1 && crate::clock::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
@@ -664,7 +664,7 @@ impl Inner {
                 }
             }
         }
-        let actions = self.core().on_route(Instant::now(), &route);
+        let actions = self.core().on_route(crate::clock::now(), &route);
         lock(&self.routes).insert(route.topic.clone(), route);
         self.execute(actions);
     }
@@ -734,7 +734,7 @@ impl Inner {
                 rx
             });
             let actions = inner.core().on_publish(
-                Instant::now(),
+                crate::clock::now(),
                 seq,
                 &topic_owned,
                 key_hash,
@@ -774,7 +774,7 @@ impl Inner {
             "resuming delivery of recovered outbox messages"
         );
         let mut topics = std::collections::BTreeSet::new();
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut actions = Vec::new();
         {
             let mut core = self.core();
@@ -851,7 +851,7 @@ async fn tick_loop(inner: std::sync::Weak<Inner>) {
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let actions = inner.core().tick(Instant::now());
+        let actions = inner.core().tick(crate::clock::now());
         inner.execute(actions);
     }
 }
