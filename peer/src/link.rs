@@ -4,8 +4,8 @@
 use crate::dispatch::LinkKey;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::decode_stored;
+use crate::outbox::CachedBody;
 use crate::peer::Inner;
-use rand::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,10 +52,10 @@ pub(crate) async fn run(inner: Arc<Inner>, key: LinkKey, control: Arc<LinkContro
         }
         let actions = inner.core().on_link_down(crate::clock::now(), &key);
         inner.execute(actions);
-        if started.elapsed() > Duration::from_secs(5) {
+        if crate::clock::now().saturating_duration_since(started) > Duration::from_secs(5) {
             backoff = BACKOFF_MIN;
         }
-        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+        let jitter = inner.jitter.millis(backoff.as_millis() as u64 / 2);
         tokio::select! {
             _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
             () = control.wake.notified() => {}
@@ -139,12 +139,19 @@ async fn send_batch(
     let mut first = 0u64;
     let mut bytes = 0usize;
     let mut unsendable = Vec::new();
-    for (link_seq, seq) in outgoing {
+    let seqs: Vec<u64> = outgoing.iter().map(|(_, seq)| *seq).collect();
+    let cached = inner.outbox.read_cached(&seqs);
+    for ((link_seq, seq), cached) in outgoing.into_iter().zip(cached) {
         let id = MessageId {
             producer: inner.producer_id,
             seq,
         };
-        let Some(stored) = inner.outbox.read(seq).await? else {
+        let stored = match cached {
+            CachedBody::Body(body) => Some(body),
+            CachedBody::Settled => None,
+            CachedBody::OnDisk => inner.outbox.read(seq).await?,
+        };
+        let Some(stored) = stored else {
             // Already settled everywhere: nothing to send.
             unsendable.push(link_seq);
             continue;

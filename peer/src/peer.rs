@@ -59,6 +59,8 @@ pub struct PeerBuilder {
     tls: Option<TlsSource>,
     config: PeerConfig,
     outbox: Option<Box<dyn FnOnce(OutboxConfig) -> OutboxConfig + Send>>,
+    udp_socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+    rng_seed: Option<u64>,
 }
 
 impl PeerBuilder {
@@ -80,6 +82,8 @@ impl PeerBuilder {
                 zone: None,
             },
             outbox: None,
+            udp_socket: None,
+            rng_seed: None,
         }
     }
 
@@ -192,6 +196,24 @@ impl PeerBuilder {
         self
     }
 
+    /// Runs QUIC over `socket` instead of binding [`listen`](Self::listen): for example
+    /// a simulated network's socket (`docs/simulation.md`). The socket's local address
+    /// is the peer's bound address. Default: a real UDP socket bound to `listen`.
+    pub fn udp_socket(mut self, socket: Arc<dyn quinn::AsyncUdpSocket>) -> Self {
+        self.udp_socket = Some(socket);
+        self
+    }
+
+    /// Seeds every random choice the peer makes (the QUIC endpoint's, its incarnation,
+    /// reconnect jitter), so that a simulated run can be reproduced
+    /// (`docs/simulation.md`). A restarted process must use another seed: the incarnation
+    /// derived from it is how the directory tells a restart apart. Default: random from
+    /// the operating system; do not set it in production.
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.rng_seed = Some(seed);
+        self
+    }
+
     /// Opens the outbox, binds the endpoint, attaches to the directory and resumes
     /// sending whatever the outbox recovered.
     pub async fn start(self) -> Result<Peer> {
@@ -219,11 +241,21 @@ impl PeerBuilder {
         for damage in &recovery.damage {
             warn!(segment = %damage.segment.display(), offset = damage.offset, reason = %damage.reason, "outbox damage found during recovery");
         }
-        let endpoint = tls::endpoint(self.listen, &creds)?;
+        let endpoint = match (self.udp_socket, self.rng_seed) {
+            (None, None) => tls::endpoint(self.listen, &creds)?,
+            (Some(socket), seed) => tls::endpoint_with_socket(socket, &creds, seed)?,
+            (None, seed) => tls::endpoint_with_socket(tls::udp_socket(self.listen)?, &creds, seed)?,
+        };
         let local_addr = endpoint
             .local_addr()
             .map_err(|e| Error::with_source(ErrorKind::Io, "reading the bound address", e))?;
-        let incarnation = rand::random::<u64>();
+        let incarnation = match self.rng_seed {
+            Some(seed) => {
+                use rand::{RngCore, SeedableRng};
+                rand::rngs::StdRng::seed_from_u64(seed).next_u64().max(1)
+            }
+            None => rand::random::<u64>(),
+        };
         let advertised = if self.advertise.is_empty() {
             vec![local_addr]
         } else {
@@ -243,10 +275,12 @@ impl PeerBuilder {
             links: Mutex::new(HashMap::new()),
             confirms: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
+            targets: Mutex::new(HashMap::new()),
             addrs: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
             directory: OnceLock::new(),
+            jitter: Jitter::new(self.rng_seed.map(|s| s ^ 0x6c69_6e6b)),
         });
         *lock(&inner.core) = Dispatcher::new(inner.config.ack_timeout);
         let sink_inner = Arc::downgrade(&inner);
@@ -256,6 +290,7 @@ impl PeerBuilder {
                 addrs: self.directories,
                 hello: inner.hello(),
                 max_frame: inner.config.max_frame,
+                jitter: Jitter::new(self.rng_seed.map(|s| s ^ 0x6469_7263)),
             },
             Arc::new(move |route| {
                 if let Some(inner) = sink_inner.upgrade() {
@@ -441,6 +476,12 @@ impl Peer {
         self.inner.outbox.stats()
     }
 
+    /// What the outbox found on disk when this peer started: messages resumed, and any
+    /// damage (a torn tail truncated, corrupt records skipped; also logged as warnings).
+    pub fn outbox_recovery(&self) -> &outbox::RecoveryReport {
+        self.inner.outbox.recovery_report()
+    }
+
     /// Waits until nothing is pending in the outbox (every message settled), or the
     /// timeout passes; returns whether it drained.
     pub async fn drain(&self, timeout: Duration) -> bool {
@@ -589,10 +630,34 @@ pub(crate) struct Inner {
     links: Mutex<HashMap<LinkKey, Arc<LinkControl>>>,
     confirms: Mutex<HashMap<Seq, oneshot::Sender<()>>>,
     routes: Mutex<HashMap<String, Route>>,
+    /// Target groups per topic, derived from `routes` (read on every publish).
+    targets: Mutex<HashMap<String, Arc<[String]>>>,
     addrs: Mutex<HashMap<String, Vec<SocketAddr>>>,
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
     subscriptions: Mutex<HashMap<(String, String), Arc<SubShared>>>,
     directory: OnceLock<DirectoryClient>,
+    /// Reconnect jitter of the links.
+    pub(crate) jitter: Jitter,
+}
+
+/// Random reconnect jitter: seeded by [`PeerBuilder::rng_seed`] (simulations), else
+/// from the operating system.
+pub(crate) struct Jitter(Mutex<rand::rngs::StdRng>);
+
+impl Jitter {
+    pub(crate) fn new(seed: Option<u64>) -> Self {
+        use rand::SeedableRng;
+        Self(Mutex::new(match seed {
+            Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
+            None => rand::rngs::StdRng::from_os_rng(),
+        }))
+    }
+
+    /// A uniformly random number of milliseconds in `0..=max`.
+    pub(crate) fn millis(&self, max: u64) -> u64 {
+        use rand::Rng;
+        lock(&self.0).random_range(0..=max)
+    }
 }
 
 impl Inner {
@@ -665,6 +730,7 @@ impl Inner {
             }
         }
         let actions = self.core().on_route(crate::clock::now(), &route);
+        lock(&self.targets).insert(route.topic.clone(), targets_of(&route));
         lock(&self.routes).insert(route.topic.clone(), route);
         self.execute(actions);
     }
@@ -699,8 +765,7 @@ impl Inner {
                 ),
             ));
         }
-        let route = self.route(topic).await?;
-        let targets: Vec<String> = route.groups.iter().map(|g| g.group.clone()).collect();
+        let targets = self.targets(topic).await?;
         let key_hash = message.key.as_deref().map(message::key_hash);
         let body = message::encode_stored(topic, &message, message::now_ms());
         if body.len() > message.payload.len() + MESSAGE_METADATA_LIMIT {
@@ -708,6 +773,26 @@ impl Inner {
                 ErrorKind::TooLarge,
                 format!("topic, key, tags and headers take {} bytes; at most {MESSAGE_METADATA_LIMIT} allowed", body.len() - message.payload.len()),
             ));
+        }
+        let receipt = |seq| Receipt {
+            id: MessageId {
+                producer: self.producer_id,
+                seq,
+            },
+            groups: targets.len(),
+        };
+        let handoff = HandOff {
+            topic: topic.to_string(),
+            key_hash,
+            targets: targets.clone(),
+        };
+        if durability == Durability::Memory {
+            // Fast path: no writer round trip and no await between storing the message
+            // and handing it to the dispatcher.
+            if let Some(seq) = self.outbox.append_memory(&targets, body.clone())? {
+                self.hand_off(seq, &handoff, false);
+                return Ok(receipt(seq));
+            }
         }
         let stored_durability = match durability {
             Durability::Memory => outbox::Durability::Memory,
@@ -717,36 +802,17 @@ impl Inner {
             WhenFull::Wait => outbox::WhenFull::Wait,
             WhenFull::Fail => outbox::WhenFull::Fail,
         };
-        let confirmed = durability == Durability::Confirmed;
-        // The append and the hand-off to the dispatcher run to completion even if the
-        // caller drops this future: a message stored but never dispatched would wait
-        // for the next restart.
-        let inner = self.clone();
-        let topic_owned = topic.to_string();
-        let handed_off = tokio::spawn(async move {
-            let seq = inner
-                .outbox
-                .append(targets.clone(), body, stored_durability, outbox_when_full)
-                .await?;
-            let waiter = confirmed.then(|| {
-                let (tx, rx) = oneshot::channel();
-                lock(&inner.confirms).insert(seq, tx);
-                rx
-            });
-            let actions = inner.core().on_publish(
-                crate::clock::now(),
-                seq,
-                &topic_owned,
-                key_hash,
-                &targets,
-                confirmed,
-            );
-            inner.execute(actions);
-            Ok::<_, Error>((seq, targets.len(), waiter))
-        });
-        let (seq, groups, waiter) = handed_off
-            .await
-            .map_err(|e| Error::with_source(ErrorKind::Closed, "publish task", e))??;
+        let ticket = self
+            .outbox
+            .submit(targets.to_vec(), body, stored_durability, outbox_when_full)
+            .await?;
+        let mut pending = PendingAppend {
+            inner: self.clone(),
+            ticket: Some(ticket),
+            handoff,
+        };
+        let seq = pending.stored().await?;
+        let waiter = pending.dispatch(seq, durability == Durability::Confirmed);
         if let Some(rx) = waiter {
             rx.await.map_err(|_| {
                 Error::new(
@@ -755,13 +821,40 @@ impl Inner {
                 )
             })?;
         }
-        Ok(Receipt {
-            id: MessageId {
-                producer: self.producer_id,
-                seq,
-            },
-            groups,
-        })
+        Ok(receipt(seq))
+    }
+
+    /// The target groups of `topic`, from the route cache or the directory.
+    async fn targets(&self, topic: &str) -> Result<Arc<[String]>> {
+        if let Some(targets) = lock(&self.targets).get(topic) {
+            return Ok(targets.clone());
+        }
+        Ok(targets_of(&self.route(topic).await?))
+    }
+
+    /// Gives a stored message to the dispatcher; with `confirmed`, returns the receiver
+    /// told when every target group acknowledged it.
+    fn hand_off(
+        self: &Arc<Self>,
+        seq: Seq,
+        handoff: &HandOff,
+        confirmed: bool,
+    ) -> Option<oneshot::Receiver<()>> {
+        let waiter = confirmed.then(|| {
+            let (tx, rx) = oneshot::channel();
+            lock(&self.confirms).insert(seq, tx);
+            rx
+        });
+        let actions = self.core().on_publish(
+            crate::clock::now(),
+            seq,
+            &handoff.topic,
+            handoff.key_hash,
+            &handoff.targets,
+            confirmed,
+        );
+        self.execute(actions);
+        waiter
     }
 
     /// Feeds the recovered outbox backlog to the dispatcher and watches its topics.
@@ -844,6 +937,65 @@ impl Inner {
         }
         Err(last)
     }
+}
+
+/// What the dispatcher needs to know of a stored message.
+struct HandOff {
+    topic: String,
+    key_hash: Option<u64>,
+    targets: Arc<[String]>,
+}
+
+/// A publish whose record is with the outbox writer. If the caller stops waiting, the
+/// message is still handed to the dispatcher once it is stored (a stored message that
+/// was never dispatched would wait for the next restart).
+struct PendingAppend {
+    inner: Arc<Inner>,
+    ticket: Option<outbox::AppendTicket>,
+    handoff: HandOff,
+}
+
+impl PendingAppend {
+    /// Waits until the record has its durability.
+    async fn stored(&mut self) -> Result<Seq> {
+        let ticket = self
+            .ticket
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Closed, "publish already handed off"))?;
+        let seq = ticket.wait().await;
+        self.ticket = None;
+        Ok(seq?)
+    }
+
+    fn dispatch(&self, seq: Seq, confirmed: bool) -> Option<oneshot::Receiver<()>> {
+        self.inner.hand_off(seq, &self.handoff, confirmed)
+    }
+}
+
+impl Drop for PendingAppend {
+    fn drop(&mut self) {
+        let Some(mut ticket) = self.ticket.take() else {
+            return;
+        };
+        let inner = self.inner.clone();
+        let handoff = HandOff {
+            topic: std::mem::take(&mut self.handoff.topic),
+            key_hash: self.handoff.key_hash,
+            targets: self.handoff.targets.clone(),
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Ok(seq) = ticket.wait().await {
+                    inner.hand_off(seq, &handoff, false);
+                }
+            });
+        }
+    }
+}
+
+/// The target groups of a route.
+fn targets_of(route: &Route) -> Arc<[String]> {
+    route.groups.iter().map(|g| g.group.clone()).collect()
 }
 
 async fn tick_loop(inner: std::sync::Weak<Inner>) {

@@ -73,6 +73,12 @@ pub struct OutboxConfig {
     /// Bytes of bodies of disk messages kept in memory for [`Outbox::read`] (default
     /// 32 MiB); older ones are read back from their segment.
     pub cache_bytes: usize,
+    /// [`Outbox::append`] waits for the writer thread by blocking the calling thread
+    /// instead of yielding to the async runtime (default `false`). Only for
+    /// deterministic simulation (`docs/simulation.md`): an append then takes no
+    /// simulated time and no other task of the runtime runs meanwhile. Never in
+    /// production: it stalls every task of the runtime during each group commit.
+    pub blocking_append: bool,
 }
 
 impl OutboxConfig {
@@ -86,6 +92,7 @@ impl OutboxConfig {
             max_messages: 1_000_000,
             max_batch: 4096,
             cache_bytes: 32 * 1024 * 1024,
+            blocking_append: false,
         }
     }
 }
@@ -97,6 +104,53 @@ pub enum Durability {
     Memory,
     /// Written and `fdatasync`ed to the outbox's segment file.
     Disk,
+}
+
+/// Where [`Outbox::read_cached`] found a body.
+#[derive(Debug, Clone)]
+pub enum CachedBody {
+    /// In memory.
+    Body(Bytes),
+    /// Pending, but only in its segment file: use [`Outbox::read`].
+    OnDisk,
+    /// Not pending (settled everywhere, or unknown).
+    Settled,
+}
+
+/// Quota reserved for an append not yet handed to the writer.
+struct QuotaGuard<'a> {
+    shared: &'a Shared,
+    bytes: u64,
+}
+
+impl Drop for QuotaGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.core().state.unreserve(self.bytes);
+        self.shared.space.notify_waiters();
+    }
+}
+
+/// An append handed to the writer by [`Outbox::submit`]; [`wait`](Self::wait) gives
+/// its sequence number once it has the requested durability.
+#[derive(Debug)]
+pub struct AppendTicket {
+    rx: oneshot::Receiver<Result<u64, OutboxError>>,
+    blocking: bool,
+}
+
+impl AppendTicket {
+    /// Waits until the append is durable as requested. Cancel-safe: may be called
+    /// again after the future was dropped.
+    pub async fn wait(&mut self) -> Result<u64, OutboxError> {
+        if self.blocking {
+            // Simulation only (see `OutboxConfig::blocking_append`). The writer never
+            // needs this thread to answer; `unconstrained` keeps tokio's cooperative
+            // budget from turning this wait into a spin.
+            return futures::executor::block_on(tokio::task::unconstrained(&mut self.rx))
+                .unwrap_or(Err(OutboxError::Closed));
+        }
+        (&mut self.rx).await.unwrap_or(Err(OutboxError::Closed))
+    }
 }
 
 /// What [`Outbox::append`] does when the quota is full.
@@ -140,6 +194,19 @@ pub struct Recovery {
     /// Messages still pending, by increasing sequence number.
     pub pending: Vec<PendingRecord>,
     /// Damaged or torn records found (and skipped or truncated).
+    pub damage: Vec<Damage>,
+}
+
+/// What [`Outbox::open`] found on disk, without the message bodies: kept for the life
+/// of the outbox so that it can be reported after start-up (see
+/// [`Outbox::recovery_report`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Messages found pending (and resumed) when the outbox was opened.
+    pub pending_messages: u64,
+    /// Damaged or torn records found, as in [`Recovery::damage`]: a torn tail of the
+    /// last segment was truncated at its `offset`, other damaged records were skipped.
+    /// Empty after a clean shutdown or crash-free recovery.
     pub damage: Vec<Damage>,
 }
 
@@ -287,6 +354,11 @@ struct Core {
     wake_queued: bool,
     /// Size of each segment file.
     seg_sizes: std::collections::BTreeMap<u64, u64>,
+    /// Next sequence number to hand out.
+    next_seq: u64,
+    /// Sequence numbers below this are covered by a durable lease record, so
+    /// `append_memory` may hand them out without waiting for the writer.
+    lease_durable: u64,
 }
 
 impl Shared {
@@ -319,6 +391,7 @@ impl Drop for Inner {
 pub struct Outbox {
     inner: Arc<Inner>,
     producer_id: u64,
+    recovered: Arc<RecoveryReport>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -384,6 +457,8 @@ impl Outbox {
                 deletions: Vec::new(),
                 wake_queued: false,
                 seg_sizes: rec.seg_sizes,
+                next_seq: rec.next_seq,
+                lease_durable: rec.lease_upto,
             }),
             cfg,
             space: Notify::new(),
@@ -398,7 +473,6 @@ impl Outbox {
             rec.file,
             rec.active,
             rec.active_size,
-            rec.next_seq,
             rec.lease_upto,
         );
         let handle = std::thread::Builder::new()
@@ -412,7 +486,14 @@ impl Outbox {
             writer: Some(handle),
         });
         Ok((
-            Outbox { inner, producer_id },
+            Outbox {
+                inner,
+                producer_id,
+                recovered: Arc::new(RecoveryReport {
+                    pending_messages: rec.pending.len() as u64,
+                    damage: rec.damage.clone(),
+                }),
+            },
             Recovery {
                 producer_id,
                 pending: rec.pending,
@@ -424,6 +505,12 @@ impl Outbox {
     /// This outbox's producer id (random at first open, then persisted).
     pub fn producer_id(&self) -> u64 {
         self.producer_id
+    }
+
+    /// What recovery found when this outbox was opened: pending messages and damage
+    /// (torn tail truncated, corrupt records skipped). Does not change afterwards.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovered
     }
 
     /// Assigns the next sequence number (never repeats, also across restarts and across
@@ -438,6 +525,23 @@ impl Outbox {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<u64, OutboxError> {
+        self.submit(targets, body, durability, when_full)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// The first half of [`append`](Self::append): checks, reserves quota (waiting or
+    /// failing as `when_full` says) and hands the record to the writer. Once this
+    /// returns the append happens whether or not the [`AppendTicket`] is awaited;
+    /// cancelling this future before it returns stores nothing.
+    pub async fn submit(
+        &self,
+        targets: Vec<String>,
+        body: Bytes,
+        durability: Durability,
+        when_full: WhenFull,
+    ) -> Result<AppendTicket, OutboxError> {
         let shared = &self.inner.shared;
         let size = body.len() as u64;
         let limit = (record::MAX_BODY as u64).min(shared.cfg.max_bytes);
@@ -446,30 +550,66 @@ impl Outbox {
         }
         let targets = validate_targets(targets)?;
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
+        let mut quota = None;
         if !targets.is_empty() {
             self.reserve(size, when_full).await?;
+            // Gives the quota back if this future is dropped before the hand-off.
+            quota = Some(QuotaGuard {
+                shared,
+                bytes: size,
+            });
         }
         let (reply, rx) = oneshot::channel();
-        let req = Req::Append {
+        let permit = tx.reserve().await.map_err(|_| OutboxError::Closed)?;
+        permit.send(Req::Append {
             targets,
             body,
             durability,
             reply,
-        };
-        if let Err(mpsc::error::SendError(req)) = tx.send(req).await {
-            self.unreserve(&req);
-            return Err(OutboxError::Closed);
-        }
-        rx.await.unwrap_or(Err(OutboxError::Closed))
+        });
+        // The writer owns the reservation now.
+        std::mem::forget(quota);
+        Ok(AppendTicket {
+            rx,
+            blocking: shared.cfg.blocking_append,
+        })
     }
 
-    fn unreserve(&self, req: &Req) {
-        if let Req::Append { targets, body, .. } = req {
-            if !targets.is_empty() {
-                self.inner.shared.core().state.unreserve(body.len() as u64);
-                self.inner.shared.space.notify_waiters();
-            }
+    /// Appends a `Memory` message without waiting: returns its sequence number, or
+    /// `Ok(None)` when the caller must use [`append`](Self::append) instead (the quota
+    /// is full, or the sequence lease must be renewed on disk first).
+    pub fn append_memory(
+        &self,
+        targets: &[String],
+        body: Bytes,
+    ) -> Result<Option<u64>, OutboxError> {
+        let shared = &self.inner.shared;
+        let size = body.len() as u64;
+        let limit = (record::MAX_BODY as u64).min(shared.cfg.max_bytes);
+        if size > limit {
+            return Err(OutboxError::TooLarge { size, limit });
         }
+        let targets = validate_targets(targets.to_vec())?;
+        if self.inner.tx.is_none() || shared.closed.load(Ordering::Acquire) {
+            return Err(OutboxError::Closed);
+        }
+        let mut core = shared.core();
+        if core.next_seq >= core.lease_durable {
+            return Ok(None);
+        }
+        let seq = core.next_seq;
+        if !targets.is_empty() {
+            if core.state.reserve(size).is_err() {
+                return Ok(None);
+            }
+            core.state
+                .message_added(seq, &targets, None, size, unix_ms_now(), true);
+            core.mem_bodies.insert(seq, body);
+        }
+        core.next_seq += 1;
+        drop(core);
+        shared.appended.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(seq))
     }
 
     async fn reserve(&self, size: u64, when_full: WhenFull) -> Result<(), OutboxError> {
@@ -545,6 +685,25 @@ impl Outbox {
                 }
             }
         }
+    }
+
+    /// The bodies of `seqs` that are in memory, with one lock: what [`read`](Self::read)
+    /// would return without touching the disk.
+    pub fn read_cached(&self, seqs: &[u64]) -> Vec<CachedBody> {
+        let core = self.inner.shared.core();
+        seqs.iter()
+            .map(|seq| {
+                if let Some(b) = core.mem_bodies.get(seq) {
+                    CachedBody::Body(b.clone())
+                } else if let Some(b) = core.cache.get(*seq) {
+                    CachedBody::Body(b)
+                } else if core.state.location(*seq).is_some() {
+                    CachedBody::OnDisk
+                } else {
+                    CachedBody::Settled
+                }
+            })
+            .collect()
     }
 
     /// The body of a pending message: from memory if cached, else read from its

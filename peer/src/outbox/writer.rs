@@ -34,7 +34,7 @@ pub(super) struct Writer {
     file: File,
     active: u64,
     size: u64,
-    next_seq: u64,
+    /// Highest lease written (durable once the batch holding it is synced).
     lease_upto: u64,
     buf: Vec<u8>,
     failed: Option<String>,
@@ -49,7 +49,6 @@ impl Writer {
         file: File,
         active: u64,
         size: u64,
-        next_seq: u64,
         lease_upto: u64,
     ) -> Self {
         Writer {
@@ -58,7 +57,6 @@ impl Writer {
             file,
             active,
             size,
-            next_seq,
             lease_upto,
             buf: Vec::new(),
             failed: None,
@@ -174,23 +172,25 @@ impl Writer {
             }
         }
         let n = appends.len() as u64;
-        let mut lease_in_batch = false;
-        if write_lease || self.next_seq + n > self.lease_upto {
-            if self.next_seq + n > self.lease_upto {
-                self.lease_upto = self.next_seq + n + LEASE_BLOCK;
-            }
-            record::encode_lease(&mut self.buf, self.lease_upto);
-            lease_in_batch = true;
-            need_sync = true;
-        }
         let now = unix_ms_now();
         // Replies to send after the sync: (reply, seq, wrote_to_disk).
         let mut deferred: Vec<(Reply, u64, bool)> = Vec::new();
+        let mut lease_in_batch = false;
         {
+            // Sequence numbers are taken under the core lock, as `append_memory` takes
+            // them, so that messages enter the state in sequence order.
             let mut core = self.shared.core();
+            if write_lease || core.next_seq + n > self.lease_upto {
+                if core.next_seq + n > self.lease_upto {
+                    self.lease_upto = core.next_seq + n + LEASE_BLOCK;
+                }
+                record::encode_lease(&mut self.buf, self.lease_upto);
+                lease_in_batch = true;
+                need_sync = true;
+            }
             for (targets, body, durability, reply) in appends {
-                let seq = self.next_seq;
-                self.next_seq += 1;
+                let seq = core.next_seq;
+                core.next_seq += 1;
                 if targets.is_empty() {
                     if lease_in_batch {
                         deferred.push((reply, seq, false));
@@ -258,6 +258,9 @@ impl Writer {
         {
             let mut core = self.shared.core();
             core.seg_sizes.insert(self.active, self.size);
+            if res.is_ok() && lease_in_batch {
+                core.lease_durable = self.lease_upto;
+            }
             if let Err(e) = &res {
                 self.failed = Some(e.to_string());
                 tracing::error!(error = %e, "outbox write failed; further appends will fail");
