@@ -372,3 +372,282 @@ async fn receiver_restart_keeps_dropping_messages_it_already_acked() {
         again.ok().flatten().map(|d| d.id())
     );
 }
+
+/// How the torn-tail test damages the last outbox segment of the stopped sender.
+#[derive(Debug, Clone, Copy)]
+enum TailDamage {
+    /// Cut the file in the middle of a message record (a torn write): that record and
+    /// every one after it are lost.
+    TruncateMidRecord,
+    /// Overwrite bytes in the middle of the last record, so that its CRC fails.
+    CorruptLastRecord,
+    /// Append garbage after the last record: a frame header claiming more bytes than
+    /// follow it, as a write that never completed leaves.
+    AppendGarbage,
+}
+
+/// One frame of a clean segment: where it starts and ends, and the message sequence
+/// number if it is a message record.
+struct SegmentFrame {
+    offset: u64,
+    end: u64,
+    seq: Option<u64>,
+}
+
+fn segment_frames(data: &[u8]) -> Vec<SegmentFrame> {
+    use weft_peer::outbox::record::{Record, FRAME_HEADER};
+    use weft_peer::outbox::segment::{scan, Scanned};
+    scan(&bytes::Bytes::copy_from_slice(data))
+        .into_iter()
+        .map(|s| match s {
+            Scanned::Record {
+                offset,
+                len,
+                record,
+            } => SegmentFrame {
+                offset,
+                end: offset + FRAME_HEADER as u64 + u64::from(len),
+                seq: match record {
+                    Record::Message { seq, .. } => Some(seq),
+                    _ => None,
+                },
+            },
+            other => panic!("the segment of a cleanly closed sender is intact: {other:?}"),
+        })
+        .collect()
+}
+
+/// Issue 4: a torn or corrupt tail of a stopped sender's outbox. The sender recovers,
+/// reports the damage through `Peer::outbox_recovery`, and delivers exactly the messages
+/// whose records lie entirely before the damage (nothing lost before it, nothing made
+/// up after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_outbox_tail_recovers_reports_and_loses_nothing_before_the_damage() {
+    init_logs();
+    for damage in [
+        TailDamage::TruncateMidRecord,
+        TailDamage::CorruptLastRecord,
+        TailDamage::AppendGarbage,
+    ] {
+        torn_tail_case(damage).await;
+    }
+}
+
+async fn torn_tail_case(damage: TailDamage) {
+    const TOPIC: &str = "torn";
+    const N: u64 = 40;
+    let root = tempfile::tempdir().expect("tempdir");
+    // A long grace period keeps the stopped member registered: the group stays in the
+    // route, so the sender's messages target it and wait in the outbox.
+    let directory = Directory::builder("dir-1")
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .dev(root.path().join("dev-ca"))
+        .grace_period(Duration::from_secs(120))
+        .start()
+        .await
+        .expect("directory");
+    // The member comes back on the same address, as a restarted service would.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let member_addr = socket.local_addr().expect("addr");
+    drop(socket);
+    let start_member = || {
+        Peer::builder("member")
+            .directory([directory.local_addr()])
+            .dev_ca(root.path().join("dev-ca"))
+            .data_dir(root.path().join("member"))
+            .listen(member_addr)
+            .start()
+    };
+    let start_sender = || {
+        Peer::builder("sender")
+            .directory([directory.local_addr()])
+            .dev_ca(root.path().join("dev-ca"))
+            .data_dir(root.path().join("sender"))
+            .durability(weft_peer::Durability::Disk)
+            .ack_timeout(Duration::from_secs(2))
+            .start()
+    };
+    let group_members = |directory: &Directory| {
+        directory
+            .route(TOPIC)
+            .groups
+            .iter()
+            .find(|g| g.group == "g")
+            .map(|g| g.members.len())
+    };
+
+    // The group "g" is registered, then its only member stops.
+    let member = start_member().await.expect("member");
+    let sub = member
+        .subscribe(TOPIC)
+        .group("g")
+        .start()
+        .await
+        .expect("subscribe");
+    assert!(
+        eventually(Duration::from_secs(10), || group_members(&directory)
+            == Some(1))
+        .await,
+        "{damage:?}: member registered"
+    );
+    // Close before dropping the subscription, so that it is not unregistered.
+    member.close().await.expect("close member");
+    drop(sub);
+    assert_eq!(
+        group_members(&directory),
+        Some(1),
+        "{damage:?}: the stopped member stays registered for the grace period"
+    );
+
+    // The sender publishes N numbered messages; with no live member they stay pending.
+    let sender = start_sender().await.expect("sender");
+    let mut number_of_seq = HashMap::new();
+    for n in 0..N {
+        let receipt = sender
+            .publish(TOPIC, weft_peer::Message::new(n.to_string()))
+            .await
+            .expect("publish");
+        assert_eq!(receipt.groups, 1, "{damage:?}: addressed to group g");
+        number_of_seq.insert(receipt.id.seq, n);
+    }
+    assert_eq!(sender.outbox_stats().pending_messages, N);
+    assert!(sender.outbox_recovery().damage.is_empty());
+    sender.close().await.expect("close sender");
+
+    // Damage the last segment of the stopped sender's outbox.
+    let outbox_dir = root.path().join("sender").join("outbox");
+    let last = *weft_peer::outbox::segment::list(&outbox_dir)
+        .expect("list segments")
+        .last()
+        .expect("a segment");
+    let path = weft_peer::outbox::segment::path(&outbox_dir, last);
+    let mut data = std::fs::read(&path).expect("read segment");
+    let original_len = data.len() as u64;
+    let frames = segment_frames(&data);
+    let messages: Vec<&SegmentFrame> = frames.iter().filter(|f| f.seq.is_some()).collect();
+    assert_eq!(
+        messages.len() as u64,
+        N,
+        "{damage:?}: every message is in the last segment"
+    );
+    let damage_at = match damage {
+        TailDamage::TruncateMidRecord => {
+            let victim = messages[messages.len() / 2];
+            let cut = victim.offset + (victim.end - victim.offset) / 2;
+            data.truncate(cut as usize);
+            victim.offset
+        }
+        TailDamage::CorruptLastRecord => {
+            let victim = frames.last().expect("frames");
+            assert!(
+                victim.seq.is_some(),
+                "{damage:?}: the last frame is a message"
+            );
+            let middle = ((victim.offset + victim.end) / 2) as usize;
+            for b in &mut data[middle - 2..middle + 2] {
+                *b ^= 0xff;
+            }
+            victim.offset
+        }
+        TailDamage::AppendGarbage => {
+            data.extend_from_slice(&1000u32.to_le_bytes());
+            data.extend_from_slice(&0xdead_beef_u32.to_le_bytes());
+            data.extend_from_slice(&[0xab; 29]);
+            original_len
+        }
+    };
+    std::fs::write(&path, &data).expect("write damaged segment");
+    // Exactly the messages whose records lie entirely before the damage survive.
+    let expected: HashSet<u64> = messages
+        .iter()
+        .filter(|f| f.end <= damage_at)
+        .map(|f| number_of_seq[&f.seq.expect("message")])
+        .collect();
+    let lost = N - expected.len() as u64;
+    match damage {
+        TailDamage::TruncateMidRecord => assert_eq!(lost, N - N / 2),
+        TailDamage::CorruptLastRecord => assert_eq!(lost, 1),
+        TailDamage::AppendGarbage => assert_eq!(lost, 0),
+    }
+
+    // Restart: recovery truncates the tail and reports it.
+    let sender = start_sender()
+        .await
+        .expect("sender restarts on the damaged outbox");
+    let report = sender.outbox_recovery().clone();
+    assert_eq!(
+        report.pending_messages,
+        expected.len() as u64,
+        "{damage:?}: pending after recovery: {report:?}"
+    );
+    assert_eq!(report.damage.len(), 1, "{damage:?}: {report:?}");
+    assert_eq!(report.damage[0].segment, path, "{damage:?}: {report:?}");
+    assert_eq!(report.damage[0].offset, damage_at, "{damage:?}: {report:?}");
+    assert!(
+        report.damage[0].reason.contains("torn tail"),
+        "{damage:?}: {report:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).expect("segment kept").len(),
+        damage_at,
+        "{damage:?}: the segment is truncated where the damage starts"
+    );
+    assert_eq!(
+        sender.outbox_stats().pending_messages,
+        expected.len() as u64
+    );
+
+    // A member of the group comes back and gets exactly the surviving messages.
+    let member = start_member().await.expect("member restarts");
+    let mut sub = member
+        .subscribe(TOPIC)
+        .group("g")
+        .start()
+        .await
+        .expect("subscribe again");
+    let mut received = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.len() < expected.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let d = tokio::time::timeout(left, sub.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{damage:?}: {} of {} surviving messages delivered in time",
+                    received.len(),
+                    expected.len()
+                )
+            })
+            .expect("subscription open");
+        let n: u64 = std::str::from_utf8(d.payload())
+            .expect("utf8")
+            .parse()
+            .expect("a number");
+        assert_eq!(
+            number_of_seq.get(&d.id().seq),
+            Some(&n),
+            "{damage:?}: delivered message {} is one the sender published",
+            d.id()
+        );
+        assert!(
+            expected.contains(&n),
+            "{damage:?}: message {n} lay (partly) after the damage and must not come back"
+        );
+        received.insert(n);
+        d.ack();
+    }
+    assert_eq!(received, expected, "{damage:?}");
+    assert!(
+        sender.drain(Duration::from_secs(20)).await,
+        "{damage:?}: every surviving message is acked and leaves the outbox"
+    );
+    let extra = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(
+        extra.is_err(),
+        "{damage:?}: nothing else is delivered: {:?}",
+        extra.ok().flatten().map(|d| d.id())
+    );
+    drop(sub);
+    sender.close().await.expect("close sender");
+    member.close().await.expect("close member");
+}

@@ -154,6 +154,22 @@ impl DirectoryBuilder {
         self
     }
 
+    /// Serves peers over `socket` instead of binding [`listen`](Self::listen): for
+    /// example a simulated network's socket (`docs/simulation.md`). The socket's local
+    /// address is the node's address. Default: a real UDP socket bound to `listen`.
+    pub fn udp_socket(mut self, socket: std::sync::Arc<dyn quinn::AsyncUdpSocket>) -> Self {
+        self.settings.udp_socket = Some(socket);
+        self
+    }
+
+    /// Seeds the random choices of the node's QUIC endpoint, so that a simulated run can
+    /// be reproduced (`docs/simulation.md`). Default: random from the operating system;
+    /// do not set it in production. Gossip (`chitchat`) is not seeded by it.
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.settings.rng_seed = Some(seed);
+        self
+    }
+
     /// Joins a directory cluster: gossips on UDP `listen` (port 0 picks a free port) and
     /// contacts `seeds` (gossip addresses of other nodes; may include this node's own).
     /// Without this the node runs alone. Needs TLS from files or `.dev`: gossip values
@@ -280,6 +296,8 @@ impl Directory {
                 max_frame: weft_proto::wire::DEFAULT_MAX_FRAME,
                 max_subscriptions_per_peer: DEFAULT_MAX_SUBSCRIPTIONS_PER_PEER,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
+                udp_socket: None,
+                rng_seed: None,
             },
             tls: None,
             gossip: None,

@@ -31,6 +31,10 @@ pub struct NodeSettings {
     pub max_subscriptions_per_peer: usize,
     /// Concurrent peer connections accepted; more are refused.
     pub max_connections: usize,
+    /// A caller-supplied socket to run QUIC over instead of binding `listen`.
+    pub udp_socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// Seed of the QUIC endpoint's random choices (simulations only).
+    pub rng_seed: Option<u64>,
 }
 
 /// Route changes waiting to be pushed to one watching connection. Coalesced per topic,
@@ -153,7 +157,11 @@ pub(crate) fn start(
     creds: &Credentials,
     settings: NodeSettings,
 ) -> Result<Node, DirectoryError> {
-    let endpoint = tls::endpoint(settings.listen, creds)?;
+    let endpoint = match (&settings.udp_socket, settings.rng_seed) {
+        (None, None) => tls::endpoint(settings.listen, creds)?,
+        (Some(socket), seed) => tls::endpoint_with_socket(socket.clone(), creds, seed)?,
+        (None, seed) => tls::endpoint_with_socket(tls::udp_socket(settings.listen)?, creds, seed)?,
+    };
     let local_addr = endpoint.local_addr().map_err(|source| DirectoryError::Io {
         what: format!("reading the bound address of {}", settings.listen),
         source,
@@ -219,7 +227,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, settings: N
             if let Err(e) = serve_connection(conn, identity, conn_id, &shared, &settings).await {
                 debug!(%remote, error = %e, "peer connection ended");
             }
-            shared.lock().sessions.disconnect(conn_id, tokio::time::Instant::now().into_std());
+            shared
+                .lock()
+                .sessions
+                .disconnect(conn_id, tokio::time::Instant::now().into_std());
             drop(permit);
         });
     }

@@ -6,8 +6,9 @@
 //! exceeded, the oldest ranges are forgotten, so a very late retransmission of an old
 //! message is delivered again (a duplicate) — never dropped unacked (a loss).
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use weft_proto::wire::MessageId;
 
 /// Default bound of remembered ranges per producer.
@@ -18,14 +19,14 @@ pub const DEFAULT_MAX_RANGES: usize = 4096;
 pub(crate) struct Dedup {
     max_ranges: usize,
     /// producer → (range start → range end, inclusive).
-    producers: HashMap<u64, BTreeMap<u64, u64>>,
+    producers: FxHashMap<u64, BTreeMap<u64, u64>>,
 }
 
 impl Dedup {
     pub(crate) fn new(max_ranges: usize) -> Self {
         Self {
             max_ranges: max_ranges.max(1),
-            producers: HashMap::new(),
+            producers: FxHashMap::default(),
         }
     }
 

@@ -4,7 +4,6 @@
 //! node is reachable, so existing flows keep delivering.
 
 use crate::error::{Error, ErrorKind, Result};
-use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +36,8 @@ pub(crate) struct ClientSettings {
     pub addrs: Vec<SocketAddr>,
     pub hello: Hello,
     pub max_frame: usize,
+    /// Reconnect jitter (seeded in simulations).
+    pub jitter: crate::peer::Jitter,
 }
 
 /// Handle to the directory client task.
@@ -152,7 +153,7 @@ async fn run(
             }
             Err(e) => debug!(%addr, error = %e, "directory node unreachable"),
         }
-        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+        let jitter = settings.jitter.millis(backoff.as_millis() as u64 / 2);
         let delay = backoff + Duration::from_millis(jitter);
         // Keep accepting commands while waiting, so callers queue rather than block.
         let deadline = tokio::time::Instant::now() + delay;

@@ -6,7 +6,8 @@
 //! routes. Events come in with `now`; [`Action`]s come out for the runtime to perform.
 //! Message bodies are not held here, only sequence numbers and key hashes.
 
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use weft_proto::wire::Route;
 
@@ -30,8 +31,8 @@ pub(crate) enum Action {
     CloseLink(LinkKey),
     /// Messages are ready for the link: call [`Dispatcher::take_outgoing`].
     Wake(LinkKey),
-    /// The message needs nothing more from this group.
-    Settle { seq: Seq, group: String },
+    /// The messages need nothing more from this group.
+    Settle { seqs: Vec<Seq>, group: String },
     /// Every target group of a confirmed publish has acknowledged it.
     Confirmed(Seq),
 }
@@ -55,6 +56,11 @@ struct GroupQueue {
     waiting: BTreeMap<Seq, Entry>,
     /// Members in the current route, sorted.
     members: Vec<String>,
+    /// The link key of each member, in `members` order.
+    links: Vec<LinkKey>,
+    /// The last pump found no link with free credit: a new message cannot be placed
+    /// until an event (ack, credit, link change, timeout) pumps again.
+    blocked: bool,
 }
 
 #[derive(Debug)]
@@ -110,18 +116,19 @@ const SCAN_LIMIT: usize = 65_536;
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     ack_timeout: Duration,
-    groups: HashMap<(String, String), GroupQueue>,
-    links: HashMap<LinkKey, Link>,
-    confirm: HashMap<Seq, usize>,
+    /// Queues by topic, then group (nested so that lookups by `&str` allocate nothing).
+    groups: FxHashMap<String, FxHashMap<String, GroupQueue>>,
+    links: FxHashMap<LinkKey, Link>,
+    confirm: FxHashMap<Seq, usize>,
 }
 
 impl Dispatcher {
     pub(crate) fn new(ack_timeout: Duration) -> Self {
         Self {
             ack_timeout,
-            groups: HashMap::new(),
-            links: HashMap::new(),
-            confirm: HashMap::new(),
+            groups: FxHashMap::default(),
+            links: FxHashMap::default(),
+            confirm: FxHashMap::default(),
         }
     }
 
@@ -144,10 +151,7 @@ impl Dispatcher {
             }
         }
         for group in targets {
-            let queue = self
-                .groups
-                .entry((topic.to_string(), group.clone()))
-                .or_default();
+            let queue = self.queue_entry(topic, group);
             queue.waiting.insert(
                 seq,
                 Entry {
@@ -155,9 +159,27 @@ impl Dispatcher {
                     deliveries: 0,
                 },
             );
-            self.pump(now, topic, group, &mut actions);
+            if !queue.blocked {
+                self.pump(now, topic, group, &mut actions);
+            }
         }
         actions
+    }
+
+    fn queue_entry(&mut self, topic: &str, group: &str) -> &mut GroupQueue {
+        if !self.groups.contains_key(topic) {
+            self.groups.insert(topic.to_string(), FxHashMap::default());
+        }
+        let groups = self
+            .groups
+            .get_mut(topic)
+            .expect("inserted just above when missing");
+        if !groups.contains_key(group) {
+            groups.insert(group.to_string(), GroupQueue::default());
+        }
+        groups
+            .get_mut(group)
+            .expect("inserted just above when missing")
     }
 
     /// The directory says `route` is current for its topic.
@@ -173,9 +195,11 @@ impl Dispatcher {
         // Groups that left the route keep their waiting messages, with no members.
         let gone: Vec<String> = self
             .groups
-            .keys()
-            .filter(|(t, g)| t == topic && !listed.contains(&g.as_str()))
-            .map(|(_, g)| g.clone())
+            .get(topic)
+            .into_iter()
+            .flat_map(|groups| groups.keys())
+            .filter(|g| !listed.contains(&g.as_str()))
+            .cloned()
             .collect();
         for group in gone {
             self.set_members(now, topic, &group, Vec::new(), &mut actions);
@@ -193,10 +217,15 @@ impl Dispatcher {
     ) {
         members.sort();
         members.dedup();
-        let queue = self
-            .groups
-            .entry((topic.to_string(), group.to_string()))
-            .or_default();
+        let queue = self.queue_entry(topic, group);
+        queue.links = members
+            .iter()
+            .map(|member| LinkKey {
+                member: member.clone(),
+                topic: topic.to_string(),
+                group: group.to_string(),
+            })
+            .collect();
         let old = std::mem::replace(&mut queue.members, members.clone());
         for member in old.iter().filter(|m| !members.contains(m)) {
             let key = LinkKey {
@@ -280,9 +309,7 @@ impl Dispatcher {
                 acked.push(f.seq);
             }
         }
-        for seq in acked {
-            self.settle(seq, &key.group, &mut actions);
-        }
+        self.settle(acked, &key.group, &mut actions);
         self.pump(now, &key.topic, &key.group, &mut actions);
         actions
     }
@@ -323,7 +350,8 @@ impl Dispatcher {
         let mut out: Vec<GroupBacklog> = self
             .groups
             .iter()
-            .map(|((topic, group), q)| GroupBacklog {
+            .flat_map(|(topic, groups)| groups.iter().map(move |(group, q)| (topic, group, q)))
+            .map(|(topic, group, q)| GroupBacklog {
                 topic: topic.clone(),
                 group: group.clone(),
                 waiting: q.waiting.len(),
@@ -340,18 +368,27 @@ impl Dispatcher {
         out
     }
 
-    fn settle(&mut self, seq: Seq, group: &str, actions: &mut Vec<Action>) {
-        actions.push(Action::Settle {
-            seq,
-            group: group.to_string(),
-        });
-        if let Some(remaining) = self.confirm.get_mut(&seq) {
-            *remaining -= 1;
-            if *remaining == 0 {
-                self.confirm.remove(&seq);
-                actions.push(Action::Confirmed(seq));
+    fn settle(&mut self, seqs: Vec<Seq>, group: &str, actions: &mut Vec<Action>) {
+        if seqs.is_empty() {
+            return;
+        }
+        let mut confirmed = Vec::new();
+        if !self.confirm.is_empty() {
+            for seq in &seqs {
+                if let Some(remaining) = self.confirm.get_mut(seq) {
+                    *remaining -= 1;
+                    if *remaining == 0 {
+                        self.confirm.remove(seq);
+                        confirmed.push(Action::Confirmed(*seq));
+                    }
+                }
             }
         }
+        actions.push(Action::Settle {
+            seqs,
+            group: group.to_string(),
+        });
+        actions.extend(confirmed);
     }
 
     fn requeue_link(&mut self, key: &LinkKey) {
@@ -360,7 +397,11 @@ impl Dispatcher {
         };
         link.outgoing.clear();
         let inflight = std::mem::take(&mut link.inflight);
-        if let Some(queue) = self.groups.get_mut(&(key.topic.clone(), key.group.clone())) {
+        if let Some(queue) = self
+            .groups
+            .get_mut(&key.topic)
+            .and_then(|groups| groups.get_mut(&key.group))
+        {
             for f in inflight.into_values() {
                 queue.waiting.insert(f.seq, f.entry);
             }
@@ -369,33 +410,34 @@ impl Dispatcher {
 
     /// Assigns waiting messages of one group to its links, within their credit.
     fn pump(&mut self, now: Instant, topic: &str, group: &str, actions: &mut Vec<Action>) {
-        let Some(queue) = self.groups.get_mut(&(topic.to_string(), group.to_string())) else {
+        let Some(queue) = self
+            .groups
+            .get_mut(topic)
+            .and_then(|groups| groups.get_mut(group))
+        else {
             return;
         };
-        let keys: Vec<LinkKey> = queue
-            .members
+        let links = &mut self.links;
+        let live: Vec<&LinkKey> = queue
+            .links
             .iter()
-            .map(|m| LinkKey {
-                member: m.clone(),
-                topic: topic.to_string(),
-                group: group.to_string(),
-            })
-            .filter(|k| self.links.get(k).is_some_and(|l| l.up))
+            .filter(|k| links.get(*k).is_some_and(|l| l.up))
             .collect();
-        if keys.is_empty() || queue.waiting.is_empty() {
+        let mut free: Vec<u32> = live
+            .iter()
+            .map(|k| links.get(*k).map_or(0, Link::free))
+            .collect();
+        queue.blocked = free.iter().all(|f| *f == 0);
+        if queue.blocked || queue.waiting.is_empty() {
             return;
         }
-        let mut free: Vec<u32> = keys
-            .iter()
-            .map(|k| self.links.get(k).map_or(0, Link::free))
-            .collect();
         let mut assigned: Vec<(usize, Seq, Entry)> = Vec::new();
         for (scanned, (&seq, &entry)) in queue.waiting.iter().enumerate() {
             if free.iter().all(|f| *f == 0) || scanned >= SCAN_LIMIT {
                 break;
             }
             let target = match entry.key_hash {
-                Some(h) => rendezvous(h, &keys),
+                Some(h) => rendezvous(h, &live),
                 None => most_free(&free),
             };
             if free[target] == 0 {
@@ -404,11 +446,12 @@ impl Dispatcher {
             free[target] -= 1;
             assigned.push((target, seq, entry));
         }
-        let mut woken = vec![false; keys.len()];
+        queue.blocked = free.iter().all(|f| *f == 0);
+        let mut woken = vec![false; live.len()];
         for (target, seq, mut entry) in assigned {
             queue.waiting.remove(&seq);
             entry.deliveries += 1;
-            if let Some(link) = self.links.get_mut(&keys[target]) {
+            if let Some(link) = links.get_mut(live[target]) {
                 let link_seq = link.next_link_seq;
                 link.next_link_seq += 1;
                 link.inflight.insert(
@@ -419,13 +462,14 @@ impl Dispatcher {
                         sent_at: now,
                     },
                 );
+                // A link with outgoing messages was woken already and takes them all.
+                woken[target] |= link.outgoing.is_empty();
                 link.outgoing.push((link_seq, seq));
-                woken[target] = true;
             }
         }
-        for (i, key) in keys.into_iter().enumerate() {
+        for (i, key) in live.into_iter().enumerate() {
             if woken[i] {
-                actions.push(Action::Wake(key));
+                actions.push(Action::Wake(key.clone()));
             }
         }
     }
@@ -433,7 +477,7 @@ impl Dispatcher {
 
 /// Rendezvous (highest random weight) hashing: the member a key maps to changes only
 /// when that member leaves.
-fn rendezvous(key_hash: u64, keys: &[LinkKey]) -> usize {
+fn rendezvous(key_hash: u64, keys: &[&LinkKey]) -> usize {
     let mut best = 0;
     let mut best_score = 0u64;
     for (i, k) in keys.iter().enumerate() {

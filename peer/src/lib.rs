@@ -27,13 +27,13 @@
 //! ```
 #![warn(missing_docs)]
 
+mod clock;
 mod dedup;
 mod directory_client;
 mod dispatch;
 mod error;
 mod inbound;
 mod link;
-mod clock;
 mod message;
 pub mod outbox;
 mod peer;

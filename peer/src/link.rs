@@ -178,7 +178,9 @@ async fn send_batch(
         queue(writer, key, first, batch)?;
     }
     if !unsendable.is_empty() {
-        let actions = inner.core().on_ack(crate::clock::now(), key, 0, &unsendable);
+        let actions = inner
+            .core()
+            .on_ack(crate::clock::now(), key, 0, &unsendable);
         inner.execute(actions);
     }
     writer

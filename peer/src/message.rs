@@ -72,11 +72,16 @@ pub(crate) fn encode_stored(topic: &str, msg: &Message, publish_time_ms: u64) ->
         headers: msg.headers.clone(),
         publish_time_ms,
     };
+    // One allocation: the head is serialized in place after a length placeholder.
+    let estimate = 32 + topic.len() + msg.key.as_ref().map_or(0, String::len);
+    let mut out = BytesMut::with_capacity(4 + estimate + msg.payload.len());
+    out.put_u32(0);
+    let mut writer = out.writer();
     // Serializing plain strings and integers into memory cannot fail.
-    let head = rmp_serde::to_vec(&head).unwrap_or_default();
-    let mut out = BytesMut::with_capacity(4 + head.len() + msg.payload.len());
-    out.put_u32(head.len() as u32);
-    out.extend_from_slice(&head);
+    let _ = rmp_serde::encode::write(&mut writer, &head);
+    let mut out = writer.into_inner();
+    let head_len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&head_len.to_be_bytes());
     out.extend_from_slice(&msg.payload);
     out.freeze()
 }

@@ -8,7 +8,7 @@ use crate::message::{self, Message};
 use crate::outbox::{self, Outbox, OutboxConfig, OutboxStats};
 use crate::subscription::{lock, SubShared, SubState, Subscription, DEFAULT_CREDIT};
 use crate::{Durability, Receipt, WhenFull};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -41,6 +41,7 @@ pub(crate) struct PeerConfig {
     pub(crate) durability: Durability,
     pub(crate) when_full: WhenFull,
     pub(crate) zone: Option<String>,
+    pub(crate) blocking_io: bool,
 }
 
 enum TlsSource {
@@ -80,6 +81,7 @@ impl PeerBuilder {
                 durability: Durability::Disk,
                 when_full: WhenFull::Wait,
                 zone: None,
+                blocking_io: false,
             },
             outbox: None,
             udp_socket: None,
@@ -214,6 +216,17 @@ impl PeerBuilder {
         self
     }
 
+    /// Does the peer's disk work (outbox appends, dedup state loads and saves) on the
+    /// async runtime's own thread, blocking it, instead of waiting for the outbox writer
+    /// thread or tokio's blocking pool (default `false`). For deterministic simulation
+    /// only (`docs/simulation.md`): work finishing on another thread at a
+    /// wall-clock-dependent moment would reorder the runtime's tasks. Never in
+    /// production: it stalls every task of the runtime during each `fsync`.
+    pub fn blocking_io(mut self, blocking: bool) -> Self {
+        self.config.blocking_io = blocking;
+        self
+    }
+
     /// Opens the outbox, binds the endpoint, attaches to the directory and resumes
     /// sending whatever the outbox recovered.
     pub async fn start(self) -> Result<Peer> {
@@ -237,6 +250,7 @@ impl PeerBuilder {
         if let Some(f) = self.outbox {
             outbox_config = f(outbox_config);
         }
+        outbox_config.blocking_append |= self.config.blocking_io;
         let (outbox, recovery) = Outbox::open(outbox_config).await?;
         for damage in &recovery.damage {
             warn!(segment = %damage.segment.display(), offset = damage.offset, reason = %damage.reason, "outbox damage found during recovery");
@@ -249,6 +263,8 @@ impl PeerBuilder {
         let local_addr = endpoint
             .local_addr()
             .map_err(|e| Error::with_source(ErrorKind::Io, "reading the bound address", e))?;
+        let loopback_client =
+            tls::client_config_for(&creds, SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let incarnation = match self.rng_seed {
             Some(seed) => {
                 use rand::{RngCore, SeedableRng};
@@ -269,16 +285,17 @@ impl PeerBuilder {
             advertised,
             config: self.config,
             endpoint: endpoint.clone(),
+            loopback_client,
             producer_id: outbox.producer_id(),
             outbox,
             core: Mutex::new(Dispatcher::new(DEFAULT_ACK_TIMEOUT)),
-            links: Mutex::new(HashMap::new()),
-            confirms: Mutex::new(HashMap::new()),
-            routes: Mutex::new(HashMap::new()),
-            targets: Mutex::new(HashMap::new()),
-            addrs: Mutex::new(HashMap::new()),
-            conns: Mutex::new(HashMap::new()),
-            subscriptions: Mutex::new(HashMap::new()),
+            links: Mutex::new(FxHashMap::default()),
+            confirms: Mutex::new(FxHashMap::default()),
+            routes: Mutex::new(FxHashMap::default()),
+            targets: Mutex::new(FxHashMap::default()),
+            addrs: Mutex::new(FxHashMap::default()),
+            conns: Mutex::new(FxHashMap::default()),
+            subscriptions: Mutex::new(FxHashMap::default()),
             directory: OnceLock::new(),
             jitter: Jitter::new(self.rng_seed.map(|s| s ^ 0x6c69_6e6b)),
         });
@@ -485,16 +502,9 @@ impl Peer {
     /// Waits until nothing is pending in the outbox (every message settled), or the
     /// timeout passes; returns whether it drained.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        let deadline = crate::clock::now() + timeout;
-        loop {
-            if self.inner.outbox.stats().pending_messages == 0 {
-                return true;
-            }
-            if crate::clock::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tokio::time::timeout(timeout, self.inner.outbox.drained())
+            .await
+            .is_ok()
     }
 
     /// Stops the peer: saves dedup state, flushes the outbox bookkeeping, closes every
@@ -551,11 +561,15 @@ impl SubscribeBuilder {
         let (tx, rx) = tokio::sync::mpsc::channel(self.credit as usize);
         let dedup_path = crate::dedup::state_path(&inner.data_dir, &self.topic, &group);
         let path = dedup_path.clone();
-        let dedup = tokio::task::spawn_blocking(move || {
+        let dedup = if inner.config.blocking_io {
             crate::dedup::load(&path, crate::dedup::DEFAULT_MAX_RANGES)
-        })
-        .await
-        .map_err(|e| Error::with_source(ErrorKind::Io, "loading dedup state", e))?;
+        } else {
+            tokio::task::spawn_blocking(move || {
+                crate::dedup::load(&path, crate::dedup::DEFAULT_MAX_RANGES)
+            })
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Io, "loading dedup state", e))?
+        };
         let shared = Arc::new(SubShared {
             dedup_path,
             topic: self.topic.clone(),
@@ -564,7 +578,7 @@ impl SubscribeBuilder {
             state: Mutex::new(SubState {
                 dedup,
                 dirty: false,
-                in_progress: HashMap::new(),
+                in_progress: FxHashMap::default(),
             }),
             tx,
         });
@@ -624,17 +638,19 @@ pub(crate) struct Inner {
     advertised: Vec<SocketAddr>,
     pub(crate) config: PeerConfig,
     pub(crate) endpoint: quinn::Endpoint,
+    /// Client configuration for members on a loopback address (large packets).
+    loopback_client: quinn::ClientConfig,
     pub(crate) producer_id: u64,
     pub(crate) outbox: Outbox,
     core: Mutex<Dispatcher>,
-    links: Mutex<HashMap<LinkKey, Arc<LinkControl>>>,
-    confirms: Mutex<HashMap<Seq, oneshot::Sender<()>>>,
-    routes: Mutex<HashMap<String, Route>>,
+    links: Mutex<FxHashMap<LinkKey, Arc<LinkControl>>>,
+    confirms: Mutex<FxHashMap<Seq, oneshot::Sender<()>>>,
+    routes: Mutex<FxHashMap<String, Route>>,
     /// Target groups per topic, derived from `routes` (read on every publish).
-    targets: Mutex<HashMap<String, Arc<[String]>>>,
-    addrs: Mutex<HashMap<String, Vec<SocketAddr>>>,
-    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
-    subscriptions: Mutex<HashMap<(String, String), Arc<SubShared>>>,
+    targets: Mutex<FxHashMap<String, Arc<[String]>>>,
+    addrs: Mutex<FxHashMap<String, Vec<SocketAddr>>>,
+    conns: Mutex<FxHashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    subscriptions: Mutex<FxHashMap<(String, String), Arc<SubShared>>>,
     directory: OnceLock<DirectoryClient>,
     /// Reconnect jitter of the links.
     pub(crate) jitter: Jitter,
@@ -710,7 +726,7 @@ impl Inner {
                         control.wake.notify_one();
                     }
                 }
-                Action::Settle { seq, group } => self.outbox.settle(seq, &group),
+                Action::Settle { seqs, group } => self.outbox.settle_many(&seqs, &group),
                 Action::Confirmed(seq) => {
                     if let Some(tx) = lock(&self.confirms).remove(&seq) {
                         let _ = tx.send(());
@@ -906,6 +922,10 @@ impl Inner {
     /// Saves the dedup state of every subscription that changed.
     async fn persist_dedup(&self) {
         let subs: Vec<Arc<SubShared>> = lock(&self.subscriptions).values().cloned().collect();
+        if self.config.blocking_io {
+            subs.iter().for_each(|s| s.persist());
+            return;
+        }
         let _ = tokio::task::spawn_blocking(move || subs.iter().for_each(|s| s.persist())).await;
     }
 
@@ -927,7 +947,11 @@ impl Inner {
             format!("no address known for {member}"),
         );
         for addr in addrs {
-            match tls::connect(&self.endpoint, addr, member).await {
+            let config = addr
+                .ip()
+                .is_loopback()
+                .then(|| self.loopback_client.clone());
+            match tls::connect_with(&self.endpoint, config, addr, member).await {
                 Ok(conn) => {
                     *slot = Some(conn.clone());
                     return Ok(conn);

@@ -4,7 +4,7 @@
 use crate::dedup::{Dedup, LinkAcks};
 use bytes::Bytes;
 use futures::Stream;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -36,7 +36,7 @@ pub(crate) struct SubState {
     /// The dedup state changed since it was last saved.
     pub(crate) dirty: bool,
     /// Delivered to the application, not yet acknowledged.
-    pub(crate) in_progress: HashMap<MessageId, Progress>,
+    pub(crate) in_progress: FxHashMap<MessageId, Progress>,
 }
 
 /// A message handed to the application and not acknowledged yet.

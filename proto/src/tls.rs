@@ -49,6 +49,17 @@ pub const MAX_CONCURRENT_BIDI_STREAMS: u32 = 64;
 /// Unidirectional streams the peer may have open at once towards us.
 pub const MAX_CONCURRENT_UNI_STREAMS: u32 = 64;
 
+/// Largest UDP payload an endpoint accepts (advertised to peers). Senders still send
+/// no more than their path carries: see [`loopback_transport_config`].
+pub const MAX_UDP_PAYLOAD: u16 = 65_527;
+/// Packet size used from the first packet on loopback, where no MTU limit applies.
+pub const LOOPBACK_MTU: u16 = 65_000;
+/// Congestion window of a new loopback connection (a window smaller than one
+/// `LOOPBACK_MTU` packet would stall it).
+pub const LOOPBACK_INITIAL_WINDOW: u64 = 6_500_000;
+/// Kernel send and receive buffer size requested for every endpoint's UDP socket.
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
 /// How often [`connect`] checks whether the server confirmed the handshake.
 const CONFIRM_POLL: Duration = Duration::from_millis(1);
 
@@ -382,6 +393,44 @@ pub fn transport_config() -> TransportConfig {
     t
 }
 
+/// [`transport_config`] for a loopback path: 65,000-byte packets from the start with
+/// MTU discovery off, no segmentation offload (a GSO batch of such packets would exceed
+/// the 64 KiB datagram limit) and a congestion window that fits many of them. Only for
+/// loopback: on a real network a large MTU is lost to fragmentation, so other paths
+/// keep quinn's MTU discovery from 1,200 bytes.
+pub fn loopback_transport_config() -> TransportConfig {
+    let mut t = transport_config();
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(LOOPBACK_INITIAL_WINDOW);
+    t.initial_mtu(LOOPBACK_MTU)
+        .mtu_discovery_config(None)
+        .enable_segmentation_offload(false)
+        .congestion_controller_factory(Arc::new(cubic));
+    t
+}
+
+/// The client configuration to dial `addr` with: [`loopback_transport_config`] for a
+/// loopback address, else [`transport_config`].
+pub fn client_config_for(
+    creds: &Credentials,
+    addr: SocketAddr,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let transport = if addr.ip().is_loopback() {
+        loopback_transport_config()
+    } else {
+        transport_config()
+    };
+    client_config(creds, Arc::new(transport))
+}
+
+/// Endpoint-wide settings: accept datagrams up to [`MAX_UDP_PAYLOAD`].
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    // A constant in quinn's valid range (1200..=65527).
+    let _ = config.max_udp_payload_size(MAX_UDP_PAYLOAD);
+    config
+}
+
 /// Server configuration: TLS 1.3 only, ALPN `weft/1`, our leaf as server certificate,
 /// and a client certificate from the fabric CA is mandatory.
 pub fn server_config(
@@ -435,10 +484,82 @@ pub fn endpoint(bind: SocketAddr, creds: &Credentials) -> Result<quinn::Endpoint
     let transport = Arc::new(transport_config());
     let server = server_config(creds, transport.clone())?;
     let client = client_config(creds, transport)?;
-    let mut ep = quinn::Endpoint::server(server, bind)
+    let socket = bind_udp(bind)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TlsError::Config("no async runtime found (call inside tokio)".into()))?;
+    let mut ep = quinn::Endpoint::new(endpoint_config(), Some(server), socket, runtime)
         .map_err(|source| TlsError::Bind { addr: bind, source })?;
     ep.set_default_client_config(client);
     Ok(ep)
+}
+
+/// A UDP socket bound to `bind` with [`SOCKET_BUFFER_BYTES`] kernel buffers (best
+/// effort: the kernel caps them at `net.core.{r,w}mem_max`).
+fn bind_udp(bind: SocketAddr) -> Result<std::net::UdpSocket, TlsError> {
+    let socket =
+        std::net::UdpSocket::bind(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
+    let sock = socket2::SockRef::from(&socket);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    Ok(socket)
+}
+
+/// A real UDP socket bound to `bind`, wrapped for quinn's tokio runtime: what
+/// [`endpoint`] binds, for callers of [`endpoint_with_socket`] that want a real socket
+/// but a seeded endpoint. Must be called inside a tokio runtime.
+pub fn udp_socket(bind: SocketAddr) -> Result<Arc<dyn quinn::AsyncUdpSocket>, TlsError> {
+    use quinn::Runtime as _;
+    let socket = bind_udp(bind)?;
+    quinn::TokioRuntime
+        .wrap_udp_socket(socket)
+        .map_err(|source| TlsError::Bind { addr: bind, source })
+}
+
+/// A QUIC endpoint like [`endpoint`] (same server, client and transport configuration),
+/// over a socket the caller supplies instead of one bound here: for example a simulated
+/// network's socket (see `docs/simulation.md`). quinn's tokio runtime drives it, so its
+/// timers follow tokio's clock (a paused or simulated clock included).
+///
+/// `rng_seed`, when set, seeds the endpoint's random choices (packet number skips,
+/// connection ids of the protocol state machine...) so that a simulated run can be
+/// reproduced; leave it `None` outside simulations. Must be called inside a tokio
+/// runtime.
+pub fn endpoint_with_socket(
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    creds: &Credentials,
+    rng_seed: Option<u64>,
+) -> Result<quinn::Endpoint, TlsError> {
+    let transport = Arc::new(transport_config());
+    let server = server_config(creds, transport.clone())?;
+    let client = client_config(creds, transport)?;
+    let mut config = endpoint_config();
+    config.rng_seed(rng_seed.map(seed_bytes));
+    let addr = socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut ep = quinn::Endpoint::new_with_abstract_socket(
+        config,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TlsError::Bind { addr, source })?;
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+/// Expands a 64-bit seed into the 32 bytes quinn's RNG takes (splitmix64 sequence).
+fn seed_bytes(seed: u64) -> [u8; 32] {
+    let mut state = seed;
+    let mut out = [0u8; 32];
+    for chunk in out.chunks_exact_mut(8) {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out
 }
 
 /// Whether a QUIC error code is a TLS alert (CRYPTO_ERROR range 0x100..=0x1ff).
@@ -477,14 +598,27 @@ pub async fn connect(
     addr: SocketAddr,
     expected_identity: &str,
 ) -> Result<quinn::Connection, TlsError> {
+    connect_with(endpoint, None, addr, expected_identity).await
+}
+
+/// [`connect`] with a client configuration other than the endpoint's default (e.g.
+/// [`client_config_for`] the address).
+pub async fn connect_with(
+    endpoint: &quinn::Endpoint,
+    config: Option<quinn::ClientConfig>,
+    addr: SocketAddr,
+    expected_identity: &str,
+) -> Result<quinn::Connection, TlsError> {
     let result: Result<_, TlsError> = async {
-        let connecting = endpoint
-            .connect(addr, expected_identity)
-            .map_err(|source| TlsError::Dial {
-                addr,
-                identity: expected_identity.to_string(),
-                source,
-            })?;
+        let connecting = match config {
+            Some(config) => endpoint.connect_with(config, addr, expected_identity),
+            None => endpoint.connect(addr, expected_identity),
+        }
+        .map_err(|source| TlsError::Dial {
+            addr,
+            identity: expected_identity.to_string(),
+            source,
+        })?;
         let conn = connecting
             .await
             .map_err(|e| dial_error(e, addr, expected_identity))?;

@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// Credit window each subscription grants.
     #[arg(long, default_value_t = weft_peer::DEFAULT_CREDIT)]
     pub credit: u32,
+    /// Quota of messages in each publisher's outbox (default: the peer's default). A
+    /// publisher that is this far ahead of its receivers waits.
+    #[arg(long)]
+    pub outbox_messages: Option<u64>,
     /// Print one JSON line (bench-peers fields) instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -114,13 +118,24 @@ impl Fabric {
         })
     }
 
-    async fn peer(&self, name: &str, durability: Durability) -> Result<Peer> {
+    async fn peer(
+        &self,
+        name: &str,
+        durability: Durability,
+        outbox_messages: Option<u64>,
+    ) -> Result<Peer> {
         Ok(Peer::builder(name)
             .directory([self.directory.local_addr()])
             .dev_ca(self.root.join("dev-ca"))
             .data_dir(self.root.join(name))
             .durability(durability)
             .when_full(WhenFull::Wait)
+            .outbox(move |mut cfg| {
+                if let Some(n) = outbox_messages {
+                    cfg.max_messages = n;
+                }
+                cfg
+            })
             .start()
             .await?)
     }
@@ -200,7 +215,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     for g in 0..args.groups {
         for m in 0..args.members {
             let peer = fabric
-                .peer(&format!("sub-{g}-{m}"), Durability::Memory)
+                .peer(&format!("sub-{g}-{m}"), Durability::Memory, None)
                 .await?;
             let mut sub = peer
                 .subscribe(topic)
@@ -238,7 +253,11 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     for p in 0..args.publishers {
         publishers.push(
             fabric
-                .peer(&format!("pub-{p}"), durability(args.durability))
+                .peer(
+                    &format!("pub-{p}"),
+                    durability(args.durability),
+                    args.outbox_messages,
+                )
                 .await?,
         );
     }
@@ -322,8 +341,12 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
 
 async fn latency(args: &BenchArgs) -> Result<()> {
     let fabric = Fabric::start().await?;
-    let sender = fabric.peer("ping", durability(args.durability)).await?;
-    let echo = fabric.peer("pong", durability(args.durability)).await?;
+    let sender = fabric
+        .peer("ping", durability(args.durability), None)
+        .await?;
+    let echo = fabric
+        .peer("pong", durability(args.durability), None)
+        .await?;
     let mut requests = echo.subscribe("bench.ping").group("pong").start().await?;
     let mut replies = sender.subscribe("bench.pong").group("ping").start().await?;
     fabric.wait_members("bench.ping", 1).await?;

@@ -60,7 +60,7 @@ fn every_group_gets_every_message_within_credit() {
     assert_eq!(b, vec![1, 2, 3, 4, 5]);
     let acts = d.on_ack(now, &key("m1", "a"), 2, &[]);
     assert!(acts.contains(&Action::Settle {
-        seq: 1,
+        seqs: vec![1, 2],
         group: "a".into()
     }));
     let a: Vec<Seq> = d

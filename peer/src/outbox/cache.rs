@@ -1,6 +1,7 @@
 //! FIFO cache of message bodies, bounded in bytes.
 
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 
@@ -9,7 +10,7 @@ use bytes::Bytes;
 pub struct BodyCache {
     cap: usize,
     bytes: usize,
-    map: HashMap<u64, Bytes>,
+    map: FxHashMap<u64, Bytes>,
     order: VecDeque<u64>,
 }
 
@@ -19,7 +20,7 @@ impl BodyCache {
         BodyCache {
             cap,
             bytes: 0,
-            map: HashMap::new(),
+            map: FxHashMap::default(),
             order: VecDeque::new(),
         }
     }

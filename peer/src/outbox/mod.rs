@@ -39,7 +39,6 @@ pub mod segment;
 pub mod state;
 mod writer;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -334,6 +333,8 @@ struct Shared {
     core: Mutex<Core>,
     /// Woken whenever quota is released (or the outbox closes).
     space: Notify,
+    /// Woken when the last pending message is settled.
+    drained: Notify,
     closed: AtomicBool,
     commits: AtomicU64,
     appended: AtomicU64,
@@ -344,8 +345,6 @@ struct Shared {
 struct Core {
     state: OutboxState,
     cache: BodyCache,
-    /// Bodies of `Memory` messages (never evicted; they have no other copy).
-    mem_bodies: HashMap<u64, Bytes>,
     /// Settles to write: `(seq, group, segment of the message)`.
     settles: Vec<(u64, String, u64)>,
     /// Segment files to delete, in order.
@@ -452,7 +451,6 @@ impl Outbox {
             core: Mutex::new(Core {
                 state: rec.state,
                 cache: BodyCache::new(cfg.cache_bytes),
-                mem_bodies: HashMap::new(),
                 settles: Vec::new(),
                 deletions: Vec::new(),
                 wake_queued: false,
@@ -462,6 +460,7 @@ impl Outbox {
             }),
             cfg,
             space: Notify::new(),
+            drained: Notify::new(),
             closed: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             appended: AtomicU64::new(0),
@@ -603,8 +602,7 @@ impl Outbox {
                 return Ok(None);
             }
             core.state
-                .message_added(seq, &targets, None, size, unix_ms_now(), true);
-            core.mem_bodies.insert(seq, body);
+                .memory_message_added(seq, &targets, body, unix_ms_now());
         }
         core.next_seq += 1;
         drop(core);
@@ -648,31 +646,42 @@ impl Outbox {
     /// without `fdatasync`; after a crash a few settled messages may come back as
     /// pending.
     pub fn settle(&self, seq: u64, group: &str) {
+        self.settle_many(&[seq], group);
+    }
+
+    /// [`settle`](Self::settle) for many messages of one group, under one lock.
+    pub fn settle_many(&self, seqs: &[u64], group: &str) {
         let shared = &self.inner.shared;
         let wake = {
             let mut core = shared.core();
-            let out = core.state.settle(seq, group);
-            if !out.applied {
-                return;
-            }
-            if let Some(seg) = out.segment {
-                core.settles.push((seq, group.to_owned(), seg));
-            }
-            if out.fully_settled {
-                core.cache.remove(seq);
-                core.mem_bodies.remove(&seq);
-            }
-            for a in out.actions {
-                let state::Action::DeleteSegment(id) = a;
-                core.deletions.push(id);
+            let mut freed = false;
+            for &seq in seqs {
+                let out = core.state.settle(seq, group);
+                if !out.applied {
+                    continue;
+                }
+                if let Some(seg) = out.segment {
+                    core.settles.push((seq, group.to_owned(), seg));
+                }
+                if out.fully_settled {
+                    core.cache.remove(seq);
+                    freed = true;
+                }
+                for a in out.actions {
+                    let state::Action::DeleteSegment(id) = a;
+                    core.deletions.push(id);
+                }
             }
             let work = !core.settles.is_empty() || !core.deletions.is_empty();
             let wake = work && !core.wake_queued;
             if wake {
                 core.wake_queued = true;
             }
-            if out.fully_settled {
+            if freed {
                 shared.space.notify_waiters();
+                if core.state.pending_messages() == 0 {
+                    shared.drained.notify_waiters();
+                }
             }
             wake
         };
@@ -693,7 +702,7 @@ impl Outbox {
         let core = self.inner.shared.core();
         seqs.iter()
             .map(|seq| {
-                if let Some(b) = core.mem_bodies.get(seq) {
+                if let Some(b) = core.state.memory_body(*seq) {
                     CachedBody::Body(b.clone())
                 } else if let Some(b) = core.cache.get(*seq) {
                     CachedBody::Body(b)
@@ -712,7 +721,7 @@ impl Outbox {
         let shared = &self.inner.shared;
         let loc = {
             let core = shared.core();
-            if let Some(b) = core.mem_bodies.get(&seq) {
+            if let Some(b) = core.state.memory_body(seq) {
                 return Ok(Some(b.clone()));
             }
             if let Some(b) = core.cache.get(seq) {
@@ -739,6 +748,26 @@ impl Outbox {
             // Settled and deleted meanwhile.
             Err(_) if !shared.core().state.is_pending(seq) => Ok(None),
             Err(e) => Err(OutboxError::io(path, e)),
+        }
+    }
+
+    /// Messages pending for at least one group (cheap, unlike [`stats`](Self::stats)).
+    pub fn pending_messages(&self) -> u64 {
+        self.inner.shared.core().state.pending_messages()
+    }
+
+    /// Returns once no message is pending (every one settled by every target group).
+    pub async fn drained(&self) {
+        let shared = &self.inner.shared;
+        loop {
+            let notified = shared.drained.notified();
+            tokio::pin!(notified);
+            // Register before checking so that a settle in between is not missed.
+            notified.as_mut().enable();
+            if shared.core().state.pending_messages() == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 

@@ -18,7 +18,9 @@
 //! segments holding settles for that segment's other messages; they go once it settles
 //! (ack, TTL or dead letter). There is no compaction that copies such messages forward.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 /// Where a message record lives on disk.
@@ -73,6 +75,8 @@ struct Entry {
     loc: Option<Location>,
     bytes: u64,
     unix_ms: u64,
+    /// The body of a `Memory` message (it has no other copy).
+    body: Option<Bytes>,
 }
 
 #[derive(Debug)]
@@ -110,9 +114,11 @@ pub struct OutboxState {
     max_messages: u64,
     used_bytes: u64,
     used_messages: u64,
-    entries: HashMap<u64, Entry>,
+    entries: FxHashMap<u64, Entry>,
+    /// Body bytes of `entries` (reservations excluded).
+    pending_bytes: u64,
     groups: Vec<Group>,
-    group_ids: HashMap<Arc<str>, u32>,
+    group_ids: FxHashMap<Arc<str>, u32>,
     segments: BTreeMap<u64, Segment>,
     active: Option<u64>,
 }
@@ -125,9 +131,10 @@ impl OutboxState {
             max_messages,
             used_bytes: 0,
             used_messages: 0,
-            entries: HashMap::new(),
+            entries: FxHashMap::default(),
+            pending_bytes: 0,
             groups: Vec::new(),
-            group_ids: HashMap::new(),
+            group_ids: FxHashMap::default(),
             segments: BTreeMap::new(),
             active: None,
         }
@@ -187,6 +194,37 @@ impl OutboxState {
         unix_ms: u64,
         reserved: bool,
     ) {
+        self.add(seq, targets, loc, bytes, unix_ms, reserved, None);
+    }
+
+    /// A `Memory` message (reserved quota) was added; the state keeps its body.
+    pub fn memory_message_added(
+        &mut self,
+        seq: u64,
+        targets: &[String],
+        body: Bytes,
+        unix_ms: u64,
+    ) {
+        let bytes = body.len() as u64;
+        self.add(seq, targets, None, bytes, unix_ms, true, Some(body));
+    }
+
+    /// The body of a pending `Memory` message.
+    pub fn memory_body(&self, seq: u64) -> Option<&Bytes> {
+        self.entries.get(&seq)?.body.as_ref()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        seq: u64,
+        targets: &[String],
+        loc: Option<Location>,
+        bytes: u64,
+        unix_ms: u64,
+        reserved: bool,
+        body: Option<Bytes>,
+    ) {
         if !reserved {
             self.used_bytes += bytes;
             self.used_messages += 1;
@@ -210,6 +248,7 @@ impl OutboxState {
         if let Some(l) = loc {
             self.segments.entry(l.segment).or_default().live += 1;
         }
+        self.pending_bytes += bytes;
         self.entries.insert(
             seq,
             Entry {
@@ -217,6 +256,7 @@ impl OutboxState {
                 loc,
                 bytes,
                 unix_ms,
+                body,
             },
         );
     }
@@ -233,6 +273,7 @@ impl OutboxState {
         }
         self.used_bytes = self.used_bytes.saturating_sub(e.bytes);
         self.used_messages = self.used_messages.saturating_sub(1);
+        self.pending_bytes = self.pending_bytes.saturating_sub(e.bytes);
     }
 
     /// Removes a message entirely (e.g. its write failed), releasing its quota.
@@ -294,6 +335,7 @@ impl OutboxState {
         if now_empty {
             out.fully_settled = true;
             if let Some(e) = self.entries.remove(&seq) {
+                self.pending_bytes = self.pending_bytes.saturating_sub(e.bytes);
                 self.used_bytes = self.used_bytes.saturating_sub(e.bytes);
                 self.used_messages = self.used_messages.saturating_sub(1);
                 if let Some(l) = e.loc {
@@ -401,7 +443,7 @@ impl OutboxState {
 
     /// Bytes of pending messages (reservations excluded).
     pub fn pending_bytes(&self) -> u64 {
-        self.entries.values().map(|e| e.bytes).sum()
+        self.pending_bytes
     }
 
     /// Segments known (existing files).

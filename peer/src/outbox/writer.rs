@@ -202,9 +202,7 @@ impl Writer {
                 let bytes = body.len() as u64;
                 match durability {
                     Durability::Memory => {
-                        core.state
-                            .message_added(seq, &targets, None, bytes, now, true);
-                        core.mem_bodies.insert(seq, body);
+                        core.state.memory_message_added(seq, &targets, body, now);
                         if lease_in_batch {
                             deferred.push((reply, seq, false));
                         } else {
@@ -266,7 +264,6 @@ impl Writer {
                 tracing::error!(error = %e, "outbox write failed; further appends will fail");
                 for (_, seq, _) in &deferred {
                     core.cache.remove(*seq);
-                    core.mem_bodies.remove(seq);
                     let acts = core.state.forget(*seq);
                     core.deletions
                         .extend(acts.into_iter().map(|Action::DeleteSegment(id)| id));
