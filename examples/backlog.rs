@@ -30,7 +30,7 @@ struct Args {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 128)]
     size: usize,
-    /// Outbox body cache of each peer in MiB (default: `OutboxConfig`'s 32 MiB). Bodies
+    /// Outbox body cache of each peer in MiB (default: `OutboxConfig`'s 8 MiB). Bodies
     /// beyond it are read back from the segment files when they are sent.
     #[arg(long)]
     cache_mib: Option<usize>,

@@ -4,7 +4,6 @@
 use crate::dispatch::LinkKey;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::decode_stored;
-use crate::outbox::CachedBody;
 use crate::peer::Inner;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -140,16 +139,11 @@ async fn send_batch(
     let mut bytes = 0usize;
     let mut unsendable = Vec::new();
     let seqs: Vec<u64> = outgoing.iter().map(|(_, seq)| *seq).collect();
-    let cached = inner.outbox.read_cached(&seqs);
-    for ((link_seq, seq), cached) in outgoing.into_iter().zip(cached) {
+    let bodies = inner.outbox.read_many(&seqs).await?;
+    for ((link_seq, seq), stored) in outgoing.into_iter().zip(bodies) {
         let id = MessageId {
             producer: inner.producer_id,
             seq,
-        };
-        let stored = match cached {
-            CachedBody::Body(body) => Some(body),
-            CachedBody::Settled => None,
-            CachedBody::OnDisk => inner.outbox.read(seq).await?,
         };
         let Some(stored) = stored else {
             // Already settled everywhere: nothing to send.

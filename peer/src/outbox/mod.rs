@@ -39,6 +39,7 @@ pub mod segment;
 pub mod state;
 mod writer;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -70,19 +71,21 @@ pub struct OutboxConfig {
     /// Most append requests in one group commit (default 4096).
     pub max_batch: usize,
     /// Bytes of bodies of disk messages kept in memory for [`Outbox::read`] (default
-    /// 32 MiB); older ones are read back from their segment.
+    /// 8 MiB); older ones are read back from their segment (in batches, one open per
+    /// segment), so a large backlog costs disk, not memory.
     pub cache_bytes: usize,
-    /// [`Outbox::append`] waits for the writer thread by blocking the calling thread
-    /// instead of yielding to the async runtime (default `false`). Only for
-    /// deterministic simulation (`docs/simulation.md`): an append then takes no
-    /// simulated time and no other task of the runtime runs meanwhile. Never in
-    /// production: it stalls every task of the runtime during each group commit.
+    /// [`Outbox::append`] waits for the writer thread, and [`Outbox::open`] recovers, by
+    /// blocking the calling thread instead of yielding to the async runtime (default
+    /// `false`). Only for deterministic simulation (`docs/simulation.md`): the work then
+    /// takes no simulated time, no other task of the runtime runs meanwhile, and no
+    /// other thread wakes the runtime. Never in production: it stalls every task of the
+    /// runtime during each group commit.
     pub blocking_append: bool,
 }
 
 impl OutboxConfig {
     /// Configuration with the defaults: 64 MiB segments, 1 GiB and 1,000,000 messages
-    /// of quota, batches of 4096 appends, 32 MiB body cache.
+    /// of quota, batches of 4096 appends, 8 MiB body cache.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         OutboxConfig {
             dir: dir.into(),
@@ -90,7 +93,7 @@ impl OutboxConfig {
             max_bytes: 1024 * 1024 * 1024,
             max_messages: 1_000_000,
             max_batch: 4096,
-            cache_bytes: 32 * 1024 * 1024,
+            cache_bytes: 8 * 1024 * 1024,
             blocking_append: false,
         }
     }
@@ -103,17 +106,6 @@ pub enum Durability {
     Memory,
     /// Written and `fdatasync`ed to the outbox's segment file.
     Disk,
-}
-
-/// Where [`Outbox::read_cached`] found a body.
-#[derive(Debug, Clone)]
-pub enum CachedBody {
-    /// In memory.
-    Body(Bytes),
-    /// Pending, but only in its segment file: use [`Outbox::read`].
-    OnDisk,
-    /// Not pending (settled everywhere, or unknown).
-    Settled,
 }
 
 /// Quota reserved for an append not yet handed to the writer.
@@ -440,12 +432,17 @@ impl Outbox {
     /// the writer.
     pub async fn open(cfg: OutboxConfig) -> Result<(Outbox, Recovery), OutboxError> {
         let cfg2 = cfg.clone();
-        let rec = tokio::task::spawn_blocking(move || recovery::recover(&cfg2))
-            .await
-            .map_err(|e| OutboxError::Corrupt {
-                path: cfg.dir.clone(),
-                reason: format!("recovery task failed: {e}"),
-            })??;
+        let rec = if cfg.blocking_append {
+            // Simulation only (see `OutboxConfig::blocking_append`).
+            recovery::recover(&cfg2)?
+        } else {
+            tokio::task::spawn_blocking(move || recovery::recover(&cfg2))
+                .await
+                .map_err(|e| OutboxError::Corrupt {
+                    path: cfg.dir.clone(),
+                    reason: format!("recovery task failed: {e}"),
+                })??
+        };
         let (tx, rx) = mpsc::channel(cfg.max_batch.max(1) * 2);
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
@@ -696,23 +693,64 @@ impl Outbox {
         }
     }
 
-    /// The bodies of `seqs` that are in memory, with one lock: what [`read`](Self::read)
-    /// would return without touching the disk.
-    pub fn read_cached(&self, seqs: &[u64]) -> Vec<CachedBody> {
-        let core = self.inner.shared.core();
-        seqs.iter()
-            .map(|seq| {
-                if let Some(b) = core.state.memory_body(*seq) {
-                    CachedBody::Body(b.clone())
-                } else if let Some(b) = core.cache.get(*seq) {
-                    CachedBody::Body(b)
-                } else if core.state.location(*seq).is_some() {
-                    CachedBody::OnDisk
-                } else {
-                    CachedBody::Settled
+    /// The bodies of `seqs`, in order (`None` for settled ones): those in memory under
+    /// one lock, the others read from their segments in one blocking task that opens
+    /// each segment once.
+    pub async fn read_many(&self, seqs: &[u64]) -> Result<Vec<Option<Bytes>>, OutboxError> {
+        let shared = &self.inner.shared;
+        let mut out = vec![None; seqs.len()];
+        let mut on_disk = Vec::new();
+        {
+            let core = shared.core();
+            for (i, &seq) in seqs.iter().enumerate() {
+                if let Some(b) = core.state.memory_body(seq) {
+                    out[i] = Some(b.clone());
+                } else if let Some(b) = core.cache.get(seq) {
+                    out[i] = Some(b);
+                } else if let Some(loc) = core.state.location(seq) {
+                    on_disk.push((i, seq, loc));
                 }
-            })
-            .collect()
+            }
+        }
+        if on_disk.is_empty() {
+            return Ok(out);
+        }
+        let dir = shared.cfg.dir.clone();
+        let reads = tokio::task::spawn_blocking(move || {
+            let mut files: HashMap<u64, Option<File>> = HashMap::new();
+            on_disk
+                .into_iter()
+                .map(|(i, seq, loc)| {
+                    let file = files
+                        .entry(loc.segment)
+                        .or_insert_with(|| File::open(segment::path(&dir, loc.segment)).ok());
+                    let read = match file {
+                        Some(f) => segment::read_message_at(f, loc.offset, loc.len),
+                        // Deleted meanwhile: settled everywhere.
+                        None => Ok(None),
+                    };
+                    (i, seq, loc, read)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| OutboxError::io(shared.cfg.dir.clone(), std::io::Error::other(e.to_string())))?;
+        for (i, seq, loc, read) in reads {
+            let path = segment::path(&shared.cfg.dir, loc.segment);
+            out[i] = match read {
+                Ok(Some(m)) if m.seq == seq => Some(m.body),
+                Ok(Some(m)) => {
+                    return Err(OutboxError::Corrupt {
+                        path,
+                        reason: format!("offset {} holds seq {}, expected {seq}", loc.offset, m.seq),
+                    })
+                }
+                Ok(None) => None,
+                Err(_) if !shared.core().state.is_pending(seq) => None,
+                Err(e) => return Err(OutboxError::io(path, e)),
+            };
+        }
+        Ok(out)
     }
 
     /// The body of a pending message: from memory if cached, else read from its

@@ -206,6 +206,11 @@ pub fn read_message(path: &Path, offset: u64, len: u32) -> io::Result<Option<Mes
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    read_message_at(&f, offset, len)
+}
+
+/// [`read_message`] from an open segment file.
+pub fn read_message_at(f: &File, offset: u64, len: u32) -> io::Result<Option<MessageRead>> {
     let mut buf = vec![0u8; FRAME_HEADER + len as usize];
     f.read_exact_at(&mut buf, offset)?;
     let mut h = [0u8; FRAME_HEADER];
