@@ -14,7 +14,6 @@
 
 mod creds;
 mod scenario;
-mod scratch;
 mod udp;
 
 use std::time::Duration;
@@ -23,7 +22,7 @@ use scenario::{Options, Outcome};
 
 /// Seeds `cargo test` runs by default (kept small: the suite must stay fast on 2 cores
 /// in debug builds).
-const CI_SEEDS: u64 = 3;
+const CI_SEEDS: u64 = 5;
 /// Seed of the reproducibility test.
 const REPLAY_SEED: u64 = 7;
 
@@ -87,13 +86,14 @@ fn summary(o: &Outcome) -> String {
         })
         .collect();
     format!(
-        "seed={} published={} failed={} delivered={} [{}] dups=[{}] sim={:.1}s wall={:.1}s trace={:016x} | {}",
+        "seed={} published={} failed={} delivered={} [{}] dups=[{}] inversions={} sim={:.1}s wall={:.1}s trace={:016x} | {}",
         o.plan.seed,
         o.published.len(),
         o.failed_publishes.len(),
         o.deliveries.len(),
         per_run.join(" "),
         dups.join(" "),
+        o.inversions,
         o.sim_time.as_secs_f64(),
         o.wall_time.as_secs_f64(),
         o.trace_hash,
@@ -129,9 +129,32 @@ fn run_seeds(seeds: &[u64], opts: &Options, jobs: usize) -> Vec<(u64, Vec<String
     failures
 }
 
+/// Log lines carry the simulated time (RUST_LOG controls them, as in the other tests).
+fn init_logs() {
+    struct SimTime;
+    impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+        fn format_time(
+            &self,
+            w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+        ) -> std::fmt::Result {
+            match turmoil::sim_elapsed() {
+                Some(t) => write!(w, "sim {:>9.3}s", t.as_secs_f64()),
+                None => write!(w, "sim         -"),
+            }
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_timer(SimTime)
+        .with_test_writer()
+        .try_init();
+}
+
 #[test]
 fn seeded_faults_keep_the_guarantees() {
-    weft_tests::init_logs();
+    init_logs();
     let seeds = seeds();
     let opts = options();
     let jobs = env_u64("WEFT_SIM_JOBS").unwrap_or(1) as usize;
@@ -166,7 +189,7 @@ fn seeded_faults_keep_the_guarantees() {
     ignore = "exact replay needs RUSTFLAGS=\"--cfg tokio_unstable\" (docs/simulation.md)"
 )]
 fn one_seed_replays_identically() {
-    weft_tests::init_logs();
+    init_logs();
     let opts = options();
     let a = scenario::run(REPLAY_SEED, &opts);
     let b = scenario::run(REPLAY_SEED, &opts);

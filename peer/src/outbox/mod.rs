@@ -734,7 +734,9 @@ impl Outbox {
                 .collect::<Vec<_>>()
         })
         .await
-        .map_err(|e| OutboxError::io(shared.cfg.dir.clone(), std::io::Error::other(e.to_string())))?;
+        .map_err(|e| {
+            OutboxError::io(shared.cfg.dir.clone(), std::io::Error::other(e.to_string()))
+        })?;
         for (i, seq, loc, read) in reads {
             let path = segment::path(&shared.cfg.dir, loc.segment);
             out[i] = match read {
@@ -742,7 +744,10 @@ impl Outbox {
                 Ok(Some(m)) => {
                     return Err(OutboxError::Corrupt {
                         path,
-                        reason: format!("offset {} holds seq {}, expected {seq}", loc.offset, m.seq),
+                        reason: format!(
+                            "offset {} holds seq {}, expected {seq}",
+                            loc.offset, m.seq
+                        ),
                     })
                 }
                 Ok(None) => None,
