@@ -797,16 +797,11 @@ impl Inner {
             },
             groups: targets.len(),
         };
-        let handoff = HandOff {
-            topic: topic.to_string(),
-            key_hash,
-            targets: targets.clone(),
-        };
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
             // and handing it to the dispatcher.
             if let Some(seq) = self.outbox.append_memory(&targets, body.clone())? {
-                self.hand_off(seq, &handoff, false);
+                self.hand_off(seq, topic, key_hash, &targets, false);
                 return Ok(receipt(seq));
             }
         }
@@ -825,7 +820,9 @@ impl Inner {
         let mut pending = PendingAppend {
             inner: self.clone(),
             ticket: Some(ticket),
-            handoff,
+            topic: topic.to_string(),
+            key_hash,
+            targets: targets.clone(),
         };
         let seq = pending.stored().await?;
         let waiter = pending.dispatch(seq, durability == Durability::Confirmed);
@@ -853,7 +850,9 @@ impl Inner {
     fn hand_off(
         self: &Arc<Self>,
         seq: Seq,
-        handoff: &HandOff,
+        topic: &str,
+        key_hash: Option<u64>,
+        targets: &[String],
         confirmed: bool,
     ) -> Option<oneshot::Receiver<()>> {
         let waiter = confirmed.then(|| {
@@ -864,9 +863,9 @@ impl Inner {
         let actions = self.core().on_publish(
             crate::clock::now(),
             seq,
-            &handoff.topic,
-            handoff.key_hash,
-            &handoff.targets,
+            topic,
+            key_hash,
+            targets,
             confirmed,
         );
         self.execute(actions);
@@ -963,20 +962,15 @@ impl Inner {
     }
 }
 
-/// What the dispatcher needs to know of a stored message.
-struct HandOff {
-    topic: String,
-    key_hash: Option<u64>,
-    targets: Arc<[String]>,
-}
-
 /// A publish whose record is with the outbox writer. If the caller stops waiting, the
 /// message is still handed to the dispatcher once it is stored (a stored message that
 /// was never dispatched would wait for the next restart).
 struct PendingAppend {
     inner: Arc<Inner>,
     ticket: Option<outbox::AppendTicket>,
-    handoff: HandOff,
+    topic: String,
+    key_hash: Option<u64>,
+    targets: Arc<[String]>,
 }
 
 impl PendingAppend {
@@ -992,7 +986,8 @@ impl PendingAppend {
     }
 
     fn dispatch(&self, seq: Seq, confirmed: bool) -> Option<oneshot::Receiver<()>> {
-        self.inner.hand_off(seq, &self.handoff, confirmed)
+        self.inner
+            .hand_off(seq, &self.topic, self.key_hash, &self.targets, confirmed)
     }
 }
 
@@ -1002,15 +997,12 @@ impl Drop for PendingAppend {
             return;
         };
         let inner = self.inner.clone();
-        let handoff = HandOff {
-            topic: std::mem::take(&mut self.handoff.topic),
-            key_hash: self.handoff.key_hash,
-            targets: self.handoff.targets.clone(),
-        };
+        let topic = std::mem::take(&mut self.topic);
+        let (key_hash, targets) = (self.key_hash, self.targets.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Ok(seq) = ticket.wait().await {
-                    inner.hand_off(seq, &handoff, false);
+                    inner.hand_off(seq, &topic, key_hash, &targets, false);
                 }
             });
         }

@@ -401,9 +401,26 @@ fn unix_ms_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn validate_targets(mut targets: Vec<String>) -> Result<Vec<String>, OutboxError> {
-    targets.sort_unstable();
-    targets.dedup();
+/// Checks a body against the record limit and the byte quota.
+fn check_body(cfg: &OutboxConfig, body: &Bytes) -> Result<u64, OutboxError> {
+    let size = body.len() as u64;
+    let limit = (record::MAX_BODY as u64).min(cfg.max_bytes);
+    if size > limit {
+        return Err(OutboxError::TooLarge { size, limit });
+    }
+    Ok(size)
+}
+
+/// Sorted, deduplicated and checked targets; borrows them when they already are.
+fn validate_targets(targets: &[String]) -> Result<std::borrow::Cow<'_, [String]>, OutboxError> {
+    let targets = if targets.windows(2).all(|w| w[0] < w[1]) {
+        std::borrow::Cow::Borrowed(targets)
+    } else {
+        let mut owned = targets.to_vec();
+        owned.sort_unstable();
+        owned.dedup();
+        std::borrow::Cow::Owned(owned)
+    };
     if targets.len() > record::MAX_TARGETS {
         return Err(OutboxError::InvalidTarget {
             reason: format!(
@@ -413,7 +430,7 @@ fn validate_targets(mut targets: Vec<String>) -> Result<Vec<String>, OutboxError
             ),
         });
     }
-    for t in &targets {
+    for t in targets.iter() {
         if t.is_empty() || t.len() > record::MAX_GROUP_LEN {
             return Err(OutboxError::InvalidTarget {
                 reason: format!(
@@ -539,12 +556,8 @@ impl Outbox {
         when_full: WhenFull,
     ) -> Result<AppendTicket, OutboxError> {
         let shared = &self.inner.shared;
-        let size = body.len() as u64;
-        let limit = (record::MAX_BODY as u64).min(shared.cfg.max_bytes);
-        if size > limit {
-            return Err(OutboxError::TooLarge { size, limit });
-        }
-        let targets = validate_targets(targets)?;
+        let size = check_body(&shared.cfg, &body)?;
+        let targets = validate_targets(&targets)?.into_owned();
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
         let mut quota = None;
         if !targets.is_empty() {
@@ -580,12 +593,8 @@ impl Outbox {
         body: Bytes,
     ) -> Result<Option<u64>, OutboxError> {
         let shared = &self.inner.shared;
-        let size = body.len() as u64;
-        let limit = (record::MAX_BODY as u64).min(shared.cfg.max_bytes);
-        if size > limit {
-            return Err(OutboxError::TooLarge { size, limit });
-        }
-        let targets = validate_targets(targets.to_vec())?;
+        let size = check_body(&shared.cfg, &body)?;
+        let targets = validate_targets(targets)?;
         if self.inner.tx.is_none() || shared.closed.load(Ordering::Acquire) {
             return Err(OutboxError::Closed);
         }
@@ -761,37 +770,7 @@ impl Outbox {
     /// The body of a pending message: from memory if cached, else read from its
     /// segment. `None` if settled or unknown.
     pub async fn read(&self, seq: u64) -> Result<Option<Bytes>, OutboxError> {
-        let shared = &self.inner.shared;
-        let loc = {
-            let core = shared.core();
-            if let Some(b) = core.state.memory_body(seq) {
-                return Ok(Some(b.clone()));
-            }
-            if let Some(b) = core.cache.get(seq) {
-                return Ok(Some(b));
-            }
-            match core.state.location(seq) {
-                Some(l) => l,
-                None => return Ok(None),
-            }
-        };
-        let path = segment::path(&shared.cfg.dir, loc.segment);
-        let p2 = path.clone();
-        let res =
-            tokio::task::spawn_blocking(move || segment::read_message(&p2, loc.offset, loc.len))
-                .await
-                .map_err(|e| OutboxError::io(path.clone(), std::io::Error::other(e.to_string())))?;
-        match res {
-            Ok(Some(m)) if m.seq == seq => Ok(Some(m.body)),
-            Ok(Some(m)) => Err(OutboxError::Corrupt {
-                path,
-                reason: format!("offset {} holds seq {}, expected {seq}", loc.offset, m.seq),
-            }),
-            Ok(None) => Ok(None),
-            // Settled and deleted meanwhile.
-            Err(_) if !shared.core().state.is_pending(seq) => Ok(None),
-            Err(e) => Err(OutboxError::io(path, e)),
-        }
+        Ok(self.read_many(&[seq]).await?.pop().flatten())
     }
 
     /// Messages pending for at least one group (cheap, unlike [`stats`](Self::stats)).

@@ -141,21 +141,9 @@ impl Writer {
         appends: Vec<(Vec<String>, Bytes, Durability, Reply)>,
         sync: bool,
     ) -> Result<(), OutboxError> {
-        if let Some(reason) = &self.failed {
-            let mut core = self.shared.core();
-            for (targets, body, _, reply) in appends {
-                if !targets.is_empty() {
-                    core.state.unreserve(body.len() as u64);
-                }
-                let _ = reply.send(Err(OutboxError::WriterFailed {
-                    reason: reason.clone(),
-                }));
-            }
-            drop(core);
-            self.shared.space.notify_waiters();
-            return Err(OutboxError::WriterFailed {
-                reason: reason.clone(),
-            });
+        if let Some(reason) = self.failed.clone() {
+            self.reject(appends, &reason);
+            return Err(OutboxError::WriterFailed { reason });
         }
         self.buf.clear();
         let mut need_sync = sync;
@@ -297,19 +285,24 @@ impl Writer {
     ) -> Result<(), OutboxError> {
         let reason = e.to_string();
         tracing::error!(error = %reason, "outbox writer failed; further appends will fail");
-        self.failed = Some(reason.clone());
+        self.reject(appends, &reason);
+        self.failed = Some(reason);
+        Err(e)
+    }
+
+    /// Answers appends that will not be written, giving their quota back.
+    fn reject(&self, appends: Vec<(Vec<String>, Bytes, Durability, Reply)>, reason: &str) {
         let mut core = self.shared.core();
         for (targets, body, _, reply) in appends {
             if !targets.is_empty() {
                 core.state.unreserve(body.len() as u64);
             }
             let _ = reply.send(Err(OutboxError::WriterFailed {
-                reason: reason.clone(),
+                reason: reason.to_string(),
             }));
         }
         drop(core);
         self.shared.space.notify_waiters();
-        Err(e)
     }
 
     fn delete_segments(&mut self, ids: &[u64]) {
