@@ -1,6 +1,7 @@
 //! Multi-process tests: `weft-directory`, `weft sub` and `weft pub` as real child
 //! processes; a subscriber killed with SIGKILL mid-stream.
 
+use futures::StreamExt;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -59,27 +60,7 @@ fn weft(root: &std::path::Path, directory: &str, name: &str, args: &[&str]) -> C
 async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_killed() {
     init_logs();
     let root = tempfile::tempdir().expect("tempdir");
-    let directory = Proc::spawn(
-        Command::new(binary("weft-directory"))
-            .args([
-                "--dev",
-                "--listen",
-                "127.0.0.1:0",
-                "--print-addr",
-                "--grace-period-ms",
-                "1000",
-                "--dev-ca",
-            ])
-            .arg(root.path().join("dev-ca")),
-    );
-    assert!(
-        eventually(Duration::from_secs(20), || !directory.lines().is_empty()).await,
-        "directory printed its address"
-    );
-    let addr = directory.lines()[0]
-        .strip_prefix("listening ")
-        .expect("listening line")
-        .to_string();
+    let (_directory, addr) = spawn_directory(root.path(), "1000").await;
     const N: usize = 300;
     // Group g1: one member that never acks (and is killed), one that acks. Group g2: one.
     let holder = Proc::spawn(&mut weft(
@@ -177,4 +158,137 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
         g1.lines().len(),
         g2.lines().len()
     );
+}
+
+/// Starts `weft-directory` as a child process; returns it with its data address.
+async fn spawn_directory(root: &std::path::Path, grace_ms: &str) -> (Proc, String) {
+    let directory = Proc::spawn(
+        Command::new(binary("weft-directory"))
+            .args([
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--print-addr",
+                "--grace-period-ms",
+                grace_ms,
+                "--dev-ca",
+            ])
+            .arg(root.join("dev-ca")),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || !directory.lines().is_empty()).await,
+        "directory printed its address"
+    );
+    let addr = directory.lines()[0]
+        .strip_prefix("listening ")
+        .expect("listening line")
+        .to_string();
+    (directory, addr)
+}
+
+/// The only member of a group is killed with SIGKILL and restarted under the same name
+/// while a publisher keeps publishing; the new process attaches to the directory at once
+/// but subscribes only half a second later (a service still initialising). Messages
+/// published while it was down and before it subscribed again must reach it: the
+/// directory keeps the group in the route, pointing at the new process, until the new
+/// incarnation registers again (or its grace period ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_only_member_restarts_misses_nothing() {
+    init_logs();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (_directory, addr) = spawn_directory(root.path(), "5000").await;
+    let directory: std::net::SocketAddr = addr.parse().expect("addr");
+    let mut first = Proc::spawn(&mut weft(
+        root.path(),
+        &addr,
+        "solo",
+        &["sub", "orders", "--group", "solo", "--raw"],
+    ));
+    let publisher = weft_peer::Peer::builder("publisher")
+        .directory([directory])
+        .dev_ca(root.path().join("dev-ca"))
+        .data_dir(root.path().join("publisher"))
+        .start()
+        .await
+        .expect("publisher");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while publisher
+        .route("orders")
+        .await
+        .expect("route")
+        .groups
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "solo did not register");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut published = Vec::new();
+    publish_for(&publisher, &mut published, Duration::from_millis(300)).await;
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reap");
+    publish_for(&publisher, &mut published, Duration::from_millis(300)).await;
+    // The new incarnation, on the same data directory.
+    let second = weft_peer::Peer::builder("solo")
+        .directory([directory])
+        .dev_ca(root.path().join("dev-ca"))
+        .data_dir(root.path().join("solo"))
+        .start()
+        .await
+        .expect("solo restarts");
+    publish_for(&publisher, &mut published, Duration::from_millis(500)).await;
+    let mut sub = second
+        .subscribe("orders")
+        .group("solo")
+        .start()
+        .await
+        .expect("subscribe again");
+    let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        while let Some(d) = sub.next().await {
+            sink.lock()
+                .expect("lock")
+                .insert(String::from_utf8_lossy(d.payload()).into_owned());
+            d.ack();
+        }
+    });
+    publish_for(&publisher, &mut published, Duration::from_millis(300)).await;
+    let expected: HashSet<String> = published.iter().cloned().collect();
+    let received = || {
+        first
+            .lines()
+            .into_iter()
+            .chain(seen.lock().expect("lock").iter().cloned())
+            .collect::<HashSet<String>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || received()
+            .is_superset(&expected))
+        .await,
+        "{} of {} published orders reached the group; missing e.g. {:?}",
+        received().intersection(&expected).count(),
+        expected.len(),
+        expected.difference(&received()).take(5).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "published {}; the killed process printed {}, the new one received {}",
+        expected.len(),
+        first.lines().len(),
+        seen.lock().expect("lock").len()
+    );
+}
+
+/// Publishes `order-N` about every millisecond for `span`, recording each one whose
+/// `publish` returned Ok.
+async fn publish_for(publisher: &weft_peer::Peer, published: &mut Vec<String>, span: Duration) {
+    let until = Instant::now() + span;
+    while Instant::now() < until {
+        let payload = format!("order-{}", published.len());
+        publisher
+            .publish("orders", weft_peer::Message::new(payload.clone()))
+            .await
+            .expect("publish");
+        published.push(payload);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }

@@ -263,6 +263,7 @@ async fn serve_connection(
             hello.incarnation,
             hello.listen_addrs,
             hello.zone,
+            tokio::time::Instant::now().into_std(),
         );
         shared.apply_local(&mut state, updates);
     }

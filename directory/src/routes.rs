@@ -137,11 +137,20 @@ impl RouteTable {
     pub fn route(&self, topic: &str) -> Route {
         let mut groups: BTreeMap<&str, Vec<Member>> = BTreeMap::new();
         for identity in self.by_topic.get(topic).into_iter().flatten() {
-            let Some(record) = self.winning_record(identity) else {
+            let Some(winner) = self.winning_record(identity) else {
                 continue;
             };
-            for sub in record.subscriptions.iter().filter(|s| s.topic == topic) {
-                groups.entry(&sub.group).or_default().push(record.member());
+            // Groups from every record of the peer: an older incarnation still held by
+            // another node (during its grace period) keeps the peer's groups in the
+            // route while the new process registers again, as on a single node.
+            let member_groups: BTreeSet<&str> = self
+                .records_of(identity)
+                .flat_map(|r| r.subscriptions.iter())
+                .filter(|s| s.topic == topic)
+                .map(|s| s.group.as_str())
+                .collect();
+            for group in member_groups {
+                groups.entry(group).or_default().push(winner.member());
             }
         }
         Route {
@@ -195,15 +204,21 @@ impl RouteTable {
 
     /// The record that represents `identity` in routes: highest incarnation wins; ties
     /// go to the smallest source id so that every node picks the same one.
-    fn winning_record(&self, identity: &str) -> Option<&PeerRecord> {
-        self.sources_of
-            .get(identity)?
-            .iter()
-            .filter_map(|s| self.records.get(&(s.clone(), identity.to_string())))
+    fn winning_record<'a>(&'a self, identity: &'a str) -> Option<&'a PeerRecord> {
+        self.records_of(identity)
             .fold(None, |best: Option<&PeerRecord>, r| match best {
                 Some(b) if b.incarnation >= r.incarnation => Some(b),
                 _ => Some(r),
             })
+    }
+
+    /// Every source's record of `identity`.
+    fn records_of<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a PeerRecord> {
+        self.sources_of
+            .get(identity)
+            .into_iter()
+            .flatten()
+            .filter_map(move |s| self.records.get(&(s.clone(), identity.to_string())))
     }
 
     fn index(&mut self, key: &(SourceId, String), record: &PeerRecord) {
@@ -342,6 +357,21 @@ mod tests {
         t.remove("n1", "a");
         assert_eq!(members(&t.route("orders"), "g"), vec!["a"]);
         t.remove("n2", "a");
+        assert!(t.route("orders").groups.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_peer_keeps_the_groups_its_old_record_still_holds() {
+        let mut t = RouteTable::new();
+        // The old process registered through n1; the new one reached n2 and has not
+        // subscribed yet. The group stays routed (to the new process) until n1 drops
+        // the old record at the end of its grace period.
+        t.upsert("n1", record("a", 1, &[("orders", "g")]));
+        t.upsert("n2", record("a", 2, &[]));
+        let r = t.route("orders");
+        assert_eq!(members(&r, "g"), vec!["a"]);
+        assert_eq!(r.groups[0].members[0].incarnation, 2);
+        t.remove("n1", "a");
         assert!(t.route("orders").groups.is_empty());
     }
 

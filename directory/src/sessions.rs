@@ -21,9 +21,28 @@ pub enum SessionUpdate {
 
 #[derive(Debug)]
 struct Session {
+    /// What routes see: `owned ∪ inherited`.
     record: PeerRecord,
+    /// Registered by the current incarnation.
+    owned: BTreeSet<Subscription>,
+    /// Registered by the previous incarnation and not (yet) again by this one. Kept
+    /// until `inherited_until` so that a group whose only member restarts stays in
+    /// routes while the new process subscribes again: senders keep targeting the group
+    /// and its messages wait in their outboxes instead of never being addressed to it.
+    inherited: BTreeSet<Subscription>,
+    inherited_until: Option<Instant>,
     connections: BTreeSet<ConnId>,
     expires: Option<Instant>,
+}
+
+impl Session {
+    /// Recomputes the routed subscriptions; true if they changed.
+    fn refresh(&mut self) -> bool {
+        let subs: BTreeSet<Subscription> = self.owned.union(&self.inherited).cloned().collect();
+        let changed = subs != self.record.subscriptions;
+        self.record.subscriptions = subs;
+        changed
+    }
 }
 
 /// Registrations of the peers attached to this node.
@@ -73,7 +92,11 @@ impl Sessions {
         self.peers.is_empty()
     }
 
-    /// A peer completed its handshake on connection `conn`.
+    /// A peer completed its handshake on connection `conn` at `now`.
+    ///
+    /// A new incarnation (the process restarted) inherits the previous one's
+    /// subscriptions for one grace period: they stay in routes, pointing at the new
+    /// process, until it registers them again or the period ends.
     pub fn connect(
         &mut self,
         conn: ConnId,
@@ -81,6 +104,7 @@ impl Sessions {
         incarnation: u64,
         addrs: Vec<SocketAddr>,
         zone: Option<String>,
+        now: Instant,
     ) -> Vec<SessionUpdate> {
         self.conn_owner.insert(conn, identity.to_string());
         let session = self
@@ -94,12 +118,17 @@ impl Sessions {
                     zone: zone.clone(),
                     subscriptions: BTreeSet::new(),
                 },
+                owned: BTreeSet::new(),
+                inherited: BTreeSet::new(),
+                inherited_until: None,
                 connections: BTreeSet::new(),
                 expires: None,
             });
         if session.record.incarnation != incarnation {
-            // A new process under the same name: its old registrations died with the old one.
-            session.record.subscriptions.clear();
+            session.inherited = std::mem::take(&mut session.record.subscriptions);
+            session.owned.clear();
+            session.inherited_until = Some(now + self.grace);
+            session.refresh();
         }
         session.record.incarnation = incarnation;
         session.record.addrs = addrs;
@@ -124,19 +153,20 @@ impl Sessions {
             .peers
             .get_mut(identity)
             .ok_or(SessionError::UnknownConnection)?;
-        let subs = &mut session.record.subscriptions;
-        let changed = if add {
-            if !subs.contains(&sub) && subs.len() >= self.max_subscriptions {
+        if add {
+            if !session.owned.contains(&sub) && session.owned.len() >= self.max_subscriptions {
                 return Err(SessionError::TooManySubscriptions {
                     identity: identity.clone(),
                     limit: self.max_subscriptions,
                 });
             }
-            subs.insert(sub)
+            session.inherited.remove(&sub);
+            session.owned.insert(sub);
         } else {
-            subs.remove(&sub)
-        };
-        Ok(if changed {
+            session.inherited.remove(&sub);
+            session.owned.remove(&sub);
+        }
+        Ok(if session.refresh() {
             vec![SessionUpdate::Upsert(session.record.clone())]
         } else {
             Vec::new()
@@ -157,7 +187,8 @@ impl Sessions {
         }
     }
 
-    /// Removes peers whose grace period ended by `now`.
+    /// Removes peers whose grace period ended by `now`, and subscriptions inherited
+    /// from a previous incarnation that the new one did not register again in time.
     pub fn tick(&mut self, now: Instant) -> Vec<SessionUpdate> {
         let expired: Vec<String> = self
             .peers
@@ -168,7 +199,18 @@ impl Sessions {
         for id in &expired {
             self.peers.remove(id);
         }
-        expired.into_iter().map(SessionUpdate::Remove).collect()
+        let mut updates: Vec<SessionUpdate> =
+            expired.into_iter().map(SessionUpdate::Remove).collect();
+        for session in self.peers.values_mut() {
+            if session.inherited_until.is_some_and(|t| t <= now) {
+                session.inherited_until = None;
+                session.inherited.clear();
+                if session.refresh() {
+                    updates.push(SessionUpdate::Upsert(session.record.clone()));
+                }
+            }
+        }
+        updates
     }
 
     /// Current records of every peer with a session.
@@ -192,11 +234,11 @@ mod tests {
     fn registrations_survive_a_reconnect_within_grace() {
         let mut s = Sessions::new(Duration::from_secs(2), 10);
         let t0 = Instant::now();
-        s.connect(1, "a", 9, vec![], None);
+        s.connect(1, "a", 9, vec![], None, t0);
         s.set_subscription(1, sub("t", "g"), true).expect("ok");
         s.disconnect(1, t0);
         assert!(s.tick(t0 + Duration::from_secs(1)).is_empty());
-        let up = s.connect(2, "a", 9, vec![], None);
+        let up = s.connect(2, "a", 9, vec![], None, t0);
         match &up[0] {
             SessionUpdate::Upsert(r) => assert_eq!(r.subscriptions.len(), 1),
             other => panic!("{other:?}"),
@@ -208,7 +250,7 @@ mod tests {
     fn registrations_expire_after_grace() {
         let mut s = Sessions::new(Duration::from_secs(2), 10);
         let t0 = Instant::now();
-        s.connect(1, "a", 9, vec![], None);
+        s.connect(1, "a", 9, vec![], None, t0);
         s.disconnect(1, t0);
         assert_eq!(
             s.tick(t0 + Duration::from_secs(2)),
@@ -217,24 +259,51 @@ mod tests {
         assert!(s.is_empty());
     }
 
-    #[test]
-    fn new_incarnation_drops_old_subscriptions() {
-        let mut s = Sessions::new(Duration::from_secs(2), 10);
-        s.connect(1, "a", 1, vec![], None);
-        s.set_subscription(1, sub("t", "g"), true).expect("ok");
-        let up = s.connect(2, "a", 2, vec![], None);
-        match &up[0] {
-            SessionUpdate::Upsert(r) => assert!(r.subscriptions.is_empty()),
+    fn routed(update: &SessionUpdate) -> Vec<Subscription> {
+        match update {
+            SessionUpdate::Upsert(r) => r.subscriptions.iter().cloned().collect(),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn new_incarnation_inherits_old_subscriptions_until_grace_ends() {
+        let mut s = Sessions::new(Duration::from_secs(2), 10);
+        let t0 = Instant::now();
+        s.connect(1, "a", 1, vec![], None, t0);
+        s.set_subscription(1, sub("t", "g"), true).expect("ok");
+        s.set_subscription(1, sub("u", "g"), true).expect("ok");
+        let up = s.connect(2, "a", 2, vec![], None, t0);
+        assert_eq!(routed(&up[0]), vec![sub("t", "g"), sub("u", "g")]);
+        // Registering an inherited subscription again changes nothing in routes.
+        assert!(s
+            .set_subscription(2, sub("t", "g"), true)
+            .expect("ok")
+            .is_empty());
+        assert!(s.tick(t0 + Duration::from_secs(1)).is_empty());
+        // The one the new process never registered goes when the grace period ends.
+        let up = s.tick(t0 + Duration::from_secs(2));
+        assert_eq!(routed(&up[0]), vec![sub("t", "g")]);
+        assert!(s.tick(t0 + Duration::from_secs(9)).is_empty());
+    }
+
+    #[test]
+    fn an_inherited_subscription_can_be_dropped_at_once() {
+        let mut s = Sessions::new(Duration::from_secs(2), 10);
+        let t0 = Instant::now();
+        s.connect(1, "a", 1, vec![], None, t0);
+        s.set_subscription(1, sub("t", "g"), true).expect("ok");
+        s.connect(2, "a", 2, vec![], None, t0);
+        let up = s.set_subscription(2, sub("t", "g"), false).expect("ok");
+        assert!(routed(&up[0]).is_empty());
     }
 
     #[test]
     fn an_old_connection_closing_late_does_not_expire_the_new_one() {
         let mut s = Sessions::new(Duration::from_secs(1), 10);
         let t0 = Instant::now();
-        s.connect(1, "a", 1, vec![], None);
-        s.connect(2, "a", 1, vec![], None);
+        s.connect(1, "a", 1, vec![], None, t0);
+        s.connect(2, "a", 1, vec![], None, t0);
         s.disconnect(1, t0);
         assert!(s.tick(t0 + Duration::from_secs(10)).is_empty());
     }
@@ -242,7 +311,8 @@ mod tests {
     #[test]
     fn subscription_limit_is_enforced() {
         let mut s = Sessions::new(Duration::from_secs(1), 1);
-        s.connect(1, "a", 1, vec![], None);
+        let t0 = Instant::now();
+        s.connect(1, "a", 1, vec![], None, t0);
         s.set_subscription(1, sub("t", "g"), true).expect("first");
         assert!(matches!(
             s.set_subscription(1, sub("u", "g"), true),

@@ -22,11 +22,17 @@ pub(crate) struct LinkKey {
     pub group: String,
 }
 
+/// Tells one link task from a later one with the same key: a task that outlives its
+/// link (closed while connecting, say) must not touch its successor's state, whose
+/// stream numbers messages from scratch.
+pub(crate) type LinkEpoch = u64;
+
 /// What the runtime must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Action {
-    /// Run a link task for this key (connect, open the stream, report `link_up`).
-    OpenLink(LinkKey),
+    /// Run a link task for this key (connect, open the stream, report `link_up`); it
+    /// reports its events with this epoch.
+    OpenLink(LinkKey, LinkEpoch),
     /// Stop the link task (its in-flight messages were already requeued).
     CloseLink(LinkKey),
     /// Messages are ready for the link: call [`Dispatcher::take_outgoing`].
@@ -65,6 +71,7 @@ struct GroupQueue {
 
 #[derive(Debug)]
 struct Link {
+    epoch: LinkEpoch,
     up: bool,
     window: u32,
     next_link_seq: u64,
@@ -73,8 +80,9 @@ struct Link {
 }
 
 impl Link {
-    fn new() -> Self {
+    fn new(epoch: LinkEpoch) -> Self {
         Self {
+            epoch,
             up: false,
             window: 0,
             next_link_seq: 1,
@@ -119,6 +127,7 @@ pub(crate) struct Dispatcher {
     /// Queues by topic, then group (nested so that lookups by `&str` allocate nothing).
     groups: FxHashMap<String, FxHashMap<String, GroupQueue>>,
     links: FxHashMap<LinkKey, Link>,
+    next_epoch: LinkEpoch,
     confirm: FxHashMap<Seq, usize>,
 }
 
@@ -128,6 +137,7 @@ impl Dispatcher {
             ack_timeout,
             groups: FxHashMap::default(),
             links: FxHashMap::default(),
+            next_epoch: 1,
             confirm: FxHashMap::default(),
         }
     }
@@ -243,16 +253,24 @@ impl Dispatcher {
                 topic: topic.to_string(),
                 group: group.to_string(),
             };
-            self.links.insert(key.clone(), Link::new());
-            actions.push(Action::OpenLink(key));
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            self.links.insert(key.clone(), Link::new(epoch));
+            actions.push(Action::OpenLink(key, epoch));
         }
         self.pump(now, topic, group, actions);
     }
 
     /// The link's stream is open and the receiver granted `window`.
-    pub(crate) fn on_link_up(&mut self, now: Instant, key: &LinkKey, window: u32) -> Vec<Action> {
+    pub(crate) fn on_link_up(
+        &mut self,
+        now: Instant,
+        key: &LinkKey,
+        epoch: LinkEpoch,
+        window: u32,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
-        if let Some(link) = self.links.get_mut(key) {
+        if let Some(link) = self.link_mut(key, epoch) {
             if !link.up {
                 // A new stream: the receiver numbers from scratch. Nothing is in flight
                 // (everything was requeued when the previous stream went down).
@@ -266,9 +284,15 @@ impl Dispatcher {
     }
 
     /// The receiver changed the link's window.
-    pub(crate) fn on_credit(&mut self, now: Instant, key: &LinkKey, window: u32) -> Vec<Action> {
+    pub(crate) fn on_credit(
+        &mut self,
+        now: Instant,
+        key: &LinkKey,
+        epoch: LinkEpoch,
+        window: u32,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
-        if let Some(link) = self.links.get_mut(key).filter(|l| l.up) {
+        if let Some(link) = self.link_mut(key, epoch).filter(|l| l.up) {
             link.window = window;
             self.pump(now, &key.topic, &key.group, &mut actions);
         }
@@ -277,8 +301,16 @@ impl Dispatcher {
 
     /// The link's stream or connection failed: its in-flight messages go back to the
     /// group's queue (to other members, or to this one when it is back).
-    pub(crate) fn on_link_down(&mut self, now: Instant, key: &LinkKey) -> Vec<Action> {
+    pub(crate) fn on_link_down(
+        &mut self,
+        now: Instant,
+        key: &LinkKey,
+        epoch: LinkEpoch,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
+        if self.link_mut(key, epoch).is_none() {
+            return actions;
+        }
         self.requeue_link(key);
         if let Some(link) = self.links.get_mut(key) {
             link.up = false;
@@ -292,11 +324,12 @@ impl Dispatcher {
         &mut self,
         now: Instant,
         key: &LinkKey,
+        epoch: LinkEpoch,
         upto: u64,
         extra: &[u64],
     ) -> Vec<Action> {
         let mut actions = Vec::new();
-        let Some(link) = self.links.get_mut(key) else {
+        let Some(link) = self.link_mut(key, epoch) else {
             return actions;
         };
         let above = link.inflight.split_off(&upto.saturating_add(1));
@@ -338,11 +371,21 @@ impl Dispatcher {
     }
 
     /// Messages assigned to the link and not yet handed to it: `(link_seq, seq)`.
-    pub(crate) fn take_outgoing(&mut self, key: &LinkKey) -> Vec<(u64, Seq)> {
-        self.links
-            .get_mut(key)
+    pub(crate) fn take_outgoing(&mut self, key: &LinkKey, epoch: LinkEpoch) -> Vec<(u64, Seq)> {
+        self.link_mut(key, epoch)
             .map(|l| std::mem::take(&mut l.outgoing))
             .unwrap_or_default()
+    }
+
+    /// The link of `key` if it is still the one `epoch` was issued for.
+    fn link_mut(&mut self, key: &LinkKey, epoch: LinkEpoch) -> Option<&mut Link> {
+        self.links.get_mut(key).filter(|l| l.epoch == epoch)
+    }
+
+    /// The epoch of the current link of `key` (tests drive links by hand).
+    #[cfg(test)]
+    pub(crate) fn epoch_of(&self, key: &LinkKey) -> LinkEpoch {
+        self.links.get(key).map_or(0, |l| l.epoch)
     }
 
     /// Waiting and in-flight counts per group.

@@ -34,6 +34,7 @@ mod dispatch;
 mod error;
 mod inbound;
 mod link;
+mod members;
 mod message;
 pub mod outbox;
 mod peer;

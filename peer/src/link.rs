@@ -1,7 +1,7 @@
 //! Outgoing links: one task per (member, topic, group) that keeps a data stream open to
 //! the member and sends it the messages the dispatcher assigns.
 
-use crate::dispatch::LinkKey;
+use crate::dispatch::{LinkEpoch, LinkKey};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::decode_stored;
 use crate::peer::Inner;
@@ -39,17 +39,22 @@ impl LinkControl {
 }
 
 /// Runs until the dispatcher closes the link.
-pub(crate) async fn run(inner: Arc<Inner>, key: LinkKey, control: Arc<LinkControl>) {
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    key: LinkKey,
+    epoch: LinkEpoch,
+    control: Arc<LinkControl>,
+) {
     let mut backoff = BACKOFF_MIN;
     while !control.is_closed() {
         let started = crate::clock::now();
-        match serve(&inner, &key, &control).await {
+        match serve(&inner, &key, epoch, &control).await {
             Ok(()) => return,
             Err(e) => {
                 debug!(member = %key.member, topic = %key.topic, group = %key.group, error = %e, "link down")
             }
         }
-        let actions = inner.core().on_link_down(crate::clock::now(), &key);
+        let actions = inner.core().on_link_down(crate::clock::now(), &key, epoch);
         inner.execute(actions);
         if crate::clock::now().saturating_duration_since(started) > Duration::from_secs(5) {
             backoff = BACKOFF_MIN;
@@ -63,8 +68,13 @@ pub(crate) async fn run(inner: Arc<Inner>, key: LinkKey, control: Arc<LinkContro
     }
 }
 
-async fn serve(inner: &Arc<Inner>, key: &LinkKey, control: &LinkControl) -> Result<()> {
-    let conn = inner.connection_to(&key.member).await?;
+async fn serve(
+    inner: &Arc<Inner>,
+    key: &LinkKey,
+    epoch: LinkEpoch,
+    control: &LinkControl,
+) -> Result<()> {
+    let conn = inner.members.connection(&key.member).await?;
     let (send, recv) = conn
         .open_bi()
         .await
@@ -93,7 +103,9 @@ async fn serve(inner: &Arc<Inner>, key: &LinkKey, control: &LinkControl) -> Resu
         }
     };
     info!(member = %key.member, topic = %key.topic, group = %key.group, window, "link up");
-    let actions = inner.core().on_link_up(crate::clock::now(), key, window);
+    let actions = inner
+        .core()
+        .on_link_up(crate::clock::now(), key, epoch, window);
     inner.execute(actions);
     loop {
         if control.is_closed() {
@@ -102,16 +114,16 @@ async fn serve(inner: &Arc<Inner>, key: &LinkKey, control: &LinkControl) -> Resu
         }
         tokio::select! {
             () = control.wake.notified() => {
-                let outgoing = inner.core().take_outgoing(key);
-                send_batch(inner, key, &mut writer, outgoing).await?;
+                let outgoing = inner.core().take_outgoing(key, epoch);
+                send_batch(inner, key, epoch, &mut writer, outgoing).await?;
             }
             frame = reader.next() => match frame.map_err(wire_err)? {
                 Some(Frame::Ack(ack)) => {
-                    let actions = inner.core().on_ack(crate::clock::now(), key, ack.upto, &ack.extra);
+                    let actions = inner.core().on_ack(crate::clock::now(), key, epoch, ack.upto, &ack.extra);
                     inner.execute(actions);
                 }
                 Some(Frame::Credit(c)) => {
-                    let actions = inner.core().on_credit(crate::clock::now(), key, c.window);
+                    let actions = inner.core().on_credit(crate::clock::now(), key, epoch, c.window);
                     inner.execute(actions);
                 }
                 Some(Frame::Reject(r)) => {
@@ -131,6 +143,7 @@ async fn serve(inner: &Arc<Inner>, key: &LinkKey, control: &LinkControl) -> Resu
 async fn send_batch(
     inner: &Arc<Inner>,
     key: &LinkKey,
+    epoch: LinkEpoch,
     writer: &mut FrameWriter,
     outgoing: Vec<(u64, u64)>,
 ) -> Result<()> {
@@ -174,7 +187,7 @@ async fn send_batch(
     if !unsendable.is_empty() {
         let actions = inner
             .core()
-            .on_ack(crate::clock::now(), key, 0, &unsendable);
+            .on_ack(crate::clock::now(), key, epoch, 0, &unsendable);
         inner.execute(actions);
     }
     writer

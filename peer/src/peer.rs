@@ -4,6 +4,7 @@ use crate::directory_client::{ClientSettings, DirectoryClient};
 use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkKey, Seq};
 use crate::error::{Error, ErrorKind, Result};
 use crate::link::{self, LinkControl};
+use crate::members::Members;
 use crate::message::{self, Message};
 use crate::outbox::{self, Outbox, OutboxConfig, OutboxStats};
 use crate::subscription::{lock, SubShared, SubState, Subscription, DEFAULT_CREDIT};
@@ -265,13 +266,7 @@ impl PeerBuilder {
             .map_err(|e| Error::with_source(ErrorKind::Io, "reading the bound address", e))?;
         let loopback_client =
             tls::client_config_for(&creds, SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        let incarnation = match self.rng_seed {
-            Some(seed) => {
-                use rand::{RngCore, SeedableRng};
-                rand::rngs::StdRng::seed_from_u64(seed).next_u64().max(1)
-            }
-            None => rand::random::<u64>(),
-        };
+        let incarnation = incarnation(self.rng_seed);
         let advertised = if self.advertise.is_empty() {
             vec![local_addr]
         } else {
@@ -285,7 +280,7 @@ impl PeerBuilder {
             advertised,
             config: self.config,
             endpoint: endpoint.clone(),
-            loopback_client,
+            members: Members::new(endpoint.clone(), loopback_client),
             producer_id: outbox.producer_id(),
             outbox,
             core: Mutex::new(Dispatcher::new(DEFAULT_ACK_TIMEOUT)),
@@ -293,8 +288,6 @@ impl PeerBuilder {
             confirms: Mutex::new(FxHashMap::default()),
             routes: Mutex::new(FxHashMap::default()),
             targets: Mutex::new(FxHashMap::default()),
-            addrs: Mutex::new(FxHashMap::default()),
-            conns: Mutex::new(FxHashMap::default()),
             subscriptions: Mutex::new(FxHashMap::default()),
             directory: OnceLock::new(),
             jitter: Jitter::new(self.rng_seed.map(|s| s ^ 0x6c69_6e6b)),
@@ -638,8 +631,8 @@ pub(crate) struct Inner {
     advertised: Vec<SocketAddr>,
     pub(crate) config: PeerConfig,
     pub(crate) endpoint: quinn::Endpoint,
-    /// Client configuration for members on a loopback address (large packets).
-    loopback_client: quinn::ClientConfig,
+    /// Where route members are, and the connections to them.
+    pub(crate) members: Members,
     pub(crate) producer_id: u64,
     pub(crate) outbox: Outbox,
     core: Mutex<Dispatcher>,
@@ -648,8 +641,6 @@ pub(crate) struct Inner {
     routes: Mutex<FxHashMap<String, Route>>,
     /// Target groups per topic, derived from `routes` (read on every publish).
     targets: Mutex<FxHashMap<String, Arc<[String]>>>,
-    addrs: Mutex<FxHashMap<String, Vec<SocketAddr>>>,
-    conns: Mutex<FxHashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
     subscriptions: Mutex<FxHashMap<(String, String), Arc<SubShared>>>,
     directory: OnceLock<DirectoryClient>,
     /// Reconnect jitter of the links.
@@ -709,12 +700,12 @@ impl Inner {
     pub(crate) fn execute(self: &Arc<Self>, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::OpenLink(key) => {
+                Action::OpenLink(key, epoch) => {
                     let control = Arc::new(LinkControl::default());
                     if let Some(old) = lock(&self.links).insert(key.clone(), control.clone()) {
                         old.close();
                     }
-                    tokio::spawn(link::run(self.clone(), key, control));
+                    tokio::spawn(link::run(self.clone(), key, epoch, control));
                 }
                 Action::CloseLink(key) => {
                     if let Some(control) = lock(&self.links).remove(&key) {
@@ -737,14 +728,7 @@ impl Inner {
     }
 
     fn on_route(self: &Arc<Self>, route: Route) {
-        {
-            let mut addrs = lock(&self.addrs);
-            for g in &route.groups {
-                for m in &g.members {
-                    addrs.insert(m.identity.clone(), m.addrs.clone());
-                }
-            }
-        }
+        self.members.learn(&route);
         let actions = self.core().on_route(crate::clock::now(), &route);
         lock(&self.targets).insert(route.topic.clone(), targets_of(&route));
         lock(&self.routes).insert(route.topic.clone(), route);
@@ -927,38 +911,22 @@ impl Inner {
         }
         let _ = tokio::task::spawn_blocking(move || subs.iter().for_each(|s| s.persist())).await;
     }
+}
 
-    /// A connection to `member`, reusing the open one.
-    pub(crate) async fn connection_to(&self, member: &str) -> Result<quinn::Connection> {
-        let slot = lock(&self.conns)
-            .entry(member.to_string())
-            .or_default()
-            .clone();
-        let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
+/// This process's incarnation: the start time in milliseconds above 16 random bits, so
+/// that a restarted process has a higher one than its predecessor (the directory lets the
+/// highest incarnation of a peer win while an old one is still known). A seeded
+/// (simulated) peer derives it from the seed alone, keeping runs reproducible.
+fn incarnation(seed: Option<u64>) -> u64 {
+    use rand::{RngCore, SeedableRng};
+    match seed {
+        Some(seed) => rand::rngs::StdRng::seed_from_u64(seed).next_u64().max(1),
+        None => {
+            let millis = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            (millis << 16) | (rand::random::<u64>() & 0xffff)
         }
-        let addrs = lock(&self.addrs).get(member).cloned().unwrap_or_default();
-        let mut last = Error::new(
-            ErrorKind::Protocol,
-            format!("no address known for {member}"),
-        );
-        for addr in addrs {
-            let config = addr
-                .ip()
-                .is_loopback()
-                .then(|| self.loopback_client.clone());
-            match tls::connect_with(&self.endpoint, config, addr, member).await {
-                Ok(conn) => {
-                    *slot = Some(conn.clone());
-                    return Ok(conn);
-                }
-                Err(e) => last = e.into(),
-            }
-        }
-        Err(last)
     }
 }
 

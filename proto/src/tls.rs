@@ -38,6 +38,10 @@ pub const ALPN: &[u8] = b"weft/1";
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// A connection (or handshake) without any packet from the peer for this long is closed.
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A dial (QUIC handshake and its confirmation) that has not finished by then is given
+/// up, so that the caller retries with a fresh handshake: after loss or a partition a
+/// handshake's retransmission timer may have backed off to many seconds.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Flow-control window of one receiving stream, in bytes (8 MiB).
 pub const STREAM_RECEIVE_WINDOW: u32 = 8 << 20;
 /// Flow-control window of a whole connection (all streams), in bytes (16 MiB).
@@ -187,7 +191,7 @@ pub enum TlsError {
     },
     /// No answer in time.
     #[error(
-        "timed out connecting to {addr}: no QUIC answer within {MAX_IDLE_TIMEOUT:?} (is a \
+        "timed out connecting to {addr}: no QUIC handshake within {DIAL_TIMEOUT:?} (is a \
          Weft node listening there? is UDP blocked?)"
     )]
     Timeout {
@@ -609,7 +613,7 @@ pub async fn connect_with(
     addr: SocketAddr,
     expected_identity: &str,
 ) -> Result<quinn::Connection, TlsError> {
-    let result: Result<_, TlsError> = async {
+    let dial = async {
         let connecting = match config {
             Some(config) => endpoint.connect_with(config, addr, expected_identity),
             None => endpoint.connect(addr, expected_identity),
@@ -626,8 +630,10 @@ pub async fn connect_with(
             .await
             .map_err(|e| dial_error(e, addr, expected_identity))?;
         Ok(conn)
-    }
-    .await;
+    };
+    let result = tokio::time::timeout(DIAL_TIMEOUT, dial)
+        .await
+        .unwrap_or(Err(TlsError::Timeout { addr }));
     if let Err(e) = &result {
         if e.is_auth_failure() {
             tracing::warn!(%addr, identity = expected_identity, "authentication failed: {e}");

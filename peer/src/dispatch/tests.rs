@@ -40,31 +40,34 @@ fn every_group_gets_every_message_within_credit() {
     let now = Instant::now();
     let mut d = Dispatcher::new(Duration::from_secs(30));
     let acts = d.on_route(now, &route("t", &[("a", &["m1"]), ("b", &["m2"])]));
-    assert!(acts.contains(&Action::OpenLink(key("m1", "a"))));
-    d.on_link_up(now, &key("m1", "a"), 2);
-    d.on_link_up(now, &key("m2", "b"), 10);
+    assert!(acts.contains(&Action::OpenLink(
+        key("m1", "a"),
+        d.epoch_of(&key("m1", "a"))
+    )));
+    d.on_link_up(now, &key("m1", "a"), d.epoch_of(&key("m1", "a")), 2);
+    d.on_link_up(now, &key("m2", "b"), d.epoch_of(&key("m2", "b")), 10);
     for seq in 1..=5 {
         d.on_publish(now, seq, "t", None, &groups(&["a", "b"]), false);
     }
     let a: Vec<Seq> = d
-        .take_outgoing(&key("m1", "a"))
+        .take_outgoing(&key("m1", "a"), d.epoch_of(&key("m1", "a")))
         .into_iter()
         .map(|x| x.1)
         .collect();
     let b: Vec<Seq> = d
-        .take_outgoing(&key("m2", "b"))
+        .take_outgoing(&key("m2", "b"), d.epoch_of(&key("m2", "b")))
         .into_iter()
         .map(|x| x.1)
         .collect();
     assert_eq!(a, vec![1, 2], "credit 2 caps group a");
     assert_eq!(b, vec![1, 2, 3, 4, 5]);
-    let acts = d.on_ack(now, &key("m1", "a"), 2, &[]);
+    let acts = d.on_ack(now, &key("m1", "a"), d.epoch_of(&key("m1", "a")), 2, &[]);
     assert!(acts.contains(&Action::Settle {
         seqs: vec![1, 2],
         group: "a".into()
     }));
     let a: Vec<Seq> = d
-        .take_outgoing(&key("m1", "a"))
+        .take_outgoing(&key("m1", "a"), d.epoch_of(&key("m1", "a")))
         .into_iter()
         .map(|x| x.1)
         .collect();
@@ -76,15 +79,19 @@ fn link_down_moves_unacked_messages_to_the_other_member() {
     let now = Instant::now();
     let mut d = Dispatcher::new(Duration::from_secs(30));
     d.on_route(now, &route("t", &[("g", &["m1", "m2"])]));
-    d.on_link_up(now, &key("m1", "g"), 100);
+    d.on_link_up(now, &key("m1", "g"), d.epoch_of(&key("m1", "g")), 100);
     for seq in 1..=4 {
         d.on_publish(now, seq, "t", None, &groups(&["g"]), false);
     }
-    assert_eq!(d.take_outgoing(&key("m1", "g")).len(), 4);
-    d.on_link_up(now, &key("m2", "g"), 100);
-    d.on_link_down(now, &key("m1", "g"));
+    assert_eq!(
+        d.take_outgoing(&key("m1", "g"), d.epoch_of(&key("m1", "g")))
+            .len(),
+        4
+    );
+    d.on_link_up(now, &key("m2", "g"), d.epoch_of(&key("m2", "g")), 100);
+    d.on_link_down(now, &key("m1", "g"), d.epoch_of(&key("m1", "g")));
     let moved: Vec<Seq> = d
-        .take_outgoing(&key("m2", "g"))
+        .take_outgoing(&key("m2", "g"), d.epoch_of(&key("m2", "g")))
         .into_iter()
         .map(|x| x.1)
         .collect();
@@ -97,7 +104,7 @@ fn keyed_messages_stick_to_one_member_in_order() {
     let mut d = Dispatcher::new(Duration::from_secs(30));
     d.on_route(now, &route("t", &[("g", &["m1", "m2", "m3"])]));
     for m in ["m1", "m2", "m3"] {
-        d.on_link_up(now, &key(m, "g"), 1000);
+        d.on_link_up(now, &key(m, "g"), d.epoch_of(&key(m, "g")), 1000);
     }
     for seq in 1..=30 {
         d.on_publish(now, seq, "t", Some(42), &groups(&["g"]), false);
@@ -105,7 +112,7 @@ fn keyed_messages_stick_to_one_member_in_order() {
     let per: Vec<Vec<Seq>> = ["m1", "m2", "m3"]
         .iter()
         .map(|m| {
-            d.take_outgoing(&key(m, "g"))
+            d.take_outgoing(&key(m, "g"), d.epoch_of(&key(m, "g")))
                 .into_iter()
                 .map(|x| x.1)
                 .collect()
@@ -121,15 +128,19 @@ fn ack_timeout_requeues_in_order() {
     let t0 = Instant::now();
     let mut d = Dispatcher::new(Duration::from_secs(1));
     d.on_route(t0, &route("t", &[("g", &["m1"])]));
-    d.on_link_up(t0, &key("m1", "g"), 10);
+    d.on_link_up(t0, &key("m1", "g"), d.epoch_of(&key("m1", "g")), 10);
     for seq in 1..=3 {
         d.on_publish(t0, seq, "t", None, &groups(&["g"]), false);
     }
-    assert_eq!(d.take_outgoing(&key("m1", "g")).len(), 3);
+    assert_eq!(
+        d.take_outgoing(&key("m1", "g"), d.epoch_of(&key("m1", "g")))
+            .len(),
+        3
+    );
     assert!(d.tick(t0 + Duration::from_millis(500)).is_empty());
     let acts = d.tick(t0 + Duration::from_secs(2));
     assert!(acts.contains(&Action::Wake(key("m1", "g"))));
-    let again: Vec<(u64, Seq)> = d.take_outgoing(&key("m1", "g"));
+    let again: Vec<(u64, Seq)> = d.take_outgoing(&key("m1", "g"), d.epoch_of(&key("m1", "g")));
     assert_eq!(again.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert!(again[0].0 > 3, "new link sequence numbers");
 }
@@ -139,12 +150,12 @@ fn confirmed_after_every_group_acked() {
     let now = Instant::now();
     let mut d = Dispatcher::new(Duration::from_secs(30));
     d.on_route(now, &route("t", &[("a", &["m1"]), ("b", &["m2"])]));
-    d.on_link_up(now, &key("m1", "a"), 10);
-    d.on_link_up(now, &key("m2", "b"), 10);
+    d.on_link_up(now, &key("m1", "a"), d.epoch_of(&key("m1", "a")), 10);
+    d.on_link_up(now, &key("m2", "b"), d.epoch_of(&key("m2", "b")), 10);
     d.on_publish(now, 7, "t", None, &groups(&["a", "b"]), true);
-    let acts = d.on_ack(now, &key("m1", "a"), 1, &[]);
+    let acts = d.on_ack(now, &key("m1", "a"), d.epoch_of(&key("m1", "a")), 1, &[]);
     assert!(!acts.contains(&Action::Confirmed(7)));
-    let acts = d.on_ack(now, &key("m2", "b"), 1, &[]);
+    let acts = d.on_ack(now, &key("m2", "b"), d.epoch_of(&key("m2", "b")), 1, &[]);
     assert!(acts.contains(&Action::Confirmed(7)));
 }
 
@@ -157,6 +168,37 @@ fn group_without_members_keeps_messages_waiting() {
     d.on_route(now, &route("t", &[]));
     assert_eq!(d.backlog()[0].waiting, 1);
     d.on_route(now, &route("t", &[("g", &["m9"])]));
-    d.on_link_up(now, &key("m9", "g"), 5);
-    assert_eq!(d.take_outgoing(&key("m9", "g")).len(), 1);
+    d.on_link_up(now, &key("m9", "g"), d.epoch_of(&key("m9", "g")), 5);
+    assert_eq!(
+        d.take_outgoing(&key("m9", "g"), d.epoch_of(&key("m9", "g")))
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn a_stale_link_task_cannot_touch_its_successor() {
+    let now = Instant::now();
+    let mut d = Dispatcher::new(Duration::from_secs(30));
+    d.on_route(now, &route("t", &[("g", &["m1"])]));
+    let old = d.epoch_of(&key("m1", "g"));
+    // The member leaves the route and comes back: a new link, a new epoch.
+    d.on_route(now, &route("t", &[("g", &[])]));
+    d.on_route(now, &route("t", &[("g", &["m1"])]));
+    let new = d.epoch_of(&key("m1", "g"));
+    assert_ne!(old, new);
+    d.on_link_up(now, &key("m1", "g"), new, 10);
+    d.on_publish(now, 1, "t", None, &groups(&["g"]), false);
+    assert_eq!(d.take_outgoing(&key("m1", "g"), new).len(), 1);
+    // The old task's stream finally fails, and its late ack of link seq 1 arrives:
+    // neither requeues nor settles the new link's message.
+    assert!(d.on_link_down(now, &key("m1", "g"), old).is_empty());
+    assert!(d.on_ack(now, &key("m1", "g"), old, 1, &[]).is_empty());
+    assert!(d.on_link_up(now, &key("m1", "g"), old, 10).is_empty());
+    assert_eq!(d.backlog()[0].in_flight, 1);
+    let acts = d.on_ack(now, &key("m1", "g"), new, 1, &[]);
+    assert!(acts.contains(&Action::Settle {
+        seqs: vec![1],
+        group: "g".into()
+    }));
 }
