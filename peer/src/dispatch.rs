@@ -67,6 +67,33 @@ struct GroupQueue {
     /// The last pump found no link with free credit: a new message cannot be placed
     /// until an event (ack, credit, link change, timeout) pumps again.
     blocked: bool,
+    /// Key hash → the link holding that key's in-flight messages. A key's next message
+    /// goes to no other link until these are acknowledged or requeued, so that a key
+    /// moving between members (a link came up or went down) keeps its order.
+    fences: FxHashMap<u64, Fence>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Fence {
+    epoch: LinkEpoch,
+    in_flight: u32,
+}
+
+impl GroupQueue {
+    /// `released` messages of the key left their link (acknowledged or requeued).
+    fn unfence(&mut self, released: impl IntoIterator<Item = InFlight>) {
+        for f in released {
+            let Some(hash) = f.entry.key_hash else {
+                continue;
+            };
+            if let Some(fence) = self.fences.get_mut(&hash) {
+                fence.in_flight -= 1;
+                if fence.in_flight == 0 {
+                    self.fences.remove(&hash);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -333,16 +360,19 @@ impl Dispatcher {
             return actions;
         };
         let above = link.inflight.split_off(&upto.saturating_add(1));
-        let mut acked: Vec<Seq> = std::mem::replace(&mut link.inflight, above)
+        let mut acked: Vec<InFlight> = std::mem::replace(&mut link.inflight, above)
             .into_values()
-            .map(|f| f.seq)
             .collect();
         for link_seq in extra {
             if let Some(f) = link.inflight.remove(link_seq) {
-                acked.push(f.seq);
+                acked.push(f);
             }
         }
-        self.settle(acked, &key.group, &mut actions);
+        let seqs = acked.iter().map(|f| f.seq).collect();
+        if let Some(queue) = self.queue_mut(&key.topic, &key.group) {
+            queue.unfence(acked);
+        }
+        self.settle(seqs, &key.group, &mut actions);
         self.pump(now, &key.topic, &key.group, &mut actions);
         actions
     }
@@ -440,15 +470,18 @@ impl Dispatcher {
         };
         link.outgoing.clear();
         let inflight = std::mem::take(&mut link.inflight);
-        if let Some(queue) = self
-            .groups
-            .get_mut(&key.topic)
-            .and_then(|groups| groups.get_mut(&key.group))
-        {
-            for f in inflight.into_values() {
+        if let Some(queue) = self.queue_mut(&key.topic, &key.group) {
+            for f in inflight.values() {
                 queue.waiting.insert(f.seq, f.entry);
             }
+            queue.unfence(inflight.into_values());
         }
+    }
+
+    fn queue_mut(&mut self, topic: &str, group: &str) -> Option<&mut GroupQueue> {
+        self.groups
+            .get_mut(topic)
+            .and_then(|groups| groups.get_mut(group))
     }
 
     /// Assigns waiting messages of one group to its links, within their credit.
@@ -461,6 +494,11 @@ impl Dispatcher {
             return;
         };
         let links = &mut self.links;
+        let epochs: Vec<LinkEpoch> = queue
+            .links
+            .iter()
+            .filter_map(|k| links.get(k).filter(|l| l.up).map(|l| l.epoch))
+            .collect();
         let live: Vec<&LinkKey> = queue
             .links
             .iter()
@@ -485,6 +523,17 @@ impl Dispatcher {
             };
             if free[target] == 0 {
                 continue;
+            }
+            if let Some(hash) = entry.key_hash {
+                let fence = queue.fences.entry(hash).or_insert(Fence {
+                    epoch: epochs[target],
+                    in_flight: 0,
+                });
+                if fence.epoch != epochs[target] {
+                    // The key still has messages in flight on another link.
+                    continue;
+                }
+                fence.in_flight += 1;
             }
             free[target] -= 1;
             assigned.push((target, seq, entry));

@@ -86,14 +86,13 @@ fn summary(o: &Outcome) -> String {
         })
         .collect();
     format!(
-        "seed={} published={} failed={} delivered={} [{}] dups=[{}] inversions={} sim={:.1}s wall={:.1}s trace={:016x} | {}",
+        "seed={} published={} failed={} delivered={} [{}] dups=[{}] sim={:.1}s wall={:.1}s trace={:016x} | {}",
         o.plan.seed,
         o.published.len(),
         o.failed_publishes.len(),
         o.deliveries.len(),
         per_run.join(" "),
         dups.join(" "),
-        o.inversions,
         o.sim_time.as_secs_f64(),
         o.wall_time.as_secs_f64(),
         o.trace_hash,

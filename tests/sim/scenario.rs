@@ -221,9 +221,6 @@ pub struct Outcome {
     pub trace_hash: u64,
     /// Duplicate deliveries per group.
     pub duplicates: BTreeMap<String, usize>,
-    /// Per-key order inversions allowed by the guarantees (after a membership change or
-    /// link failure in the group).
-    pub inversions: usize,
     /// Broken invariants (empty: the run passed).
     pub violations: Vec<String>,
 }
@@ -538,24 +535,10 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
     let failed_publishes = shared.failed_publishes.borrow().clone();
     let crashes: BTreeMap<&str, usize> =
         plan.crash.iter().map(|(target, ..)| (*target, 1)).collect();
-    let group_of = |member: &str| {
-        RECEIVERS
-            .iter()
-            .find(|(m, _)| *m == member)
-            .map(|(_, g)| *g)
-    };
-    let disturbed: BTreeSet<&str> = plan
-        .crash
-        .iter()
-        .map(|(target, ..)| *target)
-        .chain(plan.partition.iter().map(|(target, ..)| *target))
-        .filter_map(group_of)
-        .collect();
     let Checked {
         violations: mut found,
         duplicates,
-        inversions,
-    } = check(&published, &deliveries, &crashes, &disturbed);
+    } = check(&published, &deliveries, &crashes);
     violations.append(&mut found);
     if shared.senders_done.get() != SENDERS.len() {
         violations.push(format!(
@@ -579,7 +562,6 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
         wall_time: wall.elapsed(),
         trace_hash,
         duplicates,
-        inversions,
         violations,
     }
 }
@@ -600,14 +582,10 @@ fn everything_reached(shared: &Shared) -> bool {
 ///    published with (its targets) at least once; and that route listed every group
 ///    (both groups are durable subscribers that never unsubscribe).
 /// 2. Per-key order: within one incarnation of a member (between its crashes), the
-///    numbers of each (sender, key) are strictly increasing in a group none of whose
-///    members crashed or was partitioned from a sender. In a group that had such a
-///    membership change or link failure, inversions are counted, not failed: the key
-///    moves between members while earlier messages are still unacknowledged at the one
-///    that failed, and those arrive after newer ones when requeued (documented in
-///    `docs/guarantees.md`, "Per-key order"). Everywhere: no incarnation of a member is
-///    handed the same message twice (dedup). Across a crash of a member its numbers may
-///    restart lower (redeliveries).
+///    numbers of each (sender, key) are strictly increasing, through partitions, crashes
+///    of other members and membership changes (the sender's key fence). No incarnation
+///    of a member is handed the same message twice (dedup). Across a crash of a member
+///    its numbers may restart lower (redeliveries).
 /// 3. Bounded duplicates: per group, deliveries beyond the first of each message are at
 ///    most `CREDIT × senders × crashes of the group's members` (what can be in flight,
 ///    unacknowledged at the sender, on the links into a member when it dies). Without a
@@ -617,7 +595,6 @@ fn check(
     published: &[Published],
     deliveries: &[Delivered],
     crashes: &BTreeMap<&str, usize>,
-    disturbed: &BTreeSet<&str>,
 ) -> Checked {
     let mut violations = Vec::new();
     let mut reached: BTreeMap<MessageId, BTreeMap<&str, usize>> = BTreeMap::new();
@@ -668,7 +645,6 @@ fn check(
     let mut seen: BTreeSet<(&str, u32, MessageId)> = BTreeSet::new();
     let mut disorder = Vec::new();
     let mut twice = Vec::new();
-    let mut inversions = 0;
     for d in deliveries {
         if !seen.insert((d.member.as_str(), d.incarnation, d.id)) {
             twice.push(format!(
@@ -683,9 +659,7 @@ fn check(
             d.key.as_str(),
         );
         if let Some(prev) = last.get(&k) {
-            if d.n <= *prev && disturbed.contains(d.group.as_str()) {
-                inversions += 1;
-            } else if d.n <= *prev {
+            if d.n <= *prev {
                 disorder.push(format!(
                     "{} (run {}) got {} {} after {} (key {})",
                     d.member, d.incarnation, d.sender, d.n, prev, d.key
@@ -742,7 +716,6 @@ fn check(
     Checked {
         violations,
         duplicates,
-        inversions,
     }
 }
 
@@ -750,8 +723,6 @@ fn check(
 struct Checked {
     violations: Vec<String>,
     duplicates: BTreeMap<String, usize>,
-    /// Per-key order inversions in groups that had a membership change or link failure.
-    inversions: usize,
 }
 
 /// FNV-1a over the ordered logs, simulated times included: equal hashes mean the runs

@@ -202,3 +202,66 @@ fn a_stale_link_task_cannot_touch_its_successor() {
         group: "g".into()
     }));
 }
+
+#[test]
+fn a_key_moving_to_a_new_member_waits_for_its_in_flight_messages() {
+    let now = Instant::now();
+    let mut d = Dispatcher::new(Duration::from_secs(30));
+    d.on_route(now, &route("t", &[("g", &["m1", "m2"])]));
+    let (k1, k2) = (key("m1", "g"), key("m2", "g"));
+    // A key that rendezvous hashing gives to m2 once both members are up.
+    let hash = (0..)
+        .find(|h| rendezvous(*h, &[&k1, &k2]) == 1)
+        .expect("some key maps to m2");
+    d.on_link_up(now, &k1, d.epoch_of(&k1), 100);
+    for seq in 1..=3 {
+        d.on_publish(now, seq, "t", Some(hash), &groups(&["g"]), false);
+    }
+    assert_eq!(d.take_outgoing(&k1, d.epoch_of(&k1)).len(), 3);
+    // m2 comes up: the key now belongs to m2, but 1..=3 are still in flight on m1.
+    d.on_link_up(now, &k2, d.epoch_of(&k2), 100);
+    for seq in 4..=5 {
+        d.on_publish(now, seq, "t", Some(hash), &groups(&["g"]), false);
+    }
+    assert!(d.take_outgoing(&k2, d.epoch_of(&k2)).is_empty());
+    // Unkeyed messages are not held by the fence.
+    d.on_publish(now, 6, "t", None, &groups(&["g"]), false);
+    let sent: usize = [&k1, &k2]
+        .iter()
+        .map(|k| d.take_outgoing(k, d.epoch_of(k)).len())
+        .sum();
+    assert_eq!(sent, 1);
+    d.on_ack(now, &k1, d.epoch_of(&k1), 3, &[]);
+    let moved: Vec<Seq> = d
+        .take_outgoing(&k2, d.epoch_of(&k2))
+        .into_iter()
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(moved, vec![4, 5]);
+}
+
+#[test]
+fn a_requeued_key_goes_first_to_its_new_member() {
+    let now = Instant::now();
+    let mut d = Dispatcher::new(Duration::from_secs(30));
+    d.on_route(now, &route("t", &[("g", &["m1", "m2"])]));
+    let (k1, k2) = (key("m1", "g"), key("m2", "g"));
+    let hash = (0..)
+        .find(|h| rendezvous(*h, &[&k1, &k2]) == 1)
+        .expect("some key maps to m2");
+    d.on_link_up(now, &k1, d.epoch_of(&k1), 100);
+    for seq in 1..=3 {
+        d.on_publish(now, seq, "t", Some(hash), &groups(&["g"]), false);
+    }
+    d.take_outgoing(&k1, d.epoch_of(&k1));
+    d.on_link_up(now, &k2, d.epoch_of(&k2), 100);
+    d.on_publish(now, 4, "t", Some(hash), &groups(&["g"]), false);
+    // m1 fails: its in-flight messages come back and go to m2 before 4.
+    d.on_link_down(now, &k1, d.epoch_of(&k1));
+    let moved: Vec<Seq> = d
+        .take_outgoing(&k2, d.epoch_of(&k2))
+        .into_iter()
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(moved, vec![1, 2, 3, 4]);
+}
