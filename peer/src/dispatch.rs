@@ -179,23 +179,42 @@ impl Dispatcher {
         targets: &[String],
         confirm: bool,
     ) -> Vec<Action> {
+        self.on_publish_many(now, seq, topic, &[key_hash], targets, confirm)
+    }
+
+    /// Messages `first..first + key_hashes.len()` entered the outbox for `targets`
+    /// (a batch: one pump per group).
+    pub(crate) fn on_publish_many(
+        &mut self,
+        now: Instant,
+        first: Seq,
+        topic: &str,
+        key_hashes: &[Option<u64>],
+        targets: &[String],
+        confirm: bool,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
+        let seqs = first..first + key_hashes.len() as u64;
         if confirm {
-            if targets.is_empty() {
-                actions.push(Action::Confirmed(seq));
-            } else {
-                self.confirm.insert(seq, targets.len());
+            for seq in seqs.clone() {
+                if targets.is_empty() {
+                    actions.push(Action::Confirmed(seq));
+                } else {
+                    self.confirm.insert(seq, targets.len());
+                }
             }
         }
         for group in targets {
             let queue = self.queue_entry(topic, group);
-            queue.waiting.insert(
-                seq,
-                Entry {
-                    key_hash,
-                    deliveries: 0,
-                },
-            );
+            for (seq, &key_hash) in seqs.clone().zip(key_hashes) {
+                queue.waiting.insert(
+                    seq,
+                    Entry {
+                        key_hash,
+                        deliveries: 0,
+                    },
+                );
+            }
             if !queue.blocked {
                 self.pump(now, topic, group, &mut actions);
             }

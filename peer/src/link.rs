@@ -83,9 +83,12 @@ async fn serve(
     let mut writer = FrameWriter::new(send, max_frame);
     let mut reader = FrameReader::new(recv, max_frame);
     let wire_err = |e: wire::WireError| Error::with_source(ErrorKind::Protocol, "data stream", e);
-    wire::open_handshake(&mut writer, &mut reader, &inner.hello())
+    let welcome = wire::open_handshake(&mut writer, &mut reader, &inner.hello())
         .await
         .map_err(wire_err)?;
+    inner
+        .members
+        .observed(&key.member, &conn, welcome.incarnation);
     writer
         .send(&Frame::Open(Open {
             topic: key.topic.clone(),

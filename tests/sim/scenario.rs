@@ -287,6 +287,9 @@ async fn start_peer(
         .credentials(all_creds().get(name))
         .udp_socket(socket)
         .rng_seed(host_seed(seed, name, start))
+        // Later runs of a host must have higher incarnations (the default derives them
+        // from the wall clock, which a replay does not reproduce).
+        .incarnation(((u64::from(start) + 1) << 32) | (host_seed(seed, name, start) >> 32))
         .ack_timeout(ACK_TIMEOUT)
         .directory_timeout(Duration::from_secs(30))
         // Disk work must not finish on other threads at wall-clock-dependent moments.

@@ -111,28 +111,34 @@ pub enum Durability {
 /// Quota reserved for an append not yet handed to the writer.
 struct QuotaGuard<'a> {
     shared: &'a Shared,
+    messages: u64,
     bytes: u64,
 }
 
 impl Drop for QuotaGuard<'_> {
     fn drop(&mut self) {
-        self.shared.core().state.unreserve(self.bytes);
+        self.shared
+            .core()
+            .state
+            .unreserve_many(self.messages, self.bytes);
         self.shared.space.notify_waiters();
     }
 }
 
-/// An append handed to the writer by [`Outbox::submit`]; [`wait`](Self::wait) gives
-/// its sequence number once it has the requested durability.
+/// An append handed to the writer by [`Outbox::submit`] or
+/// [`Outbox::submit_batch`]; [`wait`](Self::wait) gives its sequence numbers once it
+/// has the requested durability.
 #[derive(Debug)]
 pub struct AppendTicket {
-    rx: oneshot::Receiver<Result<u64, OutboxError>>,
+    rx: oneshot::Receiver<Result<std::ops::Range<u64>, OutboxError>>,
     blocking: bool,
 }
 
 impl AppendTicket {
-    /// Waits until the append is durable as requested. Cancel-safe: may be called
-    /// again after the future was dropped.
-    pub async fn wait(&mut self) -> Result<u64, OutboxError> {
+    /// Waits until the append is durable as requested and returns its sequence numbers
+    /// (consecutive; one for [`Outbox::submit`]). Cancel-safe: may be called again
+    /// after the future was dropped.
+    pub async fn wait(&mut self) -> Result<std::ops::Range<u64>, OutboxError> {
         if self.blocking {
             // Simulation only (see `OutboxConfig::blocking_append`). The writer never
             // needs this thread to answer; `unconstrained` keeps tokio's cooperative
@@ -538,10 +544,12 @@ impl Outbox {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<u64, OutboxError> {
-        self.submit(targets, body, durability, when_full)
+        let seqs = self
+            .submit(targets, body, durability, when_full)
             .await?
             .wait()
-            .await
+            .await?;
+        Ok(seqs.start)
     }
 
     /// The first half of [`append`](Self::append): checks, reserves quota (waiting or
@@ -555,27 +563,48 @@ impl Outbox {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<AppendTicket, OutboxError> {
+        self.submit_batch(targets, vec![body], durability, when_full)
+            .await
+    }
+
+    /// [`submit`](Self::submit) for several messages to the same targets: they get
+    /// consecutive sequence numbers, are stored in one group commit and answered
+    /// together. The quota is reserved for all of them at once (waiting or failing as
+    /// `when_full` says); a batch larger than the whole quota fails with
+    /// [`OutboxError::Full`] at once.
+    pub async fn submit_batch(
+        &self,
+        targets: Vec<String>,
+        bodies: Vec<Bytes>,
+        durability: Durability,
+        when_full: WhenFull,
+    ) -> Result<AppendTicket, OutboxError> {
         let shared = &self.inner.shared;
-        let size = check_body(&shared.cfg, &body)?;
+        let mut size = 0u64;
+        for body in &bodies {
+            size += check_body(&shared.cfg, body)?;
+        }
         let targets = validate_targets(&targets)?.into_owned();
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
         let mut quota = None;
-        if !targets.is_empty() {
-            self.reserve(size, when_full).await?;
+        let messages = bodies.len() as u64;
+        if !targets.is_empty() && messages > 0 {
+            self.reserve(messages, size, when_full).await?;
             // Gives the quota back if this future is dropped before the hand-off.
             quota = Some(QuotaGuard {
                 shared,
+                messages,
                 bytes: size,
             });
         }
         let (reply, rx) = oneshot::channel();
         let permit = tx.reserve().await.map_err(|_| OutboxError::Closed)?;
-        permit.send(Req::Append {
+        permit.send(Req::Append(writer::Append {
             targets,
-            body,
+            bodies,
             durability,
             reply,
-        });
+        }));
         // The writer owns the reservation now.
         std::mem::forget(quota);
         Ok(AppendTicket {
@@ -616,7 +645,12 @@ impl Outbox {
         Ok(Some(seq))
     }
 
-    async fn reserve(&self, size: u64, when_full: WhenFull) -> Result<(), OutboxError> {
+    async fn reserve(
+        &self,
+        messages: u64,
+        size: u64,
+        when_full: WhenFull,
+    ) -> Result<(), OutboxError> {
         let shared = &self.inner.shared;
         loop {
             if shared.closed.load(Ordering::Acquire) {
@@ -626,9 +660,10 @@ impl Outbox {
             tokio::pin!(notified);
             {
                 let mut core = shared.core();
-                match core.state.reserve(size) {
+                let never_fits = !core.state.could_fit(messages, size);
+                match core.state.reserve_many(messages, size) {
                     Ok(()) => return Ok(()),
-                    Err(full) if when_full == WhenFull::Fail => {
+                    Err(full) if when_full == WhenFull::Fail || never_fits => {
                         return Err(OutboxError::Full {
                             used_messages: full.used_messages,
                             used_bytes: full.used_bytes,

@@ -144,12 +144,16 @@ impl OutboxState {
     /// until [`message_added`](Self::message_added) turns it into a pending message or
     /// [`unreserve`](Self::unreserve) gives it back.
     pub fn reserve(&mut self, bytes: u64) -> Result<(), QuotaFull> {
-        let fits_msgs = self.used_messages < self.max_messages;
-        // An empty outbox always admits one message that fits the quota on its own.
+        self.reserve_many(1, bytes)
+    }
+
+    /// Reserves quota for `messages` messages of `bytes` bytes in all, or none of it.
+    pub fn reserve_many(&mut self, messages: u64, bytes: u64) -> Result<(), QuotaFull> {
+        let fits_msgs = self.used_messages.saturating_add(messages) <= self.max_messages;
         let fits_bytes = self.used_bytes.saturating_add(bytes) <= self.max_bytes;
         if fits_msgs && fits_bytes {
             self.used_bytes += bytes;
-            self.used_messages += 1;
+            self.used_messages += messages;
             Ok(())
         } else {
             Err(QuotaFull {
@@ -163,8 +167,18 @@ impl OutboxState {
 
     /// Gives back a reservation that did not become a message.
     pub fn unreserve(&mut self, bytes: u64) {
+        self.unreserve_many(1, bytes);
+    }
+
+    /// Gives back a reservation of `messages` messages and `bytes` bytes.
+    pub fn unreserve_many(&mut self, messages: u64, bytes: u64) {
         self.used_bytes = self.used_bytes.saturating_sub(bytes);
-        self.used_messages = self.used_messages.saturating_sub(1);
+        self.used_messages = self.used_messages.saturating_sub(messages);
+    }
+
+    /// Whether `messages` messages of `bytes` bytes could ever fit the quota.
+    pub fn could_fit(&self, messages: u64, bytes: u64) -> bool {
+        messages <= self.max_messages && bytes <= self.max_bytes
     }
 
     fn intern(&mut self, name: &str) -> u32 {

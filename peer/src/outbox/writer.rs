@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -16,12 +17,7 @@ const SETTLES_PER_RECORD: usize = 16_384;
 
 /// A request to the writer.
 pub(super) enum Req {
-    Append {
-        targets: Vec<String>,
-        body: Bytes,
-        durability: Durability,
-        reply: oneshot::Sender<Result<u64, OutboxError>>,
-    },
+    Append(Append),
     /// Settles or deletions are waiting.
     Wake,
     /// Flush, fsync and stop.
@@ -40,7 +36,27 @@ pub(super) struct Writer {
     failed: Option<String>,
 }
 
-type Reply = oneshot::Sender<Result<u64, OutboxError>>;
+/// Messages for the same targets, stored under consecutive sequence numbers and
+/// answered together (one message for `publish`, several for a batch).
+pub(super) struct Append {
+    pub(super) targets: Vec<String>,
+    pub(super) bodies: Vec<Bytes>,
+    pub(super) durability: Durability,
+    pub(super) reply: Reply,
+}
+
+impl Append {
+    /// Gives back the quota reserved for it (it will not be stored).
+    fn unreserve(&self, state: &mut super::state::OutboxState) {
+        if !self.targets.is_empty() {
+            let bytes = self.bodies.iter().map(|b| b.len() as u64).sum();
+            state.unreserve_many(self.bodies.len() as u64, bytes);
+        }
+    }
+}
+
+/// Answered with the sequence numbers of the stored messages.
+pub(super) type Reply = oneshot::Sender<Result<Range<u64>, OutboxError>>;
 
 impl Writer {
     pub(super) fn new(
@@ -78,12 +94,7 @@ impl Writer {
             let mut appends = Vec::with_capacity(batch.len());
             for r in batch.drain(..) {
                 match r {
-                    Req::Append {
-                        targets,
-                        body,
-                        durability,
-                        reply,
-                    } => appends.push((targets, body, durability, reply)),
+                    Req::Append(append) => appends.push(append),
                     Req::Wake => {}
                     Req::Close(reply) => close = Some(reply),
                 }
@@ -93,17 +104,9 @@ impl Writer {
                 self.rx.close();
                 // Answer requests that raced with close.
                 while let Ok(r) = self.rx.try_recv() {
-                    if let Req::Append {
-                        targets,
-                        body,
-                        reply,
-                        ..
-                    } = r
-                    {
-                        if !targets.is_empty() {
-                            self.shared.core().state.unreserve(body.len() as u64);
-                        }
-                        let _ = reply.send(Err(OutboxError::Closed));
+                    if let Req::Append(append) = r {
+                        append.unreserve(&mut self.shared.core().state);
+                        let _ = append.reply.send(Err(OutboxError::Closed));
                     }
                 }
                 let _ = reply.send(res);
@@ -136,11 +139,7 @@ impl Writer {
     }
 
     /// Writes one batch. Returns the result of the batch's write/sync (for `close`).
-    fn commit(
-        &mut self,
-        appends: Vec<(Vec<String>, Bytes, Durability, Reply)>,
-        sync: bool,
-    ) -> Result<(), OutboxError> {
+    fn commit(&mut self, appends: Vec<Append>, sync: bool) -> Result<(), OutboxError> {
         if let Some(reason) = self.failed.clone() {
             self.reject(appends, &reason);
             return Err(OutboxError::WriterFailed { reason });
@@ -159,10 +158,10 @@ impl Writer {
                 Err(e) => return self.fail(appends, e),
             }
         }
-        let n = appends.len() as u64;
+        let n: u64 = appends.iter().map(|a| a.bodies.len() as u64).sum();
         let now = unix_ms_now();
-        // Replies to send after the sync: (reply, seq, wrote_to_disk).
-        let mut deferred: Vec<(Reply, u64, bool)> = Vec::new();
+        // Replies to send after the sync.
+        let mut deferred: Vec<(Reply, Range<u64>)> = Vec::new();
         let mut lease_in_batch = false;
         {
             // Sequence numbers are taken under the core lock, as `append_memory` takes
@@ -176,41 +175,38 @@ impl Writer {
                 lease_in_batch = true;
                 need_sync = true;
             }
-            for (targets, body, durability, reply) in appends {
-                let seq = core.next_seq;
-                core.next_seq += 1;
-                if targets.is_empty() {
-                    if lease_in_batch {
-                        deferred.push((reply, seq, false));
-                    } else {
-                        let _ = reply.send(Ok(seq));
+            for append in appends {
+                let first = core.next_seq;
+                core.next_seq += append.bodies.len() as u64;
+                let seqs = first..core.next_seq;
+                let to_disk = !append.targets.is_empty() && append.durability == Durability::Disk;
+                for (seq, body) in seqs.clone().zip(append.bodies) {
+                    if append.targets.is_empty() {
+                        continue;
                     }
-                    continue;
-                }
-                let bytes = body.len() as u64;
-                match durability {
-                    Durability::Memory => {
-                        core.state.memory_message_added(seq, &targets, body, now);
-                        if lease_in_batch {
-                            deferred.push((reply, seq, false));
-                        } else {
-                            let _ = reply.send(Ok(seq));
-                        }
-                    }
-                    Durability::Disk => {
-                        let offset = self.size + self.buf.len() as u64;
-                        let len = record::encode_message(&mut self.buf, seq, now, &targets, &body);
-                        let loc = Location {
-                            segment: self.active,
-                            offset,
-                            len,
-                        };
+                    if !to_disk {
                         core.state
-                            .message_added(seq, &targets, Some(loc), bytes, now, true);
-                        core.cache.insert(seq, body);
-                        deferred.push((reply, seq, true));
-                        need_sync = true;
+                            .memory_message_added(seq, &append.targets, body, now);
+                        continue;
                     }
+                    let offset = self.size + self.buf.len() as u64;
+                    let len =
+                        record::encode_message(&mut self.buf, seq, now, &append.targets, &body);
+                    let loc = Location {
+                        segment: self.active,
+                        offset,
+                        len,
+                    };
+                    let bytes = body.len() as u64;
+                    core.state
+                        .message_added(seq, &append.targets, Some(loc), bytes, now, true);
+                    core.cache.insert(seq, body);
+                }
+                need_sync |= to_disk;
+                if to_disk || lease_in_batch {
+                    deferred.push((append.reply, seqs));
+                } else {
+                    let _ = append.reply.send(Ok(seqs));
                 }
             }
             core.wake_queued = false;
@@ -250,9 +246,9 @@ impl Writer {
             if let Err(e) = &res {
                 self.failed = Some(e.to_string());
                 tracing::error!(error = %e, "outbox write failed; further appends will fail");
-                for (_, seq, _) in &deferred {
-                    core.cache.remove(*seq);
-                    let acts = core.state.forget(*seq);
+                for seq in deferred.iter().flat_map(|(_, seqs)| seqs.clone()) {
+                    core.cache.remove(seq);
+                    let acts = core.state.forget(seq);
                     core.deletions
                         .extend(acts.into_iter().map(|Action::DeleteSegment(id)| id));
                 }
@@ -260,8 +256,8 @@ impl Writer {
         }
         match &res {
             Ok(()) => {
-                for (reply, seq, _) in deferred {
-                    let _ = reply.send(Ok(seq));
+                for (reply, seqs) in deferred {
+                    let _ = reply.send(Ok(seqs));
                 }
             }
             Err(e) => {
@@ -278,11 +274,7 @@ impl Writer {
         res
     }
 
-    fn fail(
-        &mut self,
-        appends: Vec<(Vec<String>, Bytes, Durability, Reply)>,
-        e: OutboxError,
-    ) -> Result<(), OutboxError> {
+    fn fail(&mut self, appends: Vec<Append>, e: OutboxError) -> Result<(), OutboxError> {
         let reason = e.to_string();
         tracing::error!(error = %reason, "outbox writer failed; further appends will fail");
         self.reject(appends, &reason);
@@ -291,13 +283,11 @@ impl Writer {
     }
 
     /// Answers appends that will not be written, giving their quota back.
-    fn reject(&self, appends: Vec<(Vec<String>, Bytes, Durability, Reply)>, reason: &str) {
+    fn reject(&self, appends: Vec<Append>, reason: &str) {
         let mut core = self.shared.core();
-        for (targets, body, _, reply) in appends {
-            if !targets.is_empty() {
-                core.state.unreserve(body.len() as u64);
-            }
-            let _ = reply.send(Err(OutboxError::WriterFailed {
+        for append in appends {
+            append.unreserve(&mut core.state);
+            let _ = append.reply.send(Err(OutboxError::WriterFailed {
                 reason: reason.to_string(),
             }));
         }
