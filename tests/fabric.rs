@@ -330,3 +330,73 @@ async fn a_delivery_dropped_without_ack_comes_back_after_the_ack_timeout() {
         "settled once acked"
     );
 }
+
+/// `publish_batch` stores a batch as one outbox append; every message reaches every
+/// group, keyed ones in publish order. A batch with an invalid message stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_batch_reaches_every_group_in_order_and_a_bad_one_stores_nothing() {
+    let fabric = Fabric::start().await;
+    let sender = fabric.peer("sender").await;
+    let b1 = fabric.peer("billing-1").await;
+    let a1 = fabric.peer("analytics-1").await;
+    let seen: Seen = Arc::default();
+    for (peer, group) in [(&b1, "billing"), (&a1, "analytics")] {
+        let sub = peer
+            .subscribe("orders")
+            .group(group)
+            .start()
+            .await
+            .expect("subscribe");
+        consume(peer.identity(), sub, seen.clone());
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || fabric
+            .directory
+            .route("orders")
+            .groups
+            .len()
+            == 2)
+        .await
+    );
+    const N: u64 = 2_000;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+        let messages = chunk
+            .iter()
+            .map(|n| Message::new(n.to_string()).key("one-key"));
+        let receipts = sender
+            .publish_batch("orders", messages)
+            .await
+            .expect("batch");
+        assert_eq!(receipts.len(), chunk.len());
+        assert!(receipts.windows(2).all(|w| w[1].id.seq == w[0].id.seq + 1));
+        assert!(receipts.iter().all(|r| r.groups == 2));
+    }
+    // One oversized message fails the whole batch, before anything is stored.
+    let pending_before = sender.outbox_stats().pending_messages;
+    let bad = vec![
+        Message::new("fine"),
+        Message::new(vec![0u8; weft_peer::DEFAULT_MAX_MESSAGE + 1]),
+    ];
+    let e = sender
+        .publish_batch("orders", bad)
+        .await
+        .expect_err("oversized message in the batch");
+    assert_eq!(e.kind(), weft_peer::ErrorKind::TooLarge);
+    assert!(sender.outbox_stats().pending_messages <= pending_before);
+    assert!(
+        eventually(Duration::from_secs(30), || total(
+            &seen,
+            &["billing-1", "analytics-1"]
+        ) == 2 * N as usize)
+        .await
+    );
+    assert!(sender.drain(Duration::from_secs(10)).await);
+    let s = seen.lock().expect("lock");
+    for member in ["billing-1", "analytics-1"] {
+        assert_eq!(
+            s[member],
+            (0..N).collect::<Vec<_>>(),
+            "{member}: every message once, in publish order"
+        );
+    }
+}

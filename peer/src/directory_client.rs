@@ -29,7 +29,32 @@ enum Command {
 }
 
 /// Called with every route the directory sends.
-pub(crate) type RouteSink = Arc<dyn Fn(Route) + Send + Sync>;
+pub(crate) type RouteSink = Arc<dyn Fn(Route, Freshness) + Send + Sync>;
+
+fn freshness(attached: std::time::Instant) -> Freshness {
+    if crate::clock::now().saturating_duration_since(attached) < RESYNC_SETTLE {
+        Freshness::Settling
+    } else {
+        Freshness::Settled
+    }
+}
+
+/// How far a route from the directory can be trusted to list every subscribed group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Freshness {
+    /// Sent within [`RESYNC_SETTLE`] of attaching to a directory node. The node may
+    /// not know every registration yet (it restarted and its peers are re-registering,
+    /// or it is still catching up through gossip): a group missing from it may only
+    /// be late, so the peer keeps its cached groups.
+    Settling,
+    /// Sent later: authoritative.
+    Settled,
+}
+
+/// After attaching to a directory node, routes are [`Freshness::Settling`] for this long
+/// (the directory's default grace period: the time peers have to re-register); then
+/// every watched topic is fetched again.
+pub const RESYNC_SETTLE: Duration = Duration::from_secs(3);
 
 /// What the client needs to attach.
 pub(crate) struct ClientSettings {
@@ -221,6 +246,10 @@ async fn attach(
             )
         })?;
     info!(%addr, node = %welcome.identity, "attached to directory node");
+    let attached = crate::clock::now();
+    let settled = tokio::time::sleep_until((attached + RESYNC_SETTLE).into());
+    tokio::pin!(settled);
+    let mut resynced = false;
     let mut next_id: u64 = 1;
     let mut pending: HashMap<u64, (DirRequest, Option<Reply>)> = HashMap::new();
     let wire_err = |e: wire::WireError| {
@@ -257,6 +286,17 @@ async fn attach(
     writer.flush().await.map_err(wire_err)?;
     loop {
         tokio::select! {
+            () = &mut settled, if !resynced => {
+                // Fetch every watched route again, now authoritative.
+                resynced = true;
+                for topic in &desired.watches {
+                    let req = DirRequest::Watch { topic: topic.clone() };
+                    writer.queue(&Frame::Request { id: next_id, body: req.clone() }).map_err(wire_err)?;
+                    pending.insert(next_id, (req, None));
+                    next_id += 1;
+                }
+                writer.flush().await.map_err(wire_err)?;
+            }
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else {
                     conn.close(0u32.into(), b"peer shutting down");
@@ -277,7 +317,7 @@ async fn attach(
                         let result = match body {
                             DirResponse::Ok => Ok(None),
                             DirResponse::Route(route) => {
-                                sink(route.clone());
+                                sink(route.clone(), freshness(attached));
                                 Ok(Some(route))
                             }
                             DirResponse::Error(r) => {
@@ -289,7 +329,7 @@ async fn attach(
                             let _ = reply.send(result);
                         }
                     }
-                    Ok(Some(Frame::RouteChanged(route))) => sink(route),
+                    Ok(Some(Frame::RouteChanged(route))) => sink(route, freshness(attached)),
                     Ok(Some(other)) => {
                         warn!(kind = other.kind(), "unexpected frame from directory");
                     }

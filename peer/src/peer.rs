@@ -1,6 +1,6 @@
 //! The peer runtime: builder, handle, and the glue that drives the state machines.
 
-use crate::directory_client::{ClientSettings, DirectoryClient};
+use crate::directory_client::{ClientSettings, DirectoryClient, Freshness};
 use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkKey, Seq};
 use crate::error::{Error, ErrorKind, Result};
 use crate::link::{self, LinkControl};
@@ -317,9 +317,9 @@ impl PeerBuilder {
                 max_frame: inner.config.max_frame,
                 jitter: Jitter::new(self.rng_seed.map(|s| s ^ 0x6469_7263)),
             },
-            Arc::new(move |route| {
+            Arc::new(move |route, freshness| {
                 if let Some(inner) = sink_inner.upgrade() {
-                    inner.on_route(route);
+                    inner.on_route(route, freshness);
                 }
             }),
         );
@@ -782,7 +782,12 @@ impl Inner {
         }
     }
 
-    fn on_route(self: &Arc<Self>, route: Route) {
+    fn on_route(self: &Arc<Self>, mut route: Route, freshness: Freshness) {
+        if freshness == Freshness::Settling {
+            if let Some(cached) = lock(&self.routes).get(&route.topic) {
+                keep_cached_groups(&mut route, cached);
+            }
+        }
         self.members.learn(&route);
         let actions = self.core().on_route(crate::clock::now(), &route);
         lock(&self.targets).insert(route.topic.clone(), targets_of(&route));
@@ -1105,6 +1110,23 @@ impl Drop for PendingAppend {
             });
         }
     }
+}
+
+/// Adds to `route` the groups of `cached` it lacks (with their cached members), for a
+/// route from a directory node that may still be learning registrations.
+fn keep_cached_groups(route: &mut Route, cached: &Route) {
+    let missing: Vec<_> = cached
+        .groups
+        .iter()
+        .filter(|c| !route.groups.iter().any(|g| g.group == c.group))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    tracing::debug!(topic = %route.topic, groups = missing.len(), "directory still settling; keeping cached groups");
+    route.groups.extend(missing);
+    route.groups.sort_by(|a, b| a.group.cmp(&b.group));
 }
 
 /// The target groups of a route.

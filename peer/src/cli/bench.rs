@@ -48,9 +48,14 @@ pub struct BenchArgs {
     /// lat: unrecorded warm-up round trips.
     #[arg(long, default_value_t = 1000)]
     pub warmup: u64,
-    /// thr: publishes in flight at once per publisher.
+    /// thr: messages in flight at once per publisher (publishes not yet returned).
     #[arg(long, default_value_t = 4096)]
     pub window: usize,
+    /// thr: messages per `publish_batch` call (1 = one `publish` per message). A batch
+    /// shares one outbox append and group commit; each message keeps its own
+    /// guarantees.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Hard wall-clock limit for the whole run.
     #[arg(long, default_value_t = 120)]
     pub timeout_s: u64,
@@ -268,23 +273,35 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let mut tasks = Vec::new();
     for publisher in &publishers {
         let publisher = publisher.clone();
-        let (size, window, keys) = (args.size, args.window, args.keys);
+        let (size, keys) = (args.size, args.keys);
+        let batch = args.batch.max(1) as u64;
+        let batches_in_flight = (args.window as u64).div_ceil(batch).max(1) as usize;
+        let message = move |i: u64| {
+            let m = Message::new(payload(size, epoch));
+            if keys > 0 {
+                m.key(format!("k{}", i % keys))
+            } else {
+                m
+            }
+        };
         tasks.push(tokio::spawn(async move {
-            futures::stream::iter(0..per_publisher)
-                .map(|i| {
+            futures::stream::iter((0..per_publisher).step_by(batch as usize))
+                .map(|first| {
                     let publisher = publisher.clone();
                     async move {
-                        let mut m = Message::new(payload(size, epoch));
-                        if keys > 0 {
-                            m = m.key(format!("k{}", i % keys));
+                        if batch == 1 {
+                            return publisher.publish("bench", message(first)).await.map(|_| ());
                         }
-                        publisher.publish("bench", m).await
+                        let end = (first + batch).min(per_publisher);
+                        let messages = (first..end).map(message);
+                        publisher.publish_batch("bench", messages).await.map(|_| ())
                     }
                 })
-                .buffer_unordered(window)
-                .fold(Ok(()), |acc: weft_peer::Result<()>, r| async move {
-                    acc.and(r.map(|_| ()))
-                })
+                .buffer_unordered(batches_in_flight)
+                .fold(
+                    Ok(()),
+                    |acc: weft_peer::Result<()>, r| async move { acc.and(r) },
+                )
                 .await
         }));
     }
@@ -324,12 +341,13 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         max_us: h.max() as f64 / 1e3,
         latency_kind: "publish_to_delivery",
         extra: format!(
-            "\"delivered_msgs_per_s\":{:.0},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"expected_deliveries\":{expected}",
+            "\"delivered_msgs_per_s\":{:.0},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"expected_deliveries\":{expected}",
             expected as f64 / elapsed.as_secs_f64(),
             published_in.as_secs_f64(),
             args.groups,
             args.members,
-            args.publishers
+            args.publishers,
+            args.batch.max(1)
         ),
     };
     report.print(args.json);

@@ -707,3 +707,68 @@ proptest! {
         if std::env::var_os("OUTBOX_MODEL_VERBOSE").is_some() { eprintln!("reappeared settled: {reappeared}"); }
     }
 }
+
+#[tokio::test]
+async fn a_batch_gets_consecutive_seqs_one_commit_and_survives_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, _) = Outbox::open(cfg(tmp.path())).await.unwrap();
+    let before = append_disk(&o, &["a"], b"before").await;
+    let commits = o.stats().commits;
+    let bodies: Vec<Bytes> = (0..100).map(|i| Bytes::from(format!("m{i}"))).collect();
+    let seqs = o
+        .submit_batch(g(&["a", "b"]), bodies, Durability::Disk, WhenFull::Fail)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(seqs, before + 1..before + 101);
+    assert_eq!(o.stats().commits, commits + 1, "one group commit");
+    assert_eq!(o.pending_messages(), 101);
+    assert_eq!(o.read(before + 42).await.unwrap(), Some(Bytes::from("m41")));
+    o.close().await.unwrap();
+    drop(o);
+    let (o, rec) = Outbox::open(cfg(tmp.path())).await.unwrap();
+    let recovered: Vec<u64> = rec.pending.iter().map(|p| p.seq).collect();
+    assert_eq!(recovered, (before..before + 101).collect::<Vec<_>>());
+    assert_eq!(rec.pending[100].body, Bytes::from("m99"));
+    assert_eq!(rec.pending[100].unsettled, g(&["a", "b"]));
+    drop(o);
+}
+
+#[tokio::test]
+async fn a_batch_reserves_quota_for_all_or_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.max_messages = 10;
+    let (o, _) = Outbox::open(c).await.unwrap();
+    let batch = |n: usize| (0..n).map(|_| Bytes::from_static(b"x")).collect::<Vec<_>>();
+    o.submit_batch(g(&["a"]), batch(8), Durability::Memory, WhenFull::Fail)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    // 3 more do not fit: nothing of the batch is stored.
+    let e = o
+        .submit_batch(g(&["a"]), batch(3), Durability::Memory, WhenFull::Fail)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, OutboxError::Full { .. }), "{e:?}");
+    assert_eq!(o.pending_messages(), 8);
+    // A batch larger than the whole quota fails even when the caller would wait.
+    let e = o
+        .submit_batch(g(&["a"]), batch(11), Durability::Memory, WhenFull::Wait)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, OutboxError::Full { .. }), "{e:?}");
+    // An oversized body fails the whole batch before anything is reserved.
+    let mut bodies = batch(1);
+    bodies.push(Bytes::from(vec![0u8; record::MAX_BODY + 1]));
+    let e = o
+        .submit_batch(g(&["a"]), bodies, Durability::Disk, WhenFull::Fail)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, OutboxError::TooLarge { .. }), "{e:?}");
+    assert_eq!(o.pending_messages(), 8);
+}
