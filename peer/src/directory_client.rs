@@ -39,6 +39,37 @@ fn freshness(attached: std::time::Instant) -> Freshness {
     }
 }
 
+fn wire_err(e: wire::WireError) -> Error {
+    Error::with_source(ErrorKind::DirectoryUnavailable, "directory stream", e)
+}
+
+/// Requests sent on the current directory stream and not answered yet, by id.
+#[derive(Default)]
+struct Pending {
+    next_id: u64,
+    by_id: HashMap<u64, (DirRequest, Option<Reply>)>,
+}
+
+impl Pending {
+    /// Queues `req` on `writer` (the caller flushes) and remembers whom to answer.
+    fn queue(
+        &mut self,
+        writer: &mut FrameWriter,
+        req: DirRequest,
+        reply: Option<Reply>,
+    ) -> Result<()> {
+        self.next_id += 1;
+        writer
+            .queue(&Frame::Request {
+                id: self.next_id,
+                body: req.clone(),
+            })
+            .map_err(wire_err)?;
+        self.by_id.insert(self.next_id, (req, reply));
+        Ok(())
+    }
+}
+
 /// How far a route from the directory can be trusted to list every subscribed group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Freshness {
@@ -54,7 +85,7 @@ pub(crate) enum Freshness {
 /// After attaching to a directory node, routes are [`Freshness::Settling`] for this long
 /// (the directory's default grace period: the time peers have to re-register); then
 /// every watched topic is fetched again.
-pub const RESYNC_SETTLE: Duration = Duration::from_secs(3);
+pub(crate) const RESYNC_SETTLE: Duration = Duration::from_secs(3);
 
 /// What the client needs to attach.
 pub(crate) struct ClientSettings {
@@ -250,11 +281,7 @@ async fn attach(
     let settled = tokio::time::sleep_until((attached + RESYNC_SETTLE).into());
     tokio::pin!(settled);
     let mut resynced = false;
-    let mut next_id: u64 = 1;
-    let mut pending: HashMap<u64, (DirRequest, Option<Reply>)> = HashMap::new();
-    let wire_err = |e: wire::WireError| {
-        Error::with_source(ErrorKind::DirectoryUnavailable, "directory stream", e)
-    };
+    let mut pending = Pending::default();
     // Re-establish everything desired, then answer whoever waited.
     let mut requests: Vec<(DirRequest, Option<Reply>)> = desired
         .subscriptions
@@ -274,14 +301,7 @@ async fn attach(
             .map(|(req, reply)| (req, Some(reply))),
     );
     for (req, reply) in requests {
-        writer
-            .queue(&Frame::Request {
-                id: next_id,
-                body: req.clone(),
-            })
-            .map_err(wire_err)?;
-        pending.insert(next_id, (req, reply));
-        next_id += 1;
+        pending.queue(&mut writer, req, reply)?;
     }
     writer.flush().await.map_err(wire_err)?;
     loop {
@@ -290,10 +310,7 @@ async fn attach(
                 // Fetch every watched route again, now authoritative.
                 resynced = true;
                 for topic in &desired.watches {
-                    let req = DirRequest::Watch { topic: topic.clone() };
-                    writer.queue(&Frame::Request { id: next_id, body: req.clone() }).map_err(wire_err)?;
-                    pending.insert(next_id, (req, None));
-                    next_id += 1;
+                    pending.queue(&mut writer, DirRequest::Watch { topic: topic.clone() }, None)?;
                 }
                 writer.flush().await.map_err(wire_err)?;
             }
@@ -304,16 +321,14 @@ async fn attach(
                 };
                 remember(desired, cmd);
                 for (req, reply) in desired.waiting.drain(..) {
-                    writer.queue(&Frame::Request { id: next_id, body: req.clone() }).map_err(wire_err)?;
-                    pending.insert(next_id, (req, Some(reply)));
-                    next_id += 1;
+                    pending.queue(&mut writer, req, Some(reply))?;
                 }
                 writer.flush().await.map_err(wire_err)?;
             }
             frame = reader.next() => {
                 match frame {
                     Ok(Some(Frame::Response { id, body })) => {
-                        let reply = pending.remove(&id).and_then(|(_, reply)| reply);
+                        let reply = pending.by_id.remove(&id).and_then(|(_, reply)| reply);
                         let result = match body {
                             DirResponse::Ok => Ok(None),
                             DirResponse::Route(route) => {
@@ -336,7 +351,7 @@ async fn attach(
                     Ok(None) | Err(_) => {
                         // Requests in flight are re-sent (desired state) on the next node;
                         // their callers keep waiting until it answers or they time out.
-                        for (_, (req, reply)) in pending.drain() {
+                        for (_, (req, reply)) in pending.by_id.drain() {
                             if let Some(reply) = reply {
                                 desired.waiting.push((req, reply));
                             }
