@@ -6,10 +6,13 @@
 //! routes. Events come in with `now`; [`Action`]s come out for the runtime to perform.
 //! Message bodies are not held here, only sequence numbers and key hashes.
 
+use crate::seq_map::SeqMap;
 use rustc_hash::FxHashMap;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use weft_proto::wire::Route;
+
+mod queues;
+use queues::{InFlightWindow, Offer, WaitQueue};
 
 /// Outbox sequence number of a message.
 pub(crate) type Seq = u64;
@@ -59,7 +62,7 @@ struct InFlight {
 #[derive(Debug, Default)]
 struct GroupQueue {
     /// Messages not on any link, in publish order.
-    waiting: BTreeMap<Seq, Entry>,
+    waiting: WaitQueue,
     /// Members in the current route, sorted.
     members: Vec<String>,
     /// The link key of each member, in `members` order.
@@ -102,7 +105,7 @@ struct Link {
     up: bool,
     window: u32,
     next_link_seq: u64,
-    inflight: BTreeMap<u64, InFlight>,
+    inflight: InFlightWindow,
     outgoing: Vec<(u64, Seq)>,
 }
 
@@ -113,7 +116,7 @@ impl Link {
             up: false,
             window: 0,
             next_link_seq: 1,
-            inflight: BTreeMap::new(),
+            inflight: InFlightWindow::default(),
             outgoing: Vec::new(),
         }
     }
@@ -155,7 +158,7 @@ pub(crate) struct Dispatcher {
     groups: FxHashMap<String, FxHashMap<String, GroupQueue>>,
     links: FxHashMap<LinkKey, Link>,
     next_epoch: LinkEpoch,
-    confirm: FxHashMap<Seq, usize>,
+    confirm: SeqMap<usize>,
 }
 
 impl Dispatcher {
@@ -165,7 +168,7 @@ impl Dispatcher {
             groups: FxHashMap::default(),
             links: FxHashMap::default(),
             next_epoch: 1,
-            confirm: FxHashMap::default(),
+            confirm: SeqMap::default(),
         }
     }
 
@@ -207,7 +210,7 @@ impl Dispatcher {
         for group in targets {
             let queue = self.queue_entry(topic, group);
             for (seq, &key_hash) in seqs.clone().zip(key_hashes) {
-                queue.waiting.insert(
+                queue.waiting.push(
                     seq,
                     Entry {
                         key_hash,
@@ -378,15 +381,7 @@ impl Dispatcher {
         let Some(link) = self.link_mut(key, epoch) else {
             return actions;
         };
-        let above = link.inflight.split_off(&upto.saturating_add(1));
-        let mut acked: Vec<InFlight> = std::mem::replace(&mut link.inflight, above)
-            .into_values()
-            .collect();
-        for link_seq in extra {
-            if let Some(f) = link.inflight.remove(link_seq) {
-                acked.push(f);
-            }
-        }
+        let acked = link.inflight.ack(upto, extra);
         let seqs = acked.iter().map(|f| f.seq).collect();
         if let Some(queue) = self.queue_mut(&key.topic, &key.group) {
             queue.unfence(acked);
@@ -404,8 +399,7 @@ impl Dispatcher {
             .iter()
             .filter(|(_, l)| {
                 l.inflight
-                    .values()
-                    .next()
+                    .oldest()
                     .is_some_and(|f| now.duration_since(f.sent_at) >= self.ack_timeout)
             })
             .map(|(k, _)| k.clone())
@@ -488,12 +482,12 @@ impl Dispatcher {
             return;
         };
         link.outgoing.clear();
-        let inflight = std::mem::take(&mut link.inflight);
+        let inflight = link.inflight.take_all();
         if let Some(queue) = self.queue_mut(&key.topic, &key.group) {
-            for f in inflight.values() {
-                queue.waiting.insert(f.seq, f.entry);
-            }
-            queue.unfence(inflight.into_values());
+            queue
+                .waiting
+                .requeue(inflight.iter().map(|f| (f.seq, f.entry)).collect());
+            queue.unfence(inflight);
         }
     }
 
@@ -532,40 +526,41 @@ impl Dispatcher {
             return;
         }
         let mut assigned: Vec<(usize, Seq, Entry)> = Vec::new();
-        for (scanned, (&seq, &entry)) in queue.waiting.iter().enumerate() {
-            if free.iter().all(|f| *f == 0) || scanned >= SCAN_LIMIT {
-                break;
+        let fences = &mut queue.fences;
+        queue.waiting.scan(SCAN_LIMIT, |seq, entry| {
+            if free.iter().all(|f| *f == 0) {
+                return Offer::Stop;
             }
             let target = match entry.key_hash {
                 Some(h) => rendezvous(h, &live),
                 None => most_free(&free),
             };
             if free[target] == 0 {
-                continue;
+                return Offer::Skip;
             }
             if let Some(hash) = entry.key_hash {
-                let fence = queue.fences.entry(hash).or_insert(Fence {
+                let fence = fences.entry(hash).or_insert(Fence {
                     epoch: epochs[target],
                     in_flight: 0,
                 });
                 if fence.epoch != epochs[target] {
                     // The key still has messages in flight on another link.
-                    continue;
+                    return Offer::Skip;
                 }
                 fence.in_flight += 1;
             }
             free[target] -= 1;
             assigned.push((target, seq, entry));
-        }
+            Offer::Take
+        });
         queue.blocked = free.iter().all(|f| *f == 0);
         let mut woken = vec![false; live.len()];
         for (target, seq, mut entry) in assigned {
-            queue.waiting.remove(&seq);
             entry.deliveries += 1;
             if let Some(link) = links.get_mut(live[target]) {
                 let link_seq = link.next_link_seq;
                 link.next_link_seq += 1;
-                link.inflight.insert(
+                link.inflight.push(
                     link_seq,
                     InFlight {
                         seq,

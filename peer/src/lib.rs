@@ -38,6 +38,7 @@ mod members;
 mod message;
 pub mod outbox;
 mod peer;
+mod seq_map;
 mod subscription;
 
 pub use dispatch::GroupBacklog;

@@ -3,14 +3,14 @@
 
 use crate::dispatch::{LinkEpoch, LinkKey};
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::decode_stored;
+use crate::message::stored_parts;
 use crate::peer::Inner;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{debug, info};
-use weft_proto::wire::{self, Deliver, Envelope, Frame, FrameReader, FrameWriter, MessageId, Open};
+use weft_proto::wire::{self, Frame, FrameReader, FrameWriter, MessageId, Open, PreEncoded};
 
 /// Most messages per `Deliver` frame.
 pub const MAX_BATCH_MESSAGES: usize = 1024;
@@ -142,7 +142,8 @@ async fn serve(
 }
 
 /// Reads the bodies of `outgoing` from the outbox and writes them as `Deliver` frames,
-/// one frame per run of consecutive link sequence numbers (cut by size).
+/// one frame per run of consecutive link sequence numbers (cut by count and size).
+/// Each message's envelope fields are copied as stored, not decoded and encoded again.
 async fn send_batch(
     inner: &Arc<Inner>,
     key: &LinkKey,
@@ -150,13 +151,13 @@ async fn send_batch(
     writer: &mut FrameWriter,
     outgoing: Vec<(u64, u64)>,
 ) -> Result<()> {
-    let mut batch: Vec<Envelope> = Vec::new();
+    let seqs: Vec<u64> = outgoing.iter().map(|(_, seq)| *seq).collect();
+    let bodies = inner.outbox.read_many(&seqs).await?;
+    let mut run: Vec<PreEncoded<'_>> = Vec::new();
     let mut first = 0u64;
     let mut bytes = 0usize;
     let mut unsendable = Vec::new();
-    let seqs: Vec<u64> = outgoing.iter().map(|(_, seq)| *seq).collect();
-    let bodies = inner.outbox.read_many(&seqs).await?;
-    for ((link_seq, seq), stored) in outgoing.into_iter().zip(bodies) {
+    for ((link_seq, seq), stored) in outgoing.into_iter().zip(&bodies) {
         let id = MessageId {
             producer: inner.producer_id,
             seq,
@@ -166,26 +167,31 @@ async fn send_batch(
             unsendable.push(link_seq);
             continue;
         };
-        let Some(envelope) = decode_stored(id, &stored) else {
+        let Some((fields, payload)) = stored_parts(stored) else {
             tracing::error!(%id, "outbox record is not a valid message; settling it for this group to avoid a redelivery loop");
             unsendable.push(link_seq);
             continue;
         };
-        let size = envelope.payload.len() + crate::peer::MESSAGE_METADATA_LIMIT;
-        let contiguous = batch.is_empty() || first + batch.len() as u64 == link_seq;
-        let full = batch.len() >= MAX_BATCH_MESSAGES || bytes + size > BATCH_BYTES;
-        if !batch.is_empty() && (!contiguous || full) {
-            queue(writer, key, first, std::mem::take(&mut batch))?;
+        let size = stored.len() + 32;
+        let contiguous = run.is_empty() || first + run.len() as u64 == link_seq;
+        let full = run.len() >= MAX_BATCH_MESSAGES || bytes + size > BATCH_BYTES;
+        if !run.is_empty() && (!contiguous || full) {
+            queue(writer, key, first, &run)?;
+            run.clear();
             bytes = 0;
         }
-        if batch.is_empty() {
+        if run.is_empty() {
             first = link_seq;
         }
-        bytes += envelope.payload.len() + envelope.topic.len() + 64;
-        batch.push(envelope);
+        bytes += size;
+        run.push(PreEncoded {
+            id,
+            fields,
+            payload,
+        });
     }
-    if !batch.is_empty() {
-        queue(writer, key, first, batch)?;
+    if !run.is_empty() {
+        queue(writer, key, first, &run)?;
     }
     if !unsendable.is_empty() {
         let actions = inner
@@ -203,13 +209,9 @@ fn queue(
     writer: &mut FrameWriter,
     key: &LinkKey,
     first: u64,
-    messages: Vec<Envelope>,
+    messages: &[PreEncoded<'_>],
 ) -> Result<()> {
     writer
-        .queue(&Frame::Deliver(Deliver {
-            group: key.group.clone(),
-            first_link_seq: first,
-            messages,
-        }))
+        .queue_deliver(&key.group, first, messages)
         .map_err(|e| Error::with_source(ErrorKind::TooLarge, "encoding a batch", e))
 }

@@ -64,7 +64,26 @@ struct StoredHead<'a> {
 }
 
 /// Encodes a message for the outbox: `u32` head length, MessagePack head, payload.
+#[cfg(test)]
 pub(crate) fn encode_stored(topic: &str, msg: &Message, publish_time_ms: u64) -> Bytes {
+    let mut out = BytesMut::with_capacity(stored_size_estimate(topic, msg));
+    encode_stored_into(&mut out, topic, msg, publish_time_ms)
+}
+
+/// A generous estimate of the encoded size of `msg` (exact for no tags or headers).
+pub(crate) fn stored_size_estimate(topic: &str, msg: &Message) -> usize {
+    4 + 32 + topic.len() + msg.key.as_ref().map_or(0, String::len) + msg.payload.len()
+}
+
+/// Like [`encode_stored`], but encodes into `buf` (emptied first) and splits the
+/// record off, so that records encoded one after another into a buffer with room for
+/// all of them share its allocation (a batch costs one).
+pub(crate) fn encode_stored_into(
+    buf: &mut BytesMut,
+    topic: &str,
+    msg: &Message,
+    publish_time_ms: u64,
+) -> Bytes {
     let head = StoredHead {
         topic: topic.into(),
         key: msg.key.as_deref().map(Into::into),
@@ -72,18 +91,16 @@ pub(crate) fn encode_stored(topic: &str, msg: &Message, publish_time_ms: u64) ->
         headers: msg.headers.clone(),
         publish_time_ms,
     };
-    // One allocation: the head is serialized in place after a length placeholder.
-    let estimate = 32 + topic.len() + msg.key.as_ref().map_or(0, String::len);
-    let mut out = BytesMut::with_capacity(4 + estimate + msg.payload.len());
-    out.put_u32(0);
-    let mut writer = out.writer();
+    // Everything written before was split off: the record starts at 0, and the
+    // unused capacity stays in `buf` for the next one.
+    buf.clear();
+    buf.put_u32(0);
     // Serializing plain strings and integers into memory cannot fail.
-    let _ = rmp_serde::encode::write(&mut writer, &head);
-    let mut out = writer.into_inner();
-    let head_len = (out.len() - 4) as u32;
-    out[..4].copy_from_slice(&head_len.to_be_bytes());
-    out.extend_from_slice(&msg.payload);
-    out.freeze()
+    let _ = rmp_serde::encode::write(&mut (&mut *buf).writer(), &head);
+    let head_len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&head_len.to_be_bytes());
+    buf.extend_from_slice(&msg.payload);
+    buf.split().freeze()
 }
 
 /// Decodes an outbox record body into the envelope to send; the payload is a slice of
@@ -101,6 +118,48 @@ pub(crate) fn decode_stored(id: MessageId, stored: &Bytes) -> Option<Envelope> {
         publish_time_ms: head.publish_time_ms,
         payload: stored.slice(4 + len..),
     })
+}
+
+/// Splits an outbox record into what a `Deliver` frame carries: the envelope fields
+/// after the id, already MessagePack-encoded (the stored head without its array
+/// marker), and the payload. The head is checked to hold exactly the fields of a
+/// [`StoredHead`], so a bad record is never spliced into a frame (the receiver would
+/// refuse the whole frame, again on every retry). `None` if it is not valid.
+pub(crate) fn stored_parts(stored: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_be_bytes(stored.get(..4)?.try_into().ok()?) as usize;
+    let head = stored.get(4..4usize.checked_add(len)?)?;
+    let mut rest = head;
+    if rmp::decode::read_array_len(&mut rest).ok()? != 5 {
+        return None;
+    }
+    let fields = rest;
+    check_stored_fields(rest)?;
+    Some((fields, &stored[4 + len..]))
+}
+
+/// Checks, without allocating, that `rest` is exactly topic, key, tags, headers and
+/// publish time as [`StoredHead`] encodes them.
+fn check_stored_fields(rest: &[u8]) -> Option<()> {
+    use rmp::decode as mp;
+    fn str_at(buf: &[u8]) -> Option<&[u8]> {
+        mp::read_str_from_slice(buf).ok().map(|(_, rest)| rest)
+    }
+    let mut rest = str_at(rest)?; // topic
+    rest = match rest.first() {
+        Some(0xc0) => &rest[1..], // no key
+        _ => str_at(rest)?,
+    };
+    for _ in 0..mp::read_array_len(&mut rest).ok()? {
+        rest = str_at(rest)?; // a tag
+    }
+    for _ in 0..mp::read_array_len(&mut rest).ok()? {
+        if mp::read_array_len(&mut rest).ok()? != 2 {
+            return None;
+        }
+        rest = str_at(str_at(rest)?)?; // a header's name and value
+    }
+    let _: u64 = mp::read_int(&mut rest).ok()?;
+    rest.is_empty().then_some(())
 }
 
 /// Stable 64-bit hash of an ordering key (FNV-1a: the same on every peer and version).
@@ -126,6 +185,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn stored_parts_refuses_a_head_with_trailing_bytes() {
+        let stored = encode_stored("t", &Message::new("p"), 5);
+        let len = u32::from_be_bytes(stored[..4].try_into().expect("4 bytes")) as usize;
+        let mut bad = Vec::from(&(len as u32 + 1).to_be_bytes()[..]);
+        bad.extend_from_slice(&stored[4..4 + len]);
+        bad.push(0xc0); // a stray nil inside the announced head
+        bad.extend_from_slice(b"p");
+        assert!(stored_parts(&bad).is_none());
+        assert!(stored_parts(&stored).is_some());
+    }
+
     proptest! {
         #[test]
         fn stored_roundtrip(topic in "[a-z.]{1,20}", key in proptest::option::of("[a-z0-9]{0,10}"), payload in proptest::collection::vec(any::<u8>(), 0..200), t in any::<u64>()) {
@@ -138,6 +209,30 @@ mod tests {
             prop_assert_eq!(env.key, key);
             prop_assert_eq!(&env.payload[..], &payload[..]);
             prop_assert_eq!(env.publish_time_ms, t);
+        }
+
+        /// The spliced parts decode, on the receiving side, to the same envelope.
+        #[test]
+        fn stored_parts_splice_into_an_equivalent_frame(topic in "[a-z.]{1,20}", key in proptest::option::of("[a-z0-9]{0,10}"), payload in proptest::collection::vec(any::<u8>(), 0..200), t in any::<u64>()) {
+            let mut m = Message::new(payload.clone()).tag("x").header("h", "v");
+            if let Some(k) = &key { m = m.key(k.clone()); }
+            let stored = encode_stored(&topic, &m, t);
+            let id = MessageId { producer: 3, seq: 9 };
+            let (fields, body) = stored_parts(&stored).expect("valid");
+            let mut frame = bytes::BytesMut::new();
+            let pre = [weft_proto::wire::PreEncoded { id, fields, payload: body }];
+            weft_proto::wire::encode_deliver("g", 1, &pre, &mut frame, 1 << 20).expect("encodes");
+            let mut decoder = weft_proto::wire::FrameDecoder::new(1 << 20);
+            decoder.extend(&frame);
+            let Some(weft_proto::wire::Frame::Deliver(d)) = decoder.next_frame().expect("decodes") else {
+                return Err(TestCaseError::fail("not a Deliver"));
+            };
+            prop_assert_eq!(&d.messages[0], &decode_stored(id, &stored).expect("decodes"));
+        }
+
+        #[test]
+        fn stored_parts_refuses_garbage_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = stored_parts(&bytes);
         }
 
         #[test]

@@ -7,9 +7,10 @@ use crate::link::{self, LinkControl};
 use crate::members::Members;
 use crate::message::{self, Message};
 use crate::outbox::{self, Outbox, OutboxConfig, OutboxStats};
+use crate::seq_map::SeqMap;
 use crate::subscription::{lock, SubShared, SubState, Subscription, DEFAULT_CREDIT};
 use crate::{Durability, Receipt, WhenFull};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -300,7 +301,7 @@ impl PeerBuilder {
             outbox,
             core: Mutex::new(Dispatcher::new(DEFAULT_ACK_TIMEOUT)),
             links: Mutex::new(FxHashMap::default()),
-            confirms: Mutex::new(FxHashMap::default()),
+            confirms: Mutex::new(SeqMap::default()),
             routes: Mutex::new(FxHashMap::default()),
             targets: Mutex::new(FxHashMap::default()),
             subscriptions: Mutex::new(FxHashMap::default()),
@@ -692,7 +693,7 @@ pub(crate) struct Inner {
     pub(crate) outbox: Outbox,
     core: Mutex<Dispatcher>,
     links: Mutex<FxHashMap<LinkKey, Arc<LinkControl>>>,
-    confirms: Mutex<FxHashMap<Seq, oneshot::Sender<()>>>,
+    confirms: Mutex<SeqMap<oneshot::Sender<()>>>,
     routes: Mutex<FxHashMap<String, Route>>,
     /// Target groups per topic, derived from `routes` (read on every publish).
     targets: Mutex<FxHashMap<String, Arc<[String]>>>,
@@ -805,9 +806,15 @@ impl Inner {
             .await
     }
 
-    /// Checks `message` and encodes it as stored in the outbox; returns the body and
-    /// the hash of its key.
-    fn prepare(&self, topic: &str, message: &Message) -> Result<(Bytes, Option<u64>)> {
+    /// Checks `message` and encodes it as stored in the outbox (into `buf`, see
+    /// [`message::encode_stored_into`]); returns the body and the hash of its key.
+    fn prepare(
+        &self,
+        topic: &str,
+        message: &Message,
+        publish_time_ms: u64,
+        buf: &mut BytesMut,
+    ) -> Result<(Bytes, Option<u64>)> {
         if topic.is_empty() {
             return Err(Error::new(ErrorKind::Config, "topic must not be empty"));
         }
@@ -821,7 +828,7 @@ impl Inner {
                 ),
             ));
         }
-        let body = message::encode_stored(topic, message, message::now_ms());
+        let body = message::encode_stored_into(buf, topic, message, publish_time_ms);
         if body.len() > message.payload.len() + MESSAGE_METADATA_LIMIT {
             return Err(Error::new(
                 ErrorKind::TooLarge,
@@ -838,7 +845,8 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<Receipt> {
-        let (body, key_hash) = self.prepare(topic, &message)?;
+        let mut buf = BytesMut::with_capacity(message::stored_size_estimate(topic, &message));
+        let (body, key_hash) = self.prepare(topic, &message, message::now_ms(), &mut buf)?;
         let targets = self.targets(topic).await?;
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
@@ -872,8 +880,15 @@ impl Inner {
     ) -> Result<Vec<Receipt>> {
         let mut bodies = Vec::with_capacity(messages.len());
         let mut key_hashes = Vec::with_capacity(messages.len());
+        // One allocation and one clock reading for the whole batch.
+        let size = messages
+            .iter()
+            .map(|m| message::stored_size_estimate(topic, m))
+            .sum();
+        let mut buf = BytesMut::with_capacity(size);
+        let now_ms = message::now_ms();
         for message in &messages {
-            let (body, key_hash) = self.prepare(topic, message)?;
+            let (body, key_hash) = self.prepare(topic, message, now_ms, &mut buf)?;
             bodies.push(body);
             key_hashes.push(key_hash);
         }
@@ -881,6 +896,13 @@ impl Inner {
             return Ok(Vec::new());
         }
         let targets = self.targets(topic).await?;
+        if durability == Durability::Memory {
+            // As in `publish`: no writer round trip when the quota and lease allow.
+            if let Some(seqs) = self.outbox.append_memory_many(&targets, &bodies)? {
+                self.hand_off(seqs.start, topic, &key_hashes, &targets, false);
+                return Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect());
+            }
+        }
         let seqs = self
             .store(topic, &targets, bodies, key_hashes, durability, when_full)
             .await?;

@@ -1,6 +1,6 @@
 //! FIFO cache of message bodies, bounded in bytes.
 
-use rustc_hash::FxHashMap;
+use crate::seq_map::SeqMap;
 use std::collections::VecDeque;
 
 use bytes::Bytes;
@@ -10,7 +10,7 @@ use bytes::Bytes;
 pub struct BodyCache {
     cap: usize,
     bytes: usize,
-    map: FxHashMap<u64, Bytes>,
+    map: SeqMap<Bytes>,
     order: VecDeque<u64>,
 }
 
@@ -20,7 +20,7 @@ impl BodyCache {
         BodyCache {
             cap,
             bytes: 0,
-            map: FxHashMap::default(),
+            map: SeqMap::default(),
             order: VecDeque::new(),
         }
     }

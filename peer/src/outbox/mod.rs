@@ -621,28 +621,48 @@ impl Outbox {
         targets: &[String],
         body: Bytes,
     ) -> Result<Option<u64>, OutboxError> {
+        Ok(self
+            .append_memory_many(targets, std::slice::from_ref(&body))?
+            .map(|seqs| seqs.start))
+    }
+
+    /// Appends `Memory` messages without waiting, all or none: returns their
+    /// consecutive sequence numbers, or `Ok(None)` when the caller must use
+    /// [`submit_batch`](Self::submit_batch) instead (quota full, or lease to renew).
+    pub fn append_memory_many(
+        &self,
+        targets: &[String],
+        bodies: &[Bytes],
+    ) -> Result<Option<std::ops::Range<u64>>, OutboxError> {
         let shared = &self.inner.shared;
-        let size = check_body(&shared.cfg, &body)?;
+        let mut size = 0u64;
+        for body in bodies {
+            size += check_body(&shared.cfg, body)?;
+        }
         let targets = validate_targets(targets)?;
         if self.inner.tx.is_none() || shared.closed.load(Ordering::Acquire) {
             return Err(OutboxError::Closed);
         }
+        let count = bodies.len() as u64;
         let mut core = shared.core();
-        if core.next_seq >= core.lease_durable {
+        let first = core.next_seq;
+        if first.saturating_add(count) > core.lease_durable {
             return Ok(None);
         }
-        let seq = core.next_seq;
         if !targets.is_empty() {
-            if core.state.reserve(size).is_err() {
+            if core.state.reserve_many(count, size).is_err() {
                 return Ok(None);
             }
-            core.state
-                .memory_message_added(seq, &targets, body, unix_ms_now());
+            let now = unix_ms_now();
+            for (seq, body) in (first..).zip(bodies) {
+                core.state
+                    .memory_message_added(seq, &targets, body.clone(), now);
+            }
         }
-        core.next_seq += 1;
+        core.next_seq += count;
         drop(core);
-        shared.appended.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(seq))
+        shared.appended.fetch_add(count, Ordering::Relaxed);
+        Ok(Some(first..first + count))
     }
 
     async fn reserve(

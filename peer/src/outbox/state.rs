@@ -18,8 +18,10 @@
 //! segments holding settles for that segment's other messages; they go once it settles
 //! (ack, TTL or dead letter). There is no compaction that copies such messages forward.
 
+use crate::seq_map::SeqMap;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -70,8 +72,9 @@ pub struct SettleOutcome {
 
 #[derive(Debug)]
 struct Entry {
-    /// Interned ids of groups not yet settled.
-    groups: Vec<u32>,
+    /// Interned ids of groups not yet settled (inline up to four: no allocation per
+    /// message for the usual fan-out).
+    groups: SmallVec<[u32; 4]>,
     loc: Option<Location>,
     bytes: u64,
     unix_ms: u64,
@@ -114,7 +117,7 @@ pub struct OutboxState {
     max_messages: u64,
     used_bytes: u64,
     used_messages: u64,
-    entries: FxHashMap<u64, Entry>,
+    entries: SeqMap<Entry>,
     /// Body bytes of `entries` (reservations excluded).
     pending_bytes: u64,
     groups: Vec<Group>,
@@ -131,7 +134,7 @@ impl OutboxState {
             max_messages,
             used_bytes: 0,
             used_messages: 0,
-            entries: FxHashMap::default(),
+            entries: SeqMap::default(),
             pending_bytes: 0,
             groups: Vec::new(),
             group_ids: FxHashMap::default(),
@@ -248,7 +251,7 @@ impl OutboxState {
             // later one replaces the earlier one.
             self.drop_entry(seq, old);
         }
-        let mut groups = Vec::with_capacity(targets.len());
+        let mut groups = SmallVec::new();
         for t in targets {
             let id = self.intern(t);
             if groups.contains(&id) {

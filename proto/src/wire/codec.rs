@@ -101,6 +101,88 @@ pub fn encode(frame: &Frame, out: &mut BytesMut, max_frame: usize) -> Result<(),
             out.extend_from_slice(&m.payload);
         }
     }
+    finish_frame(out, start, max_frame)
+}
+
+/// One message of a `Deliver` frame whose envelope fields were encoded once, when the
+/// message was stored, so that sending it copies bytes instead of decoding and encoding
+/// them again.
+#[derive(Debug, Clone, Copy)]
+pub struct PreEncoded<'a> {
+    /// Message id.
+    pub id: MessageId,
+    /// The MessagePack encoding of the envelope fields after the id, one after the
+    /// other and without an enclosing array: topic, key, tags, headers, publish time
+    /// (what `rmp_serde` writes for those fields of [`Envelope`]). The caller vouches
+    /// for it; the receiver decodes and checks it like any frame.
+    pub fields: &'a [u8],
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+/// Appends a `Deliver` frame of pre-encoded messages to `out`: the same bytes
+/// [`encode`] writes for the equivalent [`Frame::Deliver`]. Fails (leaving `out` as it
+/// was) if the frame would exceed `max_frame` bytes.
+pub fn encode_deliver(
+    group: &str,
+    first_link_seq: u64,
+    messages: &[PreEncoded<'_>],
+    out: &mut BytesMut,
+    max_frame: usize,
+) -> Result<(), WireError> {
+    let start = out.len();
+    out.put_u32(0);
+    let written = write_deliver_header(group, first_link_seq, messages, out);
+    if let Err(e) = written {
+        out.truncate(start);
+        return Err(e);
+    }
+    for m in messages {
+        out.extend_from_slice(m.payload);
+    }
+    finish_frame(out, start, max_frame)
+}
+
+/// The MessagePack header of a `Deliver` frame, as `rmp_serde` lays out
+/// `FrameHeader::Deliver` (a one-entry map from variant name to a field array).
+fn write_deliver_header(
+    group: &str,
+    first_link_seq: u64,
+    messages: &[PreEncoded<'_>],
+    out: &mut BytesMut,
+) -> Result<(), WireError> {
+    use rmp::encode as mp;
+    let too_large = |size: usize| WireError::FrameTooLarge {
+        size,
+        limit: u32::MAX as usize,
+    };
+    let count = u32::try_from(messages.len()).map_err(|_| too_large(messages.len()))?;
+    let mut w = out.writer();
+    mp::write_map_len(&mut w, 1).map_err(malformed)?;
+    mp::write_str(&mut w, "Deliver").map_err(malformed)?;
+    mp::write_array_len(&mut w, 3).map_err(malformed)?;
+    mp::write_str(&mut w, group).map_err(malformed)?;
+    mp::write_uint(&mut w, first_link_seq).map_err(malformed)?;
+    mp::write_array_len(&mut w, count).map_err(malformed)?;
+    for m in messages {
+        let payload_len = u32::try_from(m.payload.len()).map_err(|_| too_large(m.payload.len()))?;
+        mp::write_array_len(&mut w, 7).map_err(malformed)?;
+        mp::write_array_len(&mut w, 2).map_err(malformed)?;
+        mp::write_uint(&mut w, m.id.producer).map_err(malformed)?;
+        mp::write_uint(&mut w, m.id.seq).map_err(malformed)?;
+        w.get_mut().extend_from_slice(m.fields);
+        mp::write_uint(&mut w, u64::from(payload_len)).map_err(malformed)?;
+    }
+    Ok(())
+}
+
+/// Writing into memory cannot fail; this keeps the error path honest all the same.
+fn malformed(e: impl std::fmt::Display) -> WireError {
+    WireError::Malformed(format!("cannot encode Deliver: {e}"))
+}
+
+/// Checks the size of the frame written at `start` and fills in its length prefix.
+fn finish_frame(out: &mut BytesMut, start: usize, max_frame: usize) -> Result<(), WireError> {
     let size = out.len() - start - LENGTH_PREFIX;
     if size > max_frame {
         out.truncate(start);
@@ -299,6 +381,32 @@ mod tests {
             prop_assert_eq!(roundtrip(&frame), frame);
         }
 
+        /// The pre-encoded path writes exactly what the serde path writes.
+        #[test]
+        fn pre_encoded_deliver_is_byte_identical(group in "[a-z]{1,10}", first in any::<u64>(), messages in proptest::collection::vec(envelope(), 0..20)) {
+            let fields: Vec<Vec<u8>> = messages
+                .iter()
+                .map(|m| {
+                    let tuple = (&m.topic, &m.key, &m.tags, &m.headers, m.publish_time_ms);
+                    let mut bytes = rmp_serde::to_vec(&tuple).expect("encodes");
+                    prop_assert_eq!(bytes[0], 0x95, "a fixarray of five");
+                    bytes.remove(0);
+                    Ok(bytes)
+                })
+                .collect::<Result<_, TestCaseError>>()?;
+            let pre: Vec<PreEncoded<'_>> = messages
+                .iter()
+                .zip(&fields)
+                .map(|(m, f)| PreEncoded { id: m.id, fields: f, payload: &m.payload })
+                .collect();
+            let mut spliced = BytesMut::new();
+            encode_deliver(&group, first, &pre, &mut spliced, 1 << 24).expect("encodes");
+            let mut reference = BytesMut::new();
+            let frame = Frame::Deliver(Deliver { group, first_link_seq: first, messages });
+            encode(&frame, &mut reference, 1 << 24).expect("encodes");
+            prop_assert_eq!(&spliced[..], &reference[..]);
+        }
+
         #[test]
         fn ack_roundtrips(upto in any::<u64>(), extra in proptest::collection::vec(any::<u64>(), 0..50)) {
             let frame = Frame::Ack(Ack { upto, extra });
@@ -392,6 +500,34 @@ mod tests {
             dec.buf.capacity() < 4096,
             "must not allocate the announced size"
         );
+    }
+
+    #[test]
+    fn oversized_pre_encoded_deliver_is_refused_and_leaves_the_buffer() {
+        let payload = vec![0u8; 100];
+        let fields = rmp_serde::to_vec(&(
+            "t",
+            None::<String>,
+            Vec::<String>::new(),
+            Vec::<(String, String)>::new(),
+            1u64,
+        ))
+        .expect("encodes");
+        let pre = [PreEncoded {
+            id: MessageId {
+                producer: 1,
+                seq: 1,
+            },
+            fields: &fields[1..],
+            payload: &payload,
+        }];
+        let mut out = BytesMut::from(&b"kept"[..]);
+        let err = encode_deliver("g", 1, &pre, &mut out, 64).expect_err("too large");
+        assert!(
+            matches!(err, WireError::FrameTooLarge { limit: 64, .. }),
+            "{err}"
+        );
+        assert_eq!(&out[..], b"kept");
     }
 
     #[test]

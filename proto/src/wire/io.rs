@@ -1,6 +1,6 @@
 //! Reading and writing frames on QUIC streams, and the opening handshake.
 
-use super::codec::{encode, FrameDecoder};
+use super::codec::{encode, encode_deliver, FrameDecoder, PreEncoded};
 use super::error::WireError;
 use super::frames::*;
 use super::PROTOCOL_VERSION;
@@ -83,6 +83,23 @@ impl FrameWriter {
     /// Encodes `frame` into the write buffer without sending it yet.
     pub fn queue(&mut self, frame: &Frame) -> Result<(), WireError> {
         encode(frame, &mut self.buf, self.max_frame)
+    }
+
+    /// Encodes a `Deliver` frame of pre-encoded messages (see [`encode_deliver`]) into
+    /// the write buffer without sending it yet.
+    pub fn queue_deliver(
+        &mut self,
+        group: &str,
+        first_link_seq: u64,
+        messages: &[PreEncoded<'_>],
+    ) -> Result<(), WireError> {
+        encode_deliver(
+            group,
+            first_link_seq,
+            messages,
+            &mut self.buf,
+            self.max_frame,
+        )
     }
 
     /// Bytes queued and not yet flushed.

@@ -1,0 +1,315 @@
+//! The dispatcher's two per-message containers, laid out as dense ring buffers.
+//!
+//! Both see messages in (nearly) increasing order: new messages join the waiting queue
+//! at its end and leave it mostly from the front; a link numbers what it sends
+//! consecutively and acknowledgements are mostly cumulative. Ordered maps paid a tree
+//! walk and an allocation-prone node update per message on that path; these pay a ring
+//! buffer push or pop, and fall back to a linear merge only for requeues (a link went
+//! down or timed out), which are rare.
+
+use super::{Entry, InFlight, Seq};
+use std::collections::VecDeque;
+
+/// Messages waiting for a link, in increasing sequence order.
+#[derive(Debug, Default)]
+pub(super) struct WaitQueue {
+    items: VecDeque<(Seq, Entry)>,
+}
+
+impl WaitQueue {
+    pub(super) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Adds a message; a message already waiting is replaced.
+    pub(super) fn push(&mut self, seq: Seq, entry: Entry) {
+        match self.items.back() {
+            Some(&(last, _)) if last >= seq => self.insert_sorted(seq, entry),
+            _ => self.items.push_back((seq, entry)),
+        }
+    }
+
+    fn insert_sorted(&mut self, seq: Seq, entry: Entry) {
+        match self.items.binary_search_by_key(&seq, |(s, _)| *s) {
+            Ok(i) => self.items[i] = (seq, entry),
+            Err(i) => self.items.insert(i, (seq, entry)),
+        }
+    }
+
+    /// Puts messages back (they were in flight): one merge, whatever their number.
+    pub(super) fn requeue(&mut self, mut back: Vec<(Seq, Entry)>) {
+        if back.is_empty() {
+            return;
+        }
+        back.sort_unstable_by_key(|(s, _)| *s);
+        let before_all = self
+            .items
+            .front()
+            .is_none_or(|&(first, _)| back.last().is_some_and(|&(s, _)| s < first));
+        if before_all {
+            for item in back.into_iter().rev() {
+                self.items.push_front(item);
+            }
+            return;
+        }
+        let old = std::mem::take(&mut self.items);
+        let mut merged = VecDeque::with_capacity(old.len() + back.len());
+        let mut old = old.into_iter().peekable();
+        let mut back = back.into_iter().peekable();
+        loop {
+            let take_back = match (old.peek(), back.peek()) {
+                (Some(o), Some(b)) => b.0 <= o.0,
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+                (None, None) => break,
+            };
+            let item = if take_back { back.next() } else { old.next() };
+            if let Some(item) = item {
+                if merged.back().is_some_and(|&(s, _)| s == item.0) {
+                    // The same message twice: keep one (the requeued copy came first).
+                    continue;
+                }
+                merged.push_back(item);
+            }
+        }
+        self.items = merged;
+    }
+
+    /// Offers waiting messages in order to `choose`, at most `limit` of them, until it
+    /// returns [`Offer::Stop`]; removes the taken ones and keeps the skipped ones in
+    /// place. Costs the number of messages offered.
+    pub(super) fn scan(&mut self, limit: usize, mut choose: impl FnMut(Seq, Entry) -> Offer) {
+        let mut skipped = Vec::new();
+        let mut offered = 0;
+        while offered < limit {
+            let Some((seq, entry)) = self.items.pop_front() else {
+                break;
+            };
+            match choose(seq, entry) {
+                Offer::Take => {}
+                Offer::Skip => skipped.push((seq, entry)),
+                Offer::Stop => {
+                    self.items.push_front((seq, entry));
+                    break;
+                }
+            }
+            offered += 1;
+        }
+        for item in skipped.into_iter().rev() {
+            self.items.push_front(item);
+        }
+    }
+}
+
+/// What [`WaitQueue::scan`]'s chooser decided about one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Offer {
+    /// Remove it from the queue (it was assigned).
+    Take,
+    /// Leave it waiting and look further.
+    Skip,
+    /// Leave it and every later one waiting.
+    Stop,
+}
+
+/// A link's unacknowledged messages by link sequence number (consecutive from `base`).
+#[derive(Debug, Default)]
+pub(super) struct InFlightWindow {
+    /// Link sequence number of `slots[0]`.
+    base: u64,
+    /// `None`: acknowledged out of order, waiting for the front to catch up.
+    slots: VecDeque<Option<InFlight>>,
+    live: usize,
+}
+
+impl InFlightWindow {
+    pub(super) fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Records a message sent as `link_seq`, which must follow the last one recorded.
+    pub(super) fn push(&mut self, link_seq: u64, f: InFlight) {
+        if self.slots.is_empty() {
+            self.base = link_seq;
+        }
+        debug_assert_eq!(link_seq, self.base + self.slots.len() as u64);
+        self.slots.push_back(Some(f));
+        self.live += 1;
+    }
+
+    /// Removes and returns the messages acknowledged by `upto` (cumulative) and `extra`.
+    pub(super) fn ack(&mut self, upto: u64, extra: &[u64]) -> Vec<InFlight> {
+        let mut acked = Vec::new();
+        while self.base <= upto {
+            let Some(slot) = self.slots.pop_front() else {
+                break;
+            };
+            self.base += 1;
+            if let Some(f) = slot {
+                acked.push(f);
+            }
+        }
+        for &link_seq in extra {
+            let Some(index) = link_seq.checked_sub(self.base) else {
+                continue;
+            };
+            let slot = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.slots.get_mut(i));
+            if let Some(f) = slot.and_then(Option::take) {
+                acked.push(f);
+            }
+        }
+        while let Some(None) = self.slots.front() {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        self.live -= acked.len();
+        acked
+    }
+
+    /// When the oldest unacknowledged message was sent.
+    pub(super) fn oldest(&self) -> Option<&InFlight> {
+        self.slots.iter().flatten().next()
+    }
+
+    /// Removes and returns every unacknowledged message.
+    pub(super) fn take_all(&mut self) -> Vec<InFlight> {
+        self.live = 0;
+        std::mem::take(&mut self.slots)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    fn entry(deliveries: u32) -> Entry {
+        Entry {
+            key_hash: None,
+            deliveries,
+        }
+    }
+
+    fn seqs(q: &WaitQueue) -> Vec<Seq> {
+        q.items.iter().map(|(s, _)| *s).collect()
+    }
+
+    #[test]
+    fn scan_takes_skips_and_stops_keeping_order() {
+        let mut q = WaitQueue::default();
+        for s in 1..=6 {
+            q.push(s, entry(0));
+        }
+        q.scan(10, |seq, _| match seq {
+            2 | 4 => Offer::Skip,
+            5 => Offer::Stop,
+            _ => Offer::Take,
+        });
+        assert_eq!(seqs(&q), vec![2, 4, 5, 6]);
+        q.scan(1, |_, _| Offer::Take);
+        assert_eq!(seqs(&q), vec![4, 5, 6], "the limit bounds what is offered");
+    }
+
+    #[test]
+    fn requeued_messages_merge_in_order_without_duplicates() {
+        let mut q = WaitQueue::default();
+        for s in [3, 7, 9] {
+            q.push(s, entry(0));
+        }
+        q.requeue(vec![(8, entry(1)), (1, entry(1)), (7, entry(1))]);
+        assert_eq!(seqs(&q), vec![1, 3, 7, 8, 9]);
+        q.requeue(vec![(0, entry(2))]);
+        assert_eq!(
+            seqs(&q),
+            vec![0, 1, 3, 7, 8, 9],
+            "all before the front: prepended"
+        );
+        q.push(5, entry(0));
+        assert_eq!(
+            seqs(&q),
+            vec![0, 1, 3, 5, 7, 8, 9],
+            "a late push lands in order"
+        );
+    }
+
+    proptest! {
+        /// The queue behaves as an ordered map under any mix of operations.
+        #[test]
+        fn wait_queue_matches_an_ordered_map(ops in proptest::collection::vec((0u8..4, 0u64..40, 0usize..8), 1..200)) {
+            let mut q = WaitQueue::default();
+            let mut model: BTreeMap<Seq, u32> = BTreeMap::new();
+            for (op, seq, n) in ops {
+                match op {
+                    0 | 1 => {
+                        q.push(seq, entry(n as u32));
+                        model.insert(seq, n as u32);
+                    }
+                    2 => {
+                        let back: Vec<(Seq, Entry)> = (seq..seq + n as u64).map(|s| (s, entry(7))).collect();
+                        for (s, _) in &back {
+                            model.insert(*s, 7);
+                        }
+                        q.requeue(back);
+                    }
+                    _ => {
+                        // Take every message whose seq is even, skip odd ones, up to n.
+                        let mut offered = 0;
+                        let mut taken = Vec::new();
+                        for (&s, _) in model.iter() {
+                            if offered == n { break; }
+                            offered += 1;
+                            if s % 2 == 0 { taken.push(s); }
+                        }
+                        for s in taken { model.remove(&s); }
+                        q.scan(n, |s, _| if s % 2 == 0 { Offer::Take } else { Offer::Skip });
+                    }
+                }
+                let got: Vec<(Seq, u32)> = q.items.iter().map(|(s, e)| (*s, e.deliveries)).collect();
+                let want: Vec<(Seq, u32)> = model.iter().map(|(s, d)| (*s, *d)).collect();
+                prop_assert_eq!(got, want);
+            }
+        }
+
+        /// The window behaves as a map from link seq to message under pushes and acks.
+        #[test]
+        fn in_flight_window_matches_a_map(ops in proptest::collection::vec((any::<bool>(), 0u64..30, proptest::collection::vec(0u64..60, 0..4)), 1..100)) {
+            let now = Instant::now();
+            let mut w = InFlightWindow::default();
+            let mut model: BTreeMap<u64, Seq> = BTreeMap::new();
+            let mut next = 1u64;
+            for (push, upto, extra) in ops {
+                if push {
+                    w.push(next, InFlight { seq: next * 10, entry: entry(1), sent_at: now });
+                    model.insert(next, next * 10);
+                    next += 1;
+                } else {
+                    let mut acked: Vec<Seq> = w.ack(upto, &extra).into_iter().map(|f| f.seq).collect();
+                    let mut want: Vec<Seq> = model.range(..=upto).map(|(_, s)| *s).collect();
+                    model.retain(|k, _| *k > upto);
+                    for x in &extra {
+                        if let Some(s) = model.remove(x) { want.push(s); }
+                    }
+                    acked.sort_unstable();
+                    want.sort_unstable();
+                    prop_assert_eq!(acked, want);
+                }
+                prop_assert_eq!(w.len(), model.len());
+                prop_assert_eq!(w.oldest().map(|f| f.seq), model.values().next().copied());
+            }
+            let rest: Vec<Seq> = w.take_all().into_iter().map(|f| f.seq).collect();
+            prop_assert_eq!(rest, model.values().copied().collect::<Vec<_>>());
+            prop_assert_eq!(w.len(), 0);
+        }
+    }
+}
