@@ -653,11 +653,8 @@ impl Outbox {
             if core.state.reserve_many(count, size).is_err() {
                 return Ok(None);
             }
-            let now = unix_ms_now();
-            for (seq, body) in (first..).zip(bodies) {
-                core.state
-                    .memory_message_added(seq, &targets, body.clone(), now);
-            }
+            core.state
+                .memory_messages_added(first, &targets, bodies, unix_ms_now());
         }
         core.next_seq += count;
         drop(core);

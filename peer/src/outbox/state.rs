@@ -222,8 +222,51 @@ impl OutboxState {
         body: Bytes,
         unix_ms: u64,
     ) {
-        let bytes = body.len() as u64;
-        self.add(seq, targets, None, bytes, unix_ms, true, Some(body));
+        self.memory_messages_added(seq, targets, std::slice::from_ref(&body), unix_ms);
+    }
+
+    /// `Memory` messages `first..` (reserved quota, sequence numbers never used
+    /// before) were added for the same targets; the state keeps their bodies.
+    pub fn memory_messages_added(
+        &mut self,
+        first: u64,
+        targets: &[String],
+        bodies: &[Bytes],
+        unix_ms: u64,
+    ) {
+        let groups = self.group_set(targets);
+        self.entries.reserve(bodies.len());
+        for (seq, body) in (first..).zip(bodies) {
+            let bytes = body.len() as u64;
+            for &id in &groups {
+                let g = &mut self.groups[id as usize];
+                g.pending += 1;
+                g.order.push_back(seq);
+            }
+            self.pending_bytes += bytes;
+            self.entries.insert(
+                seq,
+                Entry {
+                    groups: groups.clone(),
+                    loc: None,
+                    bytes,
+                    unix_ms,
+                    body: Some(body.clone()),
+                },
+            );
+        }
+    }
+
+    /// The interned ids of `targets`, without duplicates.
+    fn group_set(&mut self, targets: &[String]) -> SmallVec<[u32; 4]> {
+        let mut groups = SmallVec::new();
+        for t in targets {
+            let id = self.intern(t);
+            if !groups.contains(&id) {
+                groups.push(id);
+            }
+        }
+        groups
     }
 
     /// The body of a pending `Memory` message.
@@ -251,13 +294,8 @@ impl OutboxState {
             // later one replaces the earlier one.
             self.drop_entry(seq, old);
         }
-        let mut groups = SmallVec::new();
-        for t in targets {
-            let id = self.intern(t);
-            if groups.contains(&id) {
-                continue;
-            }
-            groups.push(id);
+        let groups = self.group_set(targets);
+        for &id in &groups {
             let g = &mut self.groups[id as usize];
             g.pending += 1;
             g.order.push_back(seq);

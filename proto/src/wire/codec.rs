@@ -268,12 +268,16 @@ impl FrameDecoder {
 
 /// Decodes one frame body (without its length prefix).
 fn decode_body(body: Bytes) -> Result<Frame, WireError> {
-    let mut cursor = std::io::Cursor::new(&body[..]);
-    let header = {
-        let mut de = rmp_serde::Deserializer::new(&mut cursor);
-        FrameHeader::deserialize(&mut de).map_err(|e| WireError::Malformed(e.to_string()))?
+    let (header, header_len) = match decode_deliver_header(&body) {
+        Some(fast) => fast,
+        None => {
+            let mut cursor = std::io::Cursor::new(&body[..]);
+            let mut de = rmp_serde::Deserializer::new(&mut cursor);
+            let header = FrameHeader::deserialize(&mut de)
+                .map_err(|e| WireError::Malformed(e.to_string()))?;
+            (header, cursor.position() as usize)
+        }
     };
-    let header_len = cursor.position() as usize;
     let trailing = body.len() - header_len;
     Ok(match header {
         FrameHeader::Deliver {
@@ -335,6 +339,73 @@ fn decode_body(body: Bytes) -> Result<Frame, WireError> {
     })
 }
 
+/// Decodes the header of a `Deliver` frame laid out as [`encode`] writes it (the hot
+/// path: no serde machinery), returning it with its length. `None` for anything else,
+/// which then goes through the general decoder (and its error messages).
+fn decode_deliver_header(body: &[u8]) -> Option<(FrameHeader, usize)> {
+    use rmp::decode as mp;
+    fn string(rd: &mut &[u8]) -> Option<String> {
+        let (s, rest) = mp::read_str_from_slice(*rd).ok()?;
+        *rd = rest;
+        Some(s.to_owned())
+    }
+    let mut rd = body;
+    if mp::read_map_len(&mut rd).ok()? != 1 || string(&mut rd)? != "Deliver" {
+        return None;
+    }
+    if mp::read_array_len(&mut rd).ok()? != 3 {
+        return None;
+    }
+    let group = string(&mut rd)?;
+    let first_link_seq: u64 = mp::read_int(&mut rd).ok()?;
+    let count = mp::read_array_len(&mut rd).ok()? as usize;
+    // Every message takes more than one byte: a count beyond the bytes left is a lie,
+    // and must not size an allocation.
+    let mut messages = Vec::with_capacity(count.min(rd.len()));
+    for _ in 0..count {
+        if mp::read_array_len(&mut rd).ok()? != 7 || mp::read_array_len(&mut rd).ok()? != 2 {
+            return None;
+        }
+        let id = MessageId {
+            producer: mp::read_int(&mut rd).ok()?,
+            seq: mp::read_int(&mut rd).ok()?,
+        };
+        let topic = string(&mut rd)?;
+        let key = match rd.first() {
+            Some(0xc0) => {
+                rd = &rd[1..];
+                None
+            }
+            _ => Some(string(&mut rd)?),
+        };
+        let tags = (0..mp::read_array_len(&mut rd).ok()?)
+            .map(|_| string(&mut rd))
+            .collect::<Option<Vec<_>>>()?;
+        let mut headers = Vec::new();
+        for _ in 0..mp::read_array_len(&mut rd).ok()? {
+            if mp::read_array_len(&mut rd).ok()? != 2 {
+                return None;
+            }
+            headers.push((string(&mut rd)?, string(&mut rd)?));
+        }
+        messages.push(EnvelopeHeader {
+            id,
+            topic,
+            key,
+            tags,
+            headers,
+            publish_time_ms: mp::read_int(&mut rd).ok()?,
+            payload_len: mp::read_int(&mut rd).ok()?,
+        });
+    }
+    let header = FrameHeader::Deliver {
+        group,
+        first_link_seq,
+        messages,
+    };
+    Some((header, body.len() - rd.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,6 +450,33 @@ mod tests {
         fn deliver_roundtrips(group in "[a-z]{1,10}", first in any::<u64>(), messages in proptest::collection::vec(envelope(), 0..20)) {
             let frame = Frame::Deliver(Deliver { group, first_link_seq: first, messages });
             prop_assert_eq!(roundtrip(&frame), frame);
+        }
+
+        /// The hand-written Deliver decoder reads what serde reads.
+        #[test]
+        fn fast_deliver_decoder_matches_serde(group in "[a-z]{1,10}", first in any::<u64>(), messages in proptest::collection::vec(envelope(), 0..20)) {
+            let frame = Frame::Deliver(Deliver { group, first_link_seq: first, messages });
+            let mut out = BytesMut::new();
+            encode(&frame, &mut out, 1 << 24).expect("encodes");
+            let body = &out[LENGTH_PREFIX..];
+            let (fast, fast_len) = decode_deliver_header(body).expect("fast path taken");
+            let mut cursor = std::io::Cursor::new(body);
+            let slow = FrameHeader::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor)).expect("decodes");
+            prop_assert_eq!(fast_len, cursor.position() as usize);
+            prop_assert_eq!(format!("{fast:?}"), format!("{slow:?}"));
+        }
+
+        /// Truncated or corrupted Deliver headers never panic the fast decoder.
+        #[test]
+        fn fast_deliver_decoder_survives_damage(messages in proptest::collection::vec(envelope(), 1..5), cut in 0usize..400, flip in 0usize..400, byte in any::<u8>()) {
+            let frame = Frame::Deliver(Deliver { group: "g".into(), first_link_seq: 1, messages });
+            let mut out = BytesMut::new();
+            encode(&frame, &mut out, 1 << 24).expect("encodes");
+            let mut body = out[LENGTH_PREFIX..].to_vec();
+            if flip < body.len() { body[flip] = byte; }
+            body.truncate(cut.min(body.len()));
+            let _ = decode_deliver_header(&body);
+            let _ = decode_body(Bytes::from(body));
         }
 
         /// The pre-encoded path writes exactly what the serde path writes.
