@@ -23,7 +23,9 @@ mod routes;
 mod sessions;
 pub mod signed;
 
-pub use cluster::{GossipTuning, DEFAULT_CLUSTER_ID, PEER_KEY_PREFIX};
+pub use cluster::{
+    GossipTuning, DEFAULT_CLUSTER_ID, DEFAULT_DEAD_NODE_ROUTE_GRACE, PEER_KEY_PREFIX,
+};
 pub use routes::{PeerRecord, RouteChange, RouteTable};
 pub use sessions::{SessionUpdate, Sessions};
 pub use weft_proto::wire::Route;
@@ -328,7 +330,8 @@ impl Directory {
     }
 
     /// Gossip values refused so far: unsigned, badly signed, replayed, or from a node
-    /// without a valid directory certificate from the fabric CA.
+    /// without a valid directory certificate from the fabric CA; also unsigned
+    /// (chitchat) deletions of a record that was never removed by a signed removal.
     pub fn rejected_gossip_values(&self) -> u64 {
         self.cluster
             .as_ref()
@@ -342,8 +345,11 @@ impl Directory {
             .map_or(0, |c| c.stats.accepted.load(Ordering::Relaxed))
     }
 
-    /// Names of the directory nodes the failure detector considers live (this one
-    /// included; empty when not in a cluster). Includes nodes whose gossip is refused.
+    /// Names of this node and of the live directory nodes it trusts, sorted (empty when
+    /// not in a cluster): a remote node is listed only while the failure detector
+    /// considers it live *and* its certificate chains to the fabric CA and its generation
+    /// is proven by its key. A host gossiping without the fabric's credentials (or copying
+    /// a real node's certificate) is never listed, even though chitchat counts it live.
     pub fn live_nodes(&self) -> Vec<String> {
         self.cluster
             .as_ref()

@@ -46,6 +46,10 @@ struct Args {
     /// Cluster id: nodes only gossip with nodes of the same id.
     #[arg(long)]
     cluster_id: Option<String>,
+    /// Milliseconds a dead directory node's registrations stay in routes while its
+    /// peers move to another node (default 15000).
+    #[arg(long)]
+    dead_node_route_grace_ms: Option<u64>,
     /// Print the bound address as `listening <addr>` on stdout once ready.
     #[arg(long)]
     print_addr: bool,
@@ -70,6 +74,7 @@ struct Config {
     phi_threshold: Option<f64>,
     dead_node_grace_period_ms: Option<u64>,
     marked_for_deletion_grace_period_ms: Option<u64>,
+    dead_node_route_grace_ms: Option<u64>,
     tls: Option<TlsConfig>,
 }
 
@@ -143,6 +148,12 @@ async fn main() -> Result<()> {
         }
         if let Some(ms) = config.marked_for_deletion_grace_period_ms {
             tuning.marked_for_deletion_grace_period = Duration::from_millis(ms);
+        }
+        if let Some(ms) = args
+            .dead_node_route_grace_ms
+            .or(config.dead_node_route_grace_ms)
+        {
+            tuning.dead_node_route_grace = Duration::from_millis(ms);
         }
         builder = builder.gossip_tuning(tuning);
     } else if !args.seeds.is_empty() || !config.seeds.is_empty() {

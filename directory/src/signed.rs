@@ -20,10 +20,15 @@
 //!   refuse lower ones: an old signed value replayed under a newer chitchat version is
 //!   rejected.
 //!
+//! - chitchat deletions (tombstones) cannot be signed, so they remove nothing: a writer
+//!   removes a value by publishing a signed removal under the key (see the directory's
+//!   gossip layer), and readers refuse ([`SignedError::UnsignedDeletion`]) a deletion of
+//!   a value they still hold.
+//!
 //! What this does not do: hide anything (values are readable by whoever sees the
 //! traffic), or stop an attacker on the gossip network from *suppressing* values
-//! (forged tombstones, version bumps that make chitchat ignore real updates). Keep the
-//! gossip port on a private interface.
+//! (version bumps that make chitchat ignore real updates, floods). Keep the gossip port
+//! on a private interface.
 
 use base64::Engine as _;
 use ring::rand::SystemRandom;
@@ -72,6 +77,10 @@ pub enum SignedError {
     /// The node's own key could not be used for signing.
     #[error("gossip signing key: {0}")]
     SigningKey(String),
+    /// A key holding an accepted value was deleted without a signed removal (a chitchat
+    /// tombstone, or the key vanished): deletions are unsigned, so it is ignored.
+    #[error("unsigned deletion of a live value (only a signed removal removes it)")]
+    UnsignedDeletion,
 }
 
 /// Signs the values this node publishes. Owned by the publishing task.

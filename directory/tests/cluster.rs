@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use weft_directory::signed::{GossipSigner, CERT_KEY};
-use weft_directory::{Directory, PeerRecord, Route};
+use weft_directory::{Directory, GossipTuning, PeerRecord, Route};
 use weft_proto::certs;
 use weft_proto::tls::{self, Credentials};
 use weft_proto::wire::{
@@ -24,6 +24,10 @@ fn localhost0() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
 
+/// How long a dead node's registrations stay in routes in these tests (the default, 15 s,
+/// covers a real peer's failover; the tests only need it to be observable).
+const DEAD_NODE_ROUTE_GRACE: Duration = Duration::from_secs(3);
+
 async fn start_node(ca: &Path, name: &str, seeds: Vec<SocketAddr>) -> Directory {
     Directory::builder(name)
         .listen(localhost0())
@@ -31,6 +35,10 @@ async fn start_node(ca: &Path, name: &str, seeds: Vec<SocketAddr>) -> Directory 
         .grace_period(GRACE)
         .cluster_id(CLUSTER)
         .gossip(localhost0(), seeds)
+        .gossip_tuning(GossipTuning {
+            dead_node_route_grace: DEAD_NODE_ROUTE_GRACE,
+            ..GossipTuning::default()
+        })
         .start()
         .await
         .expect("start directory node")
@@ -58,6 +66,19 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
         }
         assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks that every node lists exactly the three real nodes as live: a forged node never
+/// appears, however live chitchat considers it.
+fn assert_only_real_nodes_listed(nodes: &[Directory]) {
+    let real = vec![
+        "dir-1".to_string(),
+        "dir-2".to_string(),
+        "dir-3".to_string(),
+    ];
+    for n in nodes {
+        assert_eq!(n.live_nodes(), real, "live nodes of {}", n.name());
     }
 }
 
@@ -205,16 +226,37 @@ async fn a_dead_node_takes_its_registrations_with_it() {
     let dead = nodes.pop().expect("node 3");
     let t0 = Instant::now();
     dead.shutdown().await;
+    wait_until("nodes 1 and 2 declare node 3 dead", || {
+        nodes
+            .iter()
+            .all(|n| !n.live_nodes().contains(&"dir-3".to_string()))
+    })
+    .await;
+    // Within the dead-node route grace its peers stay routable (they would be failing
+    // over to another node now)...
+    let declared = t0.elapsed();
+    if declared + Duration::from_millis(500) < DEAD_NODE_ROUTE_GRACE {
+        for n in &nodes {
+            assert_eq!(
+                members(&n.route("t")).len(),
+                2,
+                "svc-3 dropped during the grace"
+            );
+        }
+    }
+    // ...and then they go.
     wait_until("svc-3 is gone from nodes 1 and 2", || {
         nodes
             .iter()
             .all(|n| members(&n.route("t")) == vec!["svc-1".to_string()])
     })
     .await;
-    eprintln!("dead node's peers removed after {:?}", t0.elapsed());
-    for n in &nodes {
-        assert!(!n.live_nodes().contains(&"dir-3".to_string()));
-    }
+    let removed = t0.elapsed();
+    eprintln!("node 3 declared dead after {declared:?}, its peers removed after {removed:?}");
+    assert!(
+        removed >= DEAD_NODE_ROUTE_GRACE,
+        "removed before the dead-node route grace"
+    );
     drop(on_3);
     on_1.close();
 }
@@ -339,16 +381,21 @@ async fn forged_gossip_changes_no_route_and_is_counted() {
     };
 
     // Every real node counts the forged values as rejected: evil, evil2, evil3 (dir-2
-    // itself ignores the namespace that claims its own name, so it counts two).
+    // itself ignores the namespace that claims its own name, so it counts two). Meanwhile
+    // no forged node is ever listed as a live directory node.
     wait_until("every node rejected the forged values", || {
+        assert_only_real_nodes_listed(&nodes);
         nodes[0].rejected_gossip_values() >= 3
             && nodes[1].rejected_gossip_values() >= 2
             && nodes[2].rejected_gossip_values() >= 3
     })
     .await;
-    // ...and after a few more gossip rounds still serves only the real peer.
+    // ...and after a few more gossip rounds still serves only the real peer and lists only
+    // the real nodes. (A bounded "nothing changed" window: there is no event to wait for
+    // when the point is that nothing happens.)
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_secs(1) {
+        assert_only_real_nodes_listed(&nodes);
         for n in &nodes {
             assert_eq!(
                 members(&n.route("orders")),
@@ -371,6 +418,126 @@ async fn forged_gossip_changes_no_route_and_is_counted() {
     foreign.abort();
     impostor.abort();
     real.close();
+}
+
+/// A forger without credentials learns dir-2's chitchat state by gossip, then gossips it
+/// back as dir-2's (same node id and generation, dir-2's own `cert` and `id` values) with
+/// a tombstone for dir-2's `p:svc-real` key at a higher version. chitchat accepts that
+/// (deletions are not signed); the directory must not drop the route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_deletion_removes_no_route_and_is_counted() {
+    let ca = tempfile::tempdir().expect("tmp");
+    let nodes = three_nodes(ca.path()).await;
+    let seed = nodes[0].gossip_addr().expect("gossip");
+    let mut real = TestPeer::attach(ca.path(), "svc-real", nodes[1].local_addr()).await;
+    real.register("orders", "billing").await;
+    let everywhere = || {
+        nodes
+            .iter()
+            .all(|n| members(&n.route("orders")) == vec!["svc-real".to_string()])
+    };
+    wait_until("the real peer is visible everywhere", everywhere).await;
+    for n in &nodes {
+        assert_eq!(
+            n.rejected_gossip_values(),
+            0,
+            "{} rejected values",
+            n.name()
+        );
+    }
+
+    // The forger joins as a plain chitchat node and waits for dir-2's state.
+    let forger = forged_node("evil-deleter", seed, vec![]).await;
+    let chitchat = forger.chitchat();
+    let start = Instant::now();
+    let dir2 = loop {
+        let found = {
+            let cc = chitchat.lock().await;
+            cc.node_states()
+                .iter()
+                .find(|(id, state)| &*id.node_id == "dir-2" && state.get("p:svc-real").is_some())
+                .map(|(id, _)| id.clone())
+        };
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the forger never learnt dir-2's state"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Rewrite dir-2's namespace in the forger's view: everything as dir-2 published it
+    // (its certificate, generation proof and signed values), except a tombstone for
+    // p:svc-real at a version far above dir-2's. Gossip carries it to every node.
+    {
+        let mut cc = chitchat.lock().await;
+        let state = cc.node_state(&dir2).expect("dir-2 state");
+        assert!(
+            state.get(CERT_KEY).is_some(),
+            "dir-2's certificate is copied"
+        );
+        let forged_version = state.max_version() + 1_000;
+        let last_gc = state.last_gc_version();
+        let key_values: Vec<(String, chitchat::VersionedValue)> = state
+            .key_values_including_deleted()
+            .map(|(key, value)| {
+                let value = if key == "p:svc-real" {
+                    chitchat::VersionedValue {
+                        value: String::new(),
+                        version: forged_version,
+                        status: chitchat::DeletionStatus::Deleted(tokio::time::Instant::now()),
+                    }
+                } else {
+                    value.clone()
+                };
+                (key.to_string(), value)
+            })
+            .collect();
+        cc.reset_node_state_if_update(&dir2, key_values.into_iter(), forged_version, last_gc);
+        let state = cc.node_state(&dir2).expect("dir-2 state");
+        assert!(
+            state.get("p:svc-real").is_none(),
+            "the forged tombstone is in place"
+        );
+        assert_eq!(state.max_version(), forged_version);
+    }
+
+    // dir-1 and dir-3 receive the tombstone and refuse it (dir-2 ignores its own
+    // namespace as gossiped by others).
+    wait_until("dir-1 and dir-3 refused the forged deletion", || {
+        assert_only_real_nodes_listed(&nodes);
+        assert!(everywhere(), "a forged deletion removed a route");
+        nodes[0].rejected_gossip_values() >= 1 && nodes[2].rejected_gossip_values() >= 1
+    })
+    .await;
+    // A few more gossip rounds: still there everywhere. (A bounded "nothing changed"
+    // window: there is no event to wait for when the point is that nothing happens.)
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(1) {
+        assert_only_real_nodes_listed(&nodes);
+        assert!(everywhere(), "a forged deletion removed a route");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in &nodes {
+        eprintln!(
+            "{}: rejected {} accepted {}",
+            n.name(),
+            n.rejected_gossip_values(),
+            n.accepted_gossip_values()
+        );
+    }
+
+    // The real removal (signed) still goes through.
+    let rejected: Vec<u64> = nodes.iter().map(|n| n.rejected_gossip_values()).collect();
+    real.close();
+    wait_until("svc-real is gone from every node", || {
+        nodes.iter().all(|n| n.route("orders").groups.is_empty())
+    })
+    .await;
+    let after: Vec<u64> = nodes.iter().map(|n| n.rejected_gossip_values()).collect();
+    assert_eq!(after, rejected, "the signed removal was refused somewhere");
+    forger.abort();
 }
 
 #[tokio::test]

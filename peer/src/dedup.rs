@@ -97,33 +97,42 @@ pub(crate) struct LinkAcks {
 
 impl LinkAcks {
     /// Marks `link_seq` done (acknowledged by the application, or a duplicate).
-    pub(crate) fn done(&mut self, link_seq: u64) {
+    /// True if this made an ack due where none was (the stream needs a wake-up); false
+    /// if nothing changed or an ack was already due (its wake-up is still pending).
+    pub(crate) fn done(&mut self, link_seq: u64) -> bool {
         if link_seq <= self.upto {
-            return;
+            return false;
         }
-        self.done_above.insert(link_seq);
-        while self.done_above.first() == Some(&(self.upto + 1)) {
-            self.done_above.pop_first();
-            self.upto += 1;
+        if link_seq == self.upto + 1 {
+            // In-order completion (the common case): no set insertion.
+            self.upto = link_seq;
+            while self.done_above.first() == Some(&(self.upto + 1)) {
+                self.done_above.pop_first();
+                self.upto += 1;
+            }
+        } else {
+            self.done_above.insert(link_seq);
         }
-        self.dirty = true;
+        !std::mem::replace(&mut self.dirty, true)
     }
 
     /// A batch with link sequences `first..first + count` arrived. Sequences skipped
     /// before it will never arrive on this ordered stream (the sender requeued them
     /// before sending), so they count as done.
-    /// False (and nothing changed) if the gap is implausibly large: a broken sender.
-    pub(crate) fn received(&mut self, first: u64, count: u64) -> bool {
+    /// `None` (and nothing changed) if the gap is implausibly large: a broken sender.
+    /// Otherwise whether the stream needs a wake-up, as for [`LinkAcks::done`].
+    pub(crate) fn received(&mut self, first: u64, count: u64) -> Option<bool> {
         if first.saturating_sub(self.highest_received) > MAX_LINK_GAP || first == 0 {
-            return false;
+            return None;
         }
+        let mut wake = false;
         for skipped in self.highest_received.saturating_add(1)..first {
-            self.done(skipped);
+            wake |= self.done(skipped);
         }
         self.highest_received = self
             .highest_received
             .max(first.saturating_add(count).saturating_sub(1));
-        true
+        Some(wake)
     }
 
     /// The ack to send, if anything changed since the last one.
@@ -194,6 +203,57 @@ mod tests {
             covered.extend(ack.extra.iter().copied());
             prop_assert_eq!(covered, done);
         }
+    }
+
+    proptest! {
+        /// Any completion order gives the same cumulative ack as the set model, and a
+        /// wake-up is asked for exactly when an ack becomes due after the last take.
+        #[test]
+        fn link_acks_any_order_and_wake_once(
+            order in Just((1u64..200).collect::<Vec<_>>()).prop_shuffle(),
+            take_every in 1usize..50,
+        ) {
+            let mut acks = LinkAcks::default();
+            let mut model = BTreeSet::new();
+            let mut due = false;
+            for (i, s) in order.iter().enumerate() {
+                let newly = !model.contains(s);
+                model.insert(*s);
+                let wake = acks.done(*s);
+                prop_assert_eq!(wake, newly && !due);
+                due |= wake;
+                prop_assert!(!acks.done(*s), "repeated completion needs no wake-up");
+                if i % take_every == 0 {
+                    let ack = acks.take_ack();
+                    prop_assert_eq!(ack.is_some(), due);
+                    due = false;
+                    if let Some(ack) = ack {
+                        let mut covered: BTreeSet<u64> = (1..=ack.upto).collect();
+                        covered.extend(ack.extra.iter().copied());
+                        prop_assert_eq!(&covered, &model);
+                    }
+                }
+            }
+            if let Some(ack) = acks.take_ack() {
+                prop_assert!(due);
+                prop_assert_eq!(ack.upto, 199);
+                prop_assert!(ack.extra.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn received_marks_skipped_done_and_refuses_huge_gaps() {
+        let mut acks = LinkAcks::default();
+        assert_eq!(acks.received(1, 3), Some(false));
+        // 4 and 5 were requeued by the sender: done, and an ack is due.
+        assert_eq!(acks.received(6, 1), Some(true));
+        assert_eq!(acks.received(7, 1), Some(false));
+        let ack = acks.take_ack().expect("due");
+        assert_eq!((ack.upto, ack.extra), (0, vec![4, 5]));
+        assert_eq!(acks.received(0, 1), None);
+        assert_eq!(acks.received(7 + MAX_LINK_GAP + 1, 1), None);
+        assert!(acks.take_ack().is_none());
     }
 
     #[test]

@@ -2,6 +2,13 @@
 //! is lost (backoff with jitter), keep the desired registrations and watches, and push
 //! every route received to the peer. Routes stay cached in the peer while no directory
 //! node is reachable, so existing flows keep delivering.
+//!
+//! A node is lost when its connection closes, or when nothing at all arrived on it for
+//! [`DIRECTORY_IDLE_TIMEOUT`] although both sides send keep-alives every
+//! [`KEEP_ALIVE_INTERVAL`]: a node killed without closing its connections is noticed
+//! then, well within the directory cluster's dead-node route grace (15 s by default,
+//! during which the other nodes keep the dead node's registrations), rather than after
+//! the 10 s QUIC idle timeout of data connections.
 
 use crate::error::{Error, ErrorKind, Result};
 use std::collections::{BTreeSet, HashMap};
@@ -10,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
+use weft_proto::tls::{DIRECTORY_IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL};
 use weft_proto::wire::{
     self, DirRequest, DirResponse, Frame, FrameReader, FrameWriter, Hello, Route, Subscription,
 };
@@ -19,6 +27,13 @@ const COMMAND_QUEUE: usize = 1024;
 /// First and largest delay between attempts to reach a directory node.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often an attached node's connection is checked for silence.
+const SILENCE_CHECK: Duration = Duration::from_millis(250);
+/// QUIC application close code sent to a node given up for silence.
+const SILENT_CLOSE_CODE: u32 = 1;
+
+// A healthy connection must carry several keep-alives within the silence limit.
+const _: () = assert!(KEEP_ALIVE_INTERVAL.as_millis() * 3 <= DIRECTORY_IDLE_TIMEOUT.as_millis());
 
 type Reply = oneshot::Sender<Result<Option<Route>>>;
 
@@ -249,6 +264,24 @@ fn remember(desired: &mut Desired, cmd: Command) {
     desired.waiting.push((req, reply));
 }
 
+/// Resolves once `conn` has received no datagram for [`DIRECTORY_IDLE_TIMEOUT`]: the
+/// node is dead or cut off (a live one answers keep-alives within a round trip). The
+/// connection's own idle timeout would notice only after [`weft_proto::tls::MAX_IDLE_TIMEOUT`].
+async fn silent(conn: &quinn::Connection) {
+    let mut received = conn.stats().udp_rx.datagrams;
+    let mut heard = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(SILENCE_CHECK).await;
+        let now = conn.stats().udp_rx.datagrams;
+        if now != received {
+            received = now;
+            heard = tokio::time::Instant::now();
+        } else if heard.elapsed() >= DIRECTORY_IDLE_TIMEOUT {
+            return;
+        }
+    }
+}
+
 async fn attach(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
@@ -258,24 +291,39 @@ async fn attach(
     commands: &mut mpsc::Receiver<Command>,
 ) -> Result<Exit> {
     let conn = weft_proto::tls::connect(endpoint, addr, weft_proto::DIRECTORY_IDENTITY).await?;
-    let (send, recv) = conn.open_bi().await.map_err(|e| {
-        Error::with_source(
-            ErrorKind::DirectoryUnavailable,
-            "opening directory stream",
-            e,
-        )
-    })?;
-    let mut writer = FrameWriter::new(send, settings.max_frame);
-    let mut reader = FrameReader::new(recv, settings.max_frame);
-    let welcome = wire::open_handshake(&mut writer, &mut reader, &settings.hello)
-        .await
-        .map_err(|e| {
+    let silence = silent(&conn);
+    tokio::pin!(silence);
+    let opened = async {
+        let (send, recv) = conn.open_bi().await.map_err(|e| {
             Error::with_source(
                 ErrorKind::DirectoryUnavailable,
-                format!("handshake with directory {addr}"),
+                "opening directory stream",
                 e,
             )
         })?;
+        let mut writer = FrameWriter::new(send, settings.max_frame);
+        let mut reader = FrameReader::new(recv, settings.max_frame);
+        let welcome = wire::open_handshake(&mut writer, &mut reader, &settings.hello)
+            .await
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::DirectoryUnavailable,
+                    format!("handshake with directory {addr}"),
+                    e,
+                )
+            })?;
+        Ok::<_, Error>((writer, reader, welcome))
+    };
+    let (mut writer, mut reader, welcome) = tokio::select! {
+        opened = opened => opened?,
+        () = &mut silence => {
+            conn.close(SILENT_CLOSE_CODE.into(), b"directory node silent");
+            return Err(Error::new(
+                ErrorKind::DirectoryUnavailable,
+                format!("directory {addr} went silent during the handshake"),
+            ));
+        }
+    };
     info!(%addr, node = %welcome.identity, "attached to directory node");
     let attached = crate::clock::now();
     let settled = tokio::time::sleep_until((attached + RESYNC_SETTLE).into());
@@ -306,6 +354,12 @@ async fn attach(
     writer.flush().await.map_err(wire_err)?;
     loop {
         tokio::select! {
+            () = &mut silence => {
+                warn!(%addr, silent_for = ?DIRECTORY_IDLE_TIMEOUT, "directory node silent; giving it up");
+                conn.close(SILENT_CLOSE_CODE.into(), b"directory node silent");
+                requeue(&mut pending, desired);
+                return Ok(Exit::Lost);
+            }
             () = &mut settled, if !resynced => {
                 // Fetch every watched route again, now authoritative.
                 resynced = true;
@@ -349,17 +403,21 @@ async fn attach(
                         warn!(kind = other.kind(), "unexpected frame from directory");
                     }
                     Ok(None) | Err(_) => {
-                        // Requests in flight are re-sent (desired state) on the next node;
-                        // their callers keep waiting until it answers or they time out.
-                        for (_, (req, reply)) in pending.by_id.drain() {
-                            if let Some(reply) = reply {
-                                desired.waiting.push((req, reply));
-                            }
-                        }
+                        requeue(&mut pending, desired);
                         return Ok(Exit::Lost);
                     }
                 }
             }
+        }
+    }
+}
+
+/// Requests in flight on a lost node are re-sent (desired state) on the next node; their
+/// callers keep waiting until it answers or they time out.
+fn requeue(pending: &mut Pending, desired: &mut Desired) {
+    for (_, (req, reply)) in pending.by_id.drain() {
+        if let Some(reply) = reply {
+            desired.waiting.push((req, reply));
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Accepting data streams from senders and feeding them to local subscriptions.
 
 use crate::peer::Inner;
-use crate::subscription::{lock, Delivery, InboundLink, Progress, SubShared};
+use crate::subscription::{lock, Delivery, InboundLink, Places, Progress, SubShared};
+use smallvec::SmallVec;
 use std::sync::Arc;
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use weft_proto::tls;
 use weft_proto::wire::{self, Credit, ErrorCode, Frame, FrameReader, FrameWriter, Welcome};
@@ -147,53 +149,110 @@ fn check_batch(open: &wire::Open, batch: &wire::Deliver) -> Result<(), (ErrorCod
 /// Hands new messages of a batch to the application, skipping the ones already acked
 /// or being processed. A retransmission supersedes the earlier places of its message
 /// (the sender requeued them), so those are released at once.
+///
+/// Per batch: one lock of the link's acks for the batch's link sequences, one lock of
+/// the subscription state for dedup and `in_progress`, one more of the link's acks for
+/// the duplicates, then the fresh deliveries go to the subscription's channel with one
+/// reservation per chunk of up to its capacity (waiting while it is full, as before).
 async fn receive(
     sub: &Arc<SubShared>,
     link: &Arc<InboundLink>,
     batch: wire::Deliver,
 ) -> Result<(), (ErrorCode, String)> {
     let count = batch.messages.len() as u64;
-    if !lock(&link.acks).received(batch.first_link_seq, count) {
+    let Some(wake) = lock(&link.acks).received(batch.first_link_seq, count) else {
         return Err((
             ErrorCode::Protocol,
             format!("implausible link sequence {}", batch.first_link_seq),
         ));
+    };
+    if wake {
+        link.wake.notify_one();
     }
     let mut fresh = Vec::with_capacity(batch.messages.len());
+    let mut duplicates = SmallVec::<[u64; 16]>::new();
     {
         let mut state = lock(&sub.state);
-        for (i, envelope) in batch.messages.into_iter().enumerate() {
-            let link_seq = batch.first_link_seq + i as u64;
+        let state = &mut *state;
+        for (envelope, link_seq) in batch.messages.into_iter().zip(batch.first_link_seq..) {
             if state.dedup.is_acked(envelope.id) {
-                link.done(link_seq);
+                duplicates.push(link_seq);
                 continue;
             }
             let progress = state
                 .in_progress
                 .entry(envelope.id)
                 .or_insert_with(|| Progress {
-                    places: Vec::new(),
+                    places: Places::new(),
                     abandoned: true,
                 });
             for (old_link, old_seq) in progress.places.drain(..) {
-                old_link.done(old_seq);
+                if Arc::ptr_eq(&old_link, link) {
+                    duplicates.push(old_seq);
+                } else {
+                    old_link.done(old_seq);
+                }
             }
             progress.places.push((link.clone(), link_seq));
             if progress.abandoned {
                 progress.abandoned = false;
-                fresh.push(envelope);
+                fresh.push(Delivery {
+                    envelope,
+                    sub: sub.clone(),
+                    acked: false,
+                });
             }
         }
     }
-    for envelope in fresh {
-        let delivery = Delivery {
-            envelope,
-            sub: sub.clone(),
-            acked: false,
-        };
-        if sub.tx.send(delivery).await.is_err() {
+    if !duplicates.is_empty() {
+        link.done_all(duplicates);
+    }
+    send_all(&sub.tx, fresh).await
+}
+
+/// Sends `items` in order, reserving channel slots for a chunk at a time (one
+/// semaphore acquisition per chunk instead of per item); waits while the channel is
+/// full. Fails only if the receiver is gone.
+async fn send_all<T>(tx: &mpsc::Sender<T>, items: Vec<T>) -> Result<(), (ErrorCode, String)> {
+    let chunk = tx.max_capacity().max(1);
+    let mut items = items.into_iter();
+    while items.len() > 0 {
+        let n = items.len().min(chunk);
+        let Ok(permits) = tx.reserve_many(n).await else {
             return Err((ErrorCode::ShuttingDown, "subscription closed".into()));
+        };
+        for (permit, item) in permits.zip(items.by_ref()) {
+            permit.send(item);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn send_all_chunks_by_capacity_in_order_and_waits_while_full() {
+        let (tx, mut rx) = mpsc::channel::<u32>(3);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(v) = rx.recv().await {
+                got.push(v);
+            }
+            got
+        });
+        send_all(&tx, (0..10).collect()).await.expect("open");
+        send_all(&tx, Vec::new()).await.expect("nothing to send");
+        drop(tx);
+        assert_eq!(reader.await.expect("reader"), (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn send_all_fails_once_the_subscription_is_gone() {
+        let (tx, rx) = mpsc::channel::<u32>(4);
+        drop(rx);
+        let err = send_all(&tx, vec![1, 2]).await.expect_err("closed");
+        assert_eq!(err.0, ErrorCode::ShuttingDown);
+    }
 }

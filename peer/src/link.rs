@@ -187,7 +187,7 @@ async fn send_batch(
         run.push(PreEncoded {
             id,
             fields,
-            payload,
+            payload: stored.slice_ref(payload),
         });
     }
     if !run.is_empty() {

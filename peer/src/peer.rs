@@ -627,7 +627,7 @@ impl SubscribeBuilder {
             state: Mutex::new(SubState {
                 dedup,
                 dirty: false,
-                in_progress: FxHashMap::default(),
+                in_progress: Default::default(),
             }),
             tx,
         });

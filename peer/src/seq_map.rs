@@ -15,7 +15,14 @@ use std::hash::{BuildHasherDefault, Hasher};
 /// A map from sequence number to `V` with sequence-ordered buckets.
 pub(crate) type SeqMap<V> = HashMap<u64, V, BuildHasherDefault<SeqHasher>>;
 
-/// Hashes one `u64` to itself with its low 7 bits copied into the top 7.
+/// A map keyed by something whose hash ends with a sequence number (a message id:
+/// producer, then sequence), with the buckets of one producer in sequence order.
+pub(crate) type SeqKeyedMap<K, V> = HashMap<K, V, BuildHasherDefault<SeqHasher>>;
+
+/// Hashes one `u64` to itself with its low 7 bits copied into the top 7. Earlier words
+/// (a producer id before a sequence number) are spread by a multiply and XORed in: an
+/// XOR with a constant moves a run of consecutive numbers as a block, so locality
+/// survives.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct SeqHasher(u64);
 
@@ -32,7 +39,7 @@ impl Hasher for SeqHasher {
     }
 
     fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+        self.0 = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ n;
     }
 }
 
@@ -48,6 +55,22 @@ mod tests {
         let b = build.hash_one(1001u64);
         assert_eq!(b & 0xffff, (a & 0xffff) + 1, "bucket index follows the key");
         assert_ne!(a >> 57, b >> 57, "top bits differ between neighbours");
+    }
+
+    #[test]
+    fn a_sequence_after_a_producer_keeps_its_locality() {
+        #[derive(Hash)]
+        struct Id(u64, u64);
+        let build = BuildHasherDefault::<SeqHasher>::default();
+        let base = build.hash_one(Id(0xdead_beef, 1024));
+        let mut tags = std::collections::BTreeSet::new();
+        for i in 0..16u64 {
+            let h = build.hash_one(Id(0xdead_beef, 1024 + i));
+            assert!(((h ^ base) & 0xffff) < 16, "neighbouring buckets");
+            tags.insert(h >> 57);
+        }
+        assert_eq!(tags.len(), 16, "distinct tags among neighbours");
+        assert_ne!(build.hash_one(Id(1, 5)), build.hash_one(Id(2, 5)));
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! of owned [`Delivery`] values; acknowledging consumes the delivery.
 
 use crate::dedup::{Dedup, LinkAcks};
+use crate::seq_map::SeqKeyedMap;
 use bytes::Bytes;
 use futures::Stream;
-use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -23,11 +24,33 @@ pub(crate) struct InboundLink {
 }
 
 impl InboundLink {
+    /// Marks `link_seq` done. The stream is woken only when an ack becomes due: while
+    /// one is pending its wake-up is on the way, and the stream takes everything done
+    /// by then in one cumulative `Ack`.
     pub(crate) fn done(&self, link_seq: u64) {
-        lock(&self.acks).done(link_seq);
-        self.wake.notify_one();
+        if lock(&self.acks).done(link_seq) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Marks several link sequences done under one lock.
+    pub(crate) fn done_all(&self, link_seqs: impl IntoIterator<Item = u64>) {
+        let mut wake = false;
+        {
+            let mut acks = lock(&self.acks);
+            for link_seq in link_seqs {
+                wake |= acks.done(link_seq);
+            }
+        }
+        if wake {
+            self.wake.notify_one();
+        }
     }
 }
+
+/// Where a message's acknowledgement is owed: (stream, link sequence). Almost always
+/// one place (a retransmission supersedes the earlier ones), so it is kept inline.
+pub(crate) type Places = SmallVec<[(Arc<InboundLink>, u64); 1]>;
 
 /// Dedup and in-progress deliveries of one subscription.
 #[derive(Debug)]
@@ -36,14 +59,16 @@ pub(crate) struct SubState {
     /// The dedup state changed since it was last saved.
     pub(crate) dirty: bool,
     /// Delivered to the application, not yet acknowledged.
-    pub(crate) in_progress: FxHashMap<MessageId, Progress>,
+    /// (Hashed for locality: the ids in progress are mostly runs of consecutive
+    /// sequence numbers, see `seq_map`.)
+    pub(crate) in_progress: SeqKeyedMap<MessageId, Progress>,
 }
 
 /// A message handed to the application and not acknowledged yet.
 #[derive(Debug, Default)]
 pub(crate) struct Progress {
     /// Where its acknowledgement is owed: (stream, link sequence).
-    pub(crate) places: Vec<(Arc<InboundLink>, u64)>,
+    pub(crate) places: Places,
     /// The application dropped the delivery without acking: the next retransmission
     /// is handed to the application again.
     pub(crate) abandoned: bool,

@@ -38,6 +38,13 @@ pub const ALPN: &[u8] = b"weft/1";
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// A connection (or handshake) without any packet from the peer for this long is closed.
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer gives up its directory node after this long without any packet from it
+/// (checked by the peer, not by QUIC): shorter than [`MAX_IDLE_TIMEOUT`] so that a peer
+/// notices a dead directory node, fails over to another and registers again well within
+/// the directory's dead-node route grace (15 s by default). Both sides send keep-alives
+/// every [`KEEP_ALIVE_INTERVAL`], so only a dead node (or a cut path) lets it lapse.
+/// Data connections between peers keep [`MAX_IDLE_TIMEOUT`].
+pub const DIRECTORY_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// A dial (QUIC handshake and its confirmation) that has not finished by then is given
 /// up, so that the caller retries with a fresh handshake: after loss or a partition a
 /// handshake's retransmission timer may have backed off to many seconds.

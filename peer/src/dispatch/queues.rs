@@ -264,13 +264,7 @@ mod tests {
                     }
                     _ => {
                         // Take every message whose seq is even, skip odd ones, up to n.
-                        let mut offered = 0;
-                        let mut taken = Vec::new();
-                        for (&s, _) in model.iter() {
-                            if offered == n { break; }
-                            offered += 1;
-                            if s % 2 == 0 { taken.push(s); }
-                        }
+                        let taken: Vec<Seq> = model.keys().take(n).copied().filter(|s| s % 2 == 0).collect();
                         for s in taken { model.remove(&s); }
                         q.scan(n, |s, _| if s % 2 == 0 { Offer::Take } else { Offer::Skip });
                     }

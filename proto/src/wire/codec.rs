@@ -107,7 +107,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut, max_frame: usize) -> Result<(),
 /// One message of a `Deliver` frame whose envelope fields were encoded once, when the
 /// message was stored, so that sending it copies bytes instead of decoding and encoding
 /// them again.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PreEncoded<'a> {
     /// Message id.
     pub id: MessageId,
@@ -116,8 +116,8 @@ pub struct PreEncoded<'a> {
     /// (what `rmp_serde` writes for those fields of [`Envelope`]). The caller vouches
     /// for it; the receiver decodes and checks it like any frame.
     pub fields: &'a [u8],
-    /// Payload.
-    pub payload: &'a [u8],
+    /// Payload (shared, so that a large one can be sent without a copy).
+    pub payload: Bytes,
 }
 
 /// Appends a `Deliver` frame of pre-encoded messages to `out`: the same bytes
@@ -130,17 +130,41 @@ pub fn encode_deliver(
     out: &mut BytesMut,
     max_frame: usize,
 ) -> Result<(), WireError> {
+    encode_deliver_head(group, first_link_seq, messages, out, max_frame)?;
+    for m in messages {
+        out.extend_from_slice(&m.payload);
+    }
+    Ok(())
+}
+
+/// Appends the length prefix and header of a `Deliver` frame of pre-encoded messages
+/// to `out`; the caller sends the payloads right after it, in order. Fails (leaving
+/// `out` as it was) if the whole frame would exceed `max_frame` bytes.
+pub fn encode_deliver_head(
+    group: &str,
+    first_link_seq: u64,
+    messages: &[PreEncoded<'_>],
+    out: &mut BytesMut,
+    max_frame: usize,
+) -> Result<(), WireError> {
     let start = out.len();
     out.put_u32(0);
-    let written = write_deliver_header(group, first_link_seq, messages, out);
-    if let Err(e) = written {
+    if let Err(e) = write_deliver_header(group, first_link_seq, messages, out) {
         out.truncate(start);
         return Err(e);
     }
-    for m in messages {
-        out.extend_from_slice(m.payload);
-    }
-    finish_frame(out, start, max_frame)
+    let payloads: usize = messages.iter().map(|m| m.payload.len()).sum();
+    let size = out.len() - start - LENGTH_PREFIX + payloads;
+    let fits = u32::try_from(size).ok().filter(|_| size <= max_frame);
+    let Some(prefix) = fits else {
+        out.truncate(start);
+        return Err(WireError::FrameTooLarge {
+            size,
+            limit: max_frame,
+        });
+    };
+    out[start..start + LENGTH_PREFIX].copy_from_slice(&prefix.to_be_bytes());
+    Ok(())
 }
 
 /// The MessagePack header of a `Deliver` frame, as `rmp_serde` lays out
@@ -495,7 +519,7 @@ mod tests {
             let pre: Vec<PreEncoded<'_>> = messages
                 .iter()
                 .zip(&fields)
-                .map(|(m, f)| PreEncoded { id: m.id, fields: f, payload: &m.payload })
+                .map(|(m, f)| PreEncoded { id: m.id, fields: f, payload: m.payload.clone() })
                 .collect();
             let mut spliced = BytesMut::new();
             encode_deliver(&group, first, &pre, &mut spliced, 1 << 24).expect("encodes");
@@ -602,7 +626,7 @@ mod tests {
 
     #[test]
     fn oversized_pre_encoded_deliver_is_refused_and_leaves_the_buffer() {
-        let payload = vec![0u8; 100];
+        let payload = Bytes::from(vec![0u8; 100]);
         let fields = rmp_serde::to_vec(&(
             "t",
             None::<String>,
@@ -617,7 +641,7 @@ mod tests {
                 seq: 1,
             },
             fields: &fields[1..],
-            payload: &payload,
+            payload: payload.clone(),
         }];
         let mut out = BytesMut::from(&b"kept"[..]);
         let err = encode_deliver("g", 1, &pre, &mut out, 64).expect_err("too large");

@@ -1,13 +1,16 @@
 //! Reading and writing frames on QUIC streams, and the opening handshake.
 
-use super::codec::{encode, encode_deliver, FrameDecoder, PreEncoded};
+use super::codec::{encode, encode_deliver, encode_deliver_head, FrameDecoder, PreEncoded};
 use super::error::WireError;
 use super::frames::*;
 use super::PROTOCOL_VERSION;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 /// Largest chunk taken from the QUIC stream per read.
 const READ_CHUNK: usize = 64 * 1024;
+/// Payloads from this size on are sent as their own chunks (shared, not copied into the
+/// write buffer); smaller ones are cheaper to copy than to track.
+const ZERO_COPY_MIN: usize = 8 * 1024;
 
 /// Reads frames from a QUIC receive stream.
 #[derive(Debug)]
@@ -67,6 +70,8 @@ impl FrameReader {
 pub struct FrameWriter {
     send: quinn::SendStream,
     buf: BytesMut,
+    /// Queued bytes ahead of `buf`, when a large payload was queued without a copy.
+    chunks: Vec<Bytes>,
     max_frame: usize,
 }
 
@@ -76,6 +81,7 @@ impl FrameWriter {
         Self {
             send,
             buf: BytesMut::with_capacity(64 * 1024),
+            chunks: Vec::new(),
             max_frame,
         }
     }
@@ -93,25 +99,56 @@ impl FrameWriter {
         first_link_seq: u64,
         messages: &[PreEncoded<'_>],
     ) -> Result<(), WireError> {
-        encode_deliver(
+        if messages.iter().all(|m| m.payload.len() < ZERO_COPY_MIN) {
+            return encode_deliver(
+                group,
+                first_link_seq,
+                messages,
+                &mut self.buf,
+                self.max_frame,
+            );
+        }
+        encode_deliver_head(
             group,
             first_link_seq,
             messages,
             &mut self.buf,
             self.max_frame,
-        )
+        )?;
+        for m in messages {
+            if m.payload.len() < ZERO_COPY_MIN {
+                self.buf.extend_from_slice(&m.payload);
+            } else {
+                if !self.buf.is_empty() {
+                    self.chunks.push(self.buf.split().freeze());
+                }
+                self.chunks.push(m.payload.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Bytes queued and not yet flushed.
     pub fn queued(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.chunks.iter().map(Bytes::len).sum::<usize>()
     }
 
     /// Sends everything queued.
     pub async fn flush(&mut self) -> Result<(), WireError> {
         if !self.buf.is_empty() {
-            let chunk = self.buf.split().freeze();
-            self.send.write_chunk(chunk).await?;
+            self.chunks.push(self.buf.split().freeze());
+        }
+        match self.chunks.len() {
+            0 => {}
+            1 => {
+                let chunk = self.chunks.pop().unwrap_or_default();
+                self.send.write_chunk(chunk).await?;
+            }
+            _ => {
+                let result = self.send.write_all_chunks(&mut self.chunks).await;
+                self.chunks.clear();
+                result?;
+            }
         }
         Ok(())
     }
