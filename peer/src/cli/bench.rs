@@ -33,6 +33,18 @@ pub enum BenchDurability {
     Confirmed,
 }
 
+/// How the benchmark's peers share threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Threads {
+    /// Each peer on its own thread with a single-threaded runtime, as a service running
+    /// one peer per process would be laid out: a peer's tasks (QUIC driver, links,
+    /// streams, the application's loop) hand work to each other without crossing
+    /// threads.
+    PerPeer,
+    /// Every peer on one shared multi-threaded runtime.
+    Shared,
+}
+
 /// Flags of `weft bench` (a superset of the bench-peers harness flags).
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -81,6 +93,10 @@ pub struct BenchArgs {
     /// publisher that is this far ahead of its receivers waits.
     #[arg(long)]
     pub outbox_messages: Option<u64>,
+    /// Thread layout of the peers (measured on 2 cores: `shared` was as fast or
+    /// faster, and much faster for latency; see docs/benchmarks.md).
+    #[arg(long, value_enum, default_value = "shared")]
+    pub threads: Threads,
     /// Print one JSON line (bench-peers fields) instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -98,6 +114,79 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             "benchmark did not finish within --timeout-s {}",
             args.timeout_s
         ),
+    }
+}
+
+/// Where one peer runs: its own thread with a current-thread runtime
+/// ([`Threads::PerPeer`]), or the caller's runtime ([`Threads::Shared`]). Everything
+/// touching the peer (start, its loops, close) is spawned here, so its tasks stay put.
+struct PeerThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeerThread {
+    fn new(layout: Threads, name: &str) -> Result<PeerThread> {
+        if layout == Threads::Shared {
+            return Ok(PeerThread {
+                handle: tokio::runtime::Handle::current(),
+                stop: None,
+                thread: None,
+            });
+        }
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        let _ = handle_tx.send(Ok(rt.handle().clone()));
+                        rt.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    }
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                    }
+                }
+            })
+            .context("starting a peer thread")?;
+        let handle = handle_rx
+            .recv()
+            .context("peer thread ended at start")?
+            .context("starting a peer runtime")?;
+        Ok(PeerThread {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `work` on this peer's runtime and waits for its result.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        self.handle
+            .spawn(work)
+            .await
+            .context("a peer thread's task failed")
+    }
+}
+
+impl Drop for PeerThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -123,13 +212,15 @@ impl Fabric {
         })
     }
 
+    /// Starts a peer on `thread`.
     async fn peer(
         &self,
+        thread: &PeerThread,
         name: &str,
         durability: Durability,
         outbox_messages: Option<u64>,
     ) -> Result<Peer> {
-        Ok(Peer::builder(name)
+        let builder = Peer::builder(name)
             .directory([self.directory.local_addr()])
             .dev_ca(self.root.join("dev-ca"))
             .data_dir(self.root.join(name))
@@ -140,9 +231,8 @@ impl Fabric {
                     cfg.max_messages = n;
                 }
                 cfg
-            })
-            .start()
-            .await?)
+            });
+        Ok(thread.run(builder.start()).await??)
     }
 
     async fn wait_members(&self, topic: &str, members: usize) -> Result<()> {
@@ -219,18 +309,20 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let mut subscribers = Vec::new();
     for g in 0..args.groups {
         for m in 0..args.members {
+            let name = format!("sub-{g}-{m}");
+            let thread = PeerThread::new(args.threads, &name)?;
             let peer = fabric
-                .peer(&format!("sub-{g}-{m}"), Durability::Memory, None)
+                .peer(&thread, &name, Durability::Memory, None)
                 .await?;
-            let mut sub = peer
+            let subscribing = peer
                 .subscribe(topic)
                 .group(format!("group-{g}"))
                 .credit(args.credit)
-                .start()
-                .await?;
+                .start();
+            let mut sub = thread.run(subscribing).await??;
             let delivered = delivered.clone();
             let latency = latency.clone();
-            tokio::spawn(async move {
+            thread.handle.spawn(async move {
                 let mut local = histogram();
                 let mut n = 0u64;
                 while let Some(d) = sub.next().await {
@@ -248,7 +340,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                     }
                 }
             });
-            subscribers.push(peer);
+            subscribers.push((thread, peer));
         }
     }
     fabric
@@ -256,22 +348,24 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         .await?;
     let mut publishers = Vec::new();
     for p in 0..args.publishers {
-        publishers.push(
-            fabric
-                .peer(
-                    &format!("pub-{p}"),
-                    durability(args.durability),
-                    args.outbox_messages,
-                )
-                .await?,
-        );
+        let name = format!("pub-{p}");
+        let thread = PeerThread::new(args.threads, &name)?;
+        let peer = fabric
+            .peer(
+                &thread,
+                &name,
+                durability(args.durability),
+                args.outbox_messages,
+            )
+            .await?;
+        publishers.push((thread, peer));
     }
     let per_publisher = args.count / args.publishers as u64;
     let total = per_publisher * args.publishers as u64;
     let start = Instant::now();
     let progress = !args.json;
     let mut tasks = Vec::new();
-    for publisher in &publishers {
+    for (thread, publisher) in &publishers {
         let publisher = publisher.clone();
         let (size, keys) = (args.size, args.keys);
         let batch = args.batch.max(1) as u64;
@@ -284,7 +378,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                 m
             }
         };
-        tasks.push(tokio::spawn(async move {
+        tasks.push(thread.handle.spawn(async move {
             futures::stream::iter((0..per_publisher).step_by(batch as usize))
                 .map(|first| {
                     let publisher = publisher.clone();
@@ -311,7 +405,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let published_in = start.elapsed();
     // Done when every message is acknowledged by every group (the outboxes drained).
     let mut last_report = Instant::now();
-    for publisher in &publishers {
+    for (_, publisher) in &publishers {
         while !publisher.drain(Duration::from_millis(200)).await {
             if progress && last_report.elapsed() > Duration::from_secs(1) {
                 eprintln!("  ... {} delivered", delivered.load(Ordering::Relaxed));
@@ -351,27 +445,33 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         ),
     };
     report.print(args.json);
-    for p in publishers.into_iter().chain(subscribers) {
-        let _ = p.close().await;
+    for (thread, peer) in publishers.into_iter().chain(subscribers) {
+        let _ = thread.run(peer.close()).await;
     }
     Ok(())
 }
 
 async fn latency(args: &BenchArgs) -> Result<()> {
     let fabric = Fabric::start().await?;
+    let sender_thread = PeerThread::new(args.threads, "ping")?;
+    let echo_thread = PeerThread::new(args.threads, "pong")?;
     let sender = fabric
-        .peer("ping", durability(args.durability), None)
+        .peer(&sender_thread, "ping", durability(args.durability), None)
         .await?;
     let echo = fabric
-        .peer("pong", durability(args.durability), None)
+        .peer(&echo_thread, "pong", durability(args.durability), None)
         .await?;
-    let mut requests = echo.subscribe("bench.ping").group("pong").start().await?;
-    let mut replies = sender.subscribe("bench.pong").group("ping").start().await?;
+    let mut requests = echo_thread
+        .run(echo.subscribe("bench.ping").group("pong").start())
+        .await??;
+    let replies = sender_thread
+        .run(sender.subscribe("bench.pong").group("ping").start())
+        .await??;
     fabric.wait_members("bench.ping", 1).await?;
     fabric.wait_members("bench.pong", 1).await?;
     let echo_task = {
         let echo = echo.clone();
-        tokio::spawn(async move {
+        echo_thread.handle.spawn(async move {
             while let Some(d) = requests.next().await {
                 let body = d.payload().clone();
                 d.ack();
@@ -385,24 +485,33 @@ async fn latency(args: &BenchArgs) -> Result<()> {
             }
         })
     };
-    let mut h = histogram();
-    let body = Bytes::from(vec![0x5au8; args.size]);
-    let start = Instant::now();
-    let mut measured_from = start;
-    for i in 0..(args.warmup + args.count) {
-        if i == args.warmup {
-            measured_from = Instant::now();
+    // The measuring loop runs on the sender's thread, like its application would.
+    let (warmup, count, size) = (args.warmup, args.count, args.size);
+    let round_trips = {
+        let sender = sender.clone();
+        async move {
+            let mut replies = replies;
+            let mut h = histogram();
+            let body = Bytes::from(vec![0x5au8; size]);
+            let mut measured_from = Instant::now();
+            for i in 0..(warmup + count) {
+                if i == warmup {
+                    measured_from = Instant::now();
+                }
+                let t0 = Instant::now();
+                sender
+                    .publish("bench.ping", Message::new(body.clone()))
+                    .await?;
+                let reply = replies.next().await.context("reply stream ended")?;
+                reply.ack();
+                if i >= warmup {
+                    let _ = h.record((t0.elapsed().as_nanos() as u64).max(1));
+                }
+            }
+            Ok::<_, anyhow::Error>((h, measured_from))
         }
-        let t0 = Instant::now();
-        sender
-            .publish("bench.ping", Message::new(body.clone()))
-            .await?;
-        let reply = replies.next().await.context("reply stream ended")?;
-        reply.ack();
-        if i >= args.warmup {
-            let _ = h.record((t0.elapsed().as_nanos() as u64).max(1));
-        }
-    }
+    };
+    let (h, measured_from) = sender_thread.run(round_trips).await??;
     let elapsed = measured_from.elapsed();
     let report = Report {
         system: system_name(args.durability),
@@ -422,8 +531,8 @@ async fn latency(args: &BenchArgs) -> Result<()> {
     };
     report.print(args.json);
     echo_task.abort();
-    let _ = sender.close().await;
-    let _ = echo.close().await;
+    let _ = sender_thread.run(sender.close()).await;
+    let _ = echo_thread.run(echo.close()).await;
     Ok(())
 }
 
