@@ -157,10 +157,20 @@ pub(crate) fn start(
     creds: &Credentials,
     settings: NodeSettings,
 ) -> Result<Node, DirectoryError> {
+    // Directory connections carry small control frames and a node holds thousands of
+    // them: their transport is sized for that, not for the peers' data path.
+    let transport = tls::directory_transport_config;
     let endpoint = match (&settings.udp_socket, settings.rng_seed) {
-        (None, None) => tls::endpoint(settings.listen, creds)?,
-        (Some(socket), seed) => tls::endpoint_with_socket(socket.clone(), creds, seed)?,
-        (None, seed) => tls::endpoint_with_socket(tls::udp_socket(settings.listen)?, creds, seed)?,
+        (None, None) => tls::endpoint_with_transport(settings.listen, creds, transport())?,
+        (Some(socket), seed) => {
+            tls::endpoint_with_socket_and_transport(socket.clone(), creds, seed, transport())?
+        }
+        (None, seed) => tls::endpoint_with_socket_and_transport(
+            tls::udp_socket(settings.listen)?,
+            creds,
+            seed,
+            transport(),
+        )?,
     };
     let local_addr = endpoint.local_addr().map_err(|source| DirectoryError::Io {
         what: format!("reading the bound address of {}", settings.listen),
@@ -244,7 +254,7 @@ async fn serve_connection(
     settings: &NodeSettings,
 ) -> Result<(), DirectoryError> {
     let (send, recv) = conn.accept_bi().await.map_err(DirectoryError::Connection)?;
-    let mut writer = FrameWriter::new(send, settings.max_frame);
+    let mut writer = FrameWriter::compact(send, settings.max_frame);
     let mut reader = FrameReader::new(recv, settings.max_frame);
     let welcome = Welcome {
         version: PROTOCOL_VERSION,

@@ -60,6 +60,23 @@ pub const MAX_CONCURRENT_BIDI_STREAMS: u32 = 64;
 /// Unidirectional streams the peer may have open at once towards us.
 pub const MAX_CONCURRENT_UNI_STREAMS: u32 = 64;
 
+/// Flow-control window of one receiving stream on a directory node's connections, in
+/// bytes (64 KiB). Directory traffic is small control frames read as they arrive, so the
+/// window only bounds how much a peer can make the node buffer; a larger frame still
+/// passes, paced by window updates.
+pub const DIRECTORY_STREAM_RECEIVE_WINDOW: u32 = 64 << 10;
+/// Flow-control window of a whole directory connection, in bytes (128 KiB).
+pub const DIRECTORY_CONNECTION_RECEIVE_WINDOW: u32 = 128 << 10;
+/// Maximum bytes a directory node buffers for sending on one connection (256 KiB): route
+/// pushes to a slow peer then wait in the node's coalescing queue instead of piling up
+/// in QUIC.
+pub const DIRECTORY_SEND_WINDOW: u64 = 256 << 10;
+/// Bidirectional streams a peer may have open at once towards a directory node. The
+/// directory protocol uses one per connection; quinn sets up per-stream state for every
+/// allowed stream when a connection is created (a hash-map entry each), so the 64 of
+/// [`MAX_CONCURRENT_BIDI_STREAMS`] cost ~8 KiB per connection for nothing.
+pub const DIRECTORY_MAX_CONCURRENT_BIDI_STREAMS: u32 = 4;
+
 /// Largest UDP payload an endpoint accepts (advertised to peers). Senders still send
 /// no more than their path carries: see [`loopback_transport_config`].
 pub const MAX_UDP_PAYLOAD: u16 = 65_527;
@@ -420,6 +437,33 @@ pub fn loopback_transport_config() -> TransportConfig {
     t
 }
 
+/// Transport parameters of a directory node's connections: [`transport_config`]'s
+/// keep-alive and idle timeout (peers rely on both), but sized for small control
+/// traffic rather than throughput, since a node holds thousands of such connections:
+///
+/// - receive and send windows of [`DIRECTORY_STREAM_RECEIVE_WINDOW`],
+///   [`DIRECTORY_CONNECTION_RECEIVE_WINDOW`] and [`DIRECTORY_SEND_WINDOW`] instead of
+///   8/16/16 MiB, bounding what one connection can make the node buffer;
+/// - [`DIRECTORY_MAX_CONCURRENT_BIDI_STREAMS`] bidirectional and no unidirectional
+///   streams (quinn allocates state for every stream the peer may open);
+/// - no MTU discovery: packets stay at quinn's 1,200-byte initial MTU, which every path
+///   carries; directory frames are small, and this saves the probes and keeps
+///   per-connection transmit buffers at one small packet's size;
+/// - no unreliable datagrams (the directory protocol does not use them).
+///
+/// Data connections between peers keep [`transport_config`].
+pub fn directory_transport_config() -> TransportConfig {
+    let mut t = transport_config();
+    t.stream_receive_window(VarInt::from_u32(DIRECTORY_STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(DIRECTORY_CONNECTION_RECEIVE_WINDOW))
+        .send_window(DIRECTORY_SEND_WINDOW)
+        .max_concurrent_bidi_streams(VarInt::from_u32(DIRECTORY_MAX_CONCURRENT_BIDI_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .mtu_discovery_config(None)
+        .datagram_receive_buffer_size(None);
+    t
+}
+
 /// The client configuration to dial `addr` with: [`loopback_transport_config`] for a
 /// loopback address, else [`transport_config`].
 pub fn client_config_for(
@@ -492,7 +536,18 @@ pub fn client_config(
 /// ([`server_config`]) and dials them ([`client_config`] as default), both with
 /// [`transport_config`]. Must be called inside a tokio runtime.
 pub fn endpoint(bind: SocketAddr, creds: &Credentials) -> Result<quinn::Endpoint, TlsError> {
-    let transport = Arc::new(transport_config());
+    endpoint_with_transport(bind, creds, transport_config())
+}
+
+/// [`endpoint`] with other transport parameters for both accepted and dialed
+/// connections (e.g. [`directory_transport_config`] for a directory node). Must be
+/// called inside a tokio runtime.
+pub fn endpoint_with_transport(
+    bind: SocketAddr,
+    creds: &Credentials,
+    transport: TransportConfig,
+) -> Result<quinn::Endpoint, TlsError> {
+    let transport = Arc::new(transport);
     let server = server_config(creds, transport.clone())?;
     let client = client_config(creds, transport)?;
     let socket = bind_udp(bind)?;
@@ -540,7 +595,19 @@ pub fn endpoint_with_socket(
     creds: &Credentials,
     rng_seed: Option<u64>,
 ) -> Result<quinn::Endpoint, TlsError> {
-    let transport = Arc::new(transport_config());
+    endpoint_with_socket_and_transport(socket, creds, rng_seed, transport_config())
+}
+
+/// [`endpoint_with_socket`] with other transport parameters for both accepted and
+/// dialed connections (e.g. [`directory_transport_config`]). Must be called inside a
+/// tokio runtime.
+pub fn endpoint_with_socket_and_transport(
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    creds: &Credentials,
+    rng_seed: Option<u64>,
+    transport: TransportConfig,
+) -> Result<quinn::Endpoint, TlsError> {
+    let transport = Arc::new(transport);
     let server = server_config(creds, transport.clone())?;
     let client = client_config(creds, transport)?;
     let mut config = endpoint_config();

@@ -11,6 +11,8 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Payloads from this size on are sent as their own chunks (shared, not copied into the
 /// write buffer); smaller ones are cheaper to copy than to track.
 const ZERO_COPY_MIN: usize = 8 * 1024;
+/// Spare write buffer a [`FrameWriter::compact`] keeps after a flush.
+pub const COMPACT_KEEP: usize = 16 * 1024;
 
 /// Reads frames from a QUIC receive stream.
 #[derive(Debug)]
@@ -70,6 +72,8 @@ impl FrameReader {
 pub struct FrameWriter {
     send: quinn::SendStream,
     buf: BytesMut,
+    /// Compact writers keep no more than this much spare buffer after a flush.
+    keep: Option<usize>,
     /// Queued bytes ahead of `buf`, when a large payload was queued without a copy.
     chunks: Vec<Bytes>,
     max_frame: usize,
@@ -81,6 +85,21 @@ impl FrameWriter {
         Self {
             send,
             buf: BytesMut::with_capacity(64 * 1024),
+            keep: None,
+            chunks: Vec::new(),
+            max_frame,
+        }
+    }
+
+    /// Like [`new`](Self::new), for a long-lived stream of small control frames (a
+    /// directory node holds one per connected peer, thousands of them): the buffer
+    /// grows to what is queued and a spare buffer above [`COMPACT_KEEP`] bytes is
+    /// released after each flush, instead of 64 KiB staying resident per stream.
+    pub fn compact(send: quinn::SendStream, max_frame: usize) -> Self {
+        Self {
+            send,
+            buf: BytesMut::new(),
+            keep: Some(COMPACT_KEEP),
             chunks: Vec::new(),
             max_frame,
         }
@@ -137,6 +156,9 @@ impl FrameWriter {
     pub async fn flush(&mut self) -> Result<(), WireError> {
         if !self.buf.is_empty() {
             self.chunks.push(self.buf.split().freeze());
+        }
+        if self.keep.is_some_and(|keep| self.buf.capacity() > keep) {
+            self.buf = BytesMut::new();
         }
         match self.chunks.len() {
             0 => {}
