@@ -14,7 +14,6 @@
 
 use futures::StreamExt;
 use std::collections::{BTreeSet, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +22,7 @@ use std::time::{Duration, Instant};
 use weft_peer::{Message, Peer};
 use weft_proto::tls::MAX_IDLE_TIMEOUT;
 use weft_proto::wire::{Member, Route};
-use weft_tests::{binary, eventually, init_logs};
+use weft_tests::{binary, eventually, init_logs, ChildProcess};
 
 fn free_port() -> u16 {
     // Bound and released: another process could take it in between, which only makes
@@ -586,51 +585,9 @@ async fn directory_nodes_die_and_delivery_goes_on() {
     assert!(sender.drain(Duration::from_secs(30)).await);
 }
 
-/// A child process killed when dropped, whose stdout lines are collected.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                sink.lock().expect("lock").push(line);
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// The numbers printed so far (`weft sub --raw` prints one payload per line).
-    fn numbers(&self) -> HashSet<u64> {
-        self.lines
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter_map(|l| l.parse().ok())
-            .collect()
-    }
-
-    fn count(&self) -> usize {
-        self.lines.lock().expect("lock").len()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The numbers a `weft sub --raw` process printed so far (one payload per line).
+fn numbers(p: &ChildProcess) -> HashSet<u64> {
+    p.lines().iter().filter_map(|l| l.parse().ok()).collect()
 }
 
 /// `weft sub TOPIC --group GROUP --raw` as a process named `name`.
@@ -640,15 +597,16 @@ fn weft_sub(
     name: &str,
     topic: &str,
     group: &str,
-) -> Proc {
+) -> ChildProcess {
     let directories: Vec<String> = directories.iter().map(|a| a.to_string()).collect();
-    Proc::spawn(
+    ChildProcess::spawn(
         Command::new(binary("weft"))
             .args(["sub", topic, "--group", group, "--raw", "--dev", "--dev-ca"])
             .arg(root.join("dev-ca"))
             .args(["--directory", &directories.join(","), "--name", name])
             .arg("--data-dir")
             .arg(root.join(name)),
+        Stdio::null(),
     )
 }
 
@@ -691,33 +649,33 @@ async fn with_no_directory_a_dead_member_s_messages_go_to_the_other_one() {
     );
     let flow = Flow::start(&sender, "work", 0, true);
     assert!(
-        eventually(Duration::from_secs(20), || survivor.count() > 0
-            && doomed.count() > 0)
+        eventually(Duration::from_secs(20), || survivor.line_count() > 0
+            && doomed.line_count() > 0)
         .await,
         "the group shares the flow: survivor {}, doomed {}",
-        survivor.count(),
-        doomed.count()
+        survivor.line_count(),
+        doomed.line_count()
     );
     for n in nodes.iter_mut() {
         n.kill();
     }
     // Both members keep receiving on the cached route with the directory gone.
-    let (s, d) = (survivor.count(), doomed.count());
+    let (s, d) = (survivor.line_count(), doomed.line_count());
     assert!(
-        eventually(Duration::from_secs(20), || survivor.count() >= s + 20
-            && doomed.count() >= d + 20)
+        eventually(Duration::from_secs(20), || survivor.line_count() >= s + 20
+            && doomed.line_count() >= d + 20)
         .await,
         "both members keep receiving with no directory: survivor {} then {}, doomed {} then {}",
         s,
-        survivor.count(),
+        survivor.line_count(),
         d,
-        doomed.count()
+        doomed.line_count()
     );
     doomed.child.kill().expect("SIGKILL");
     doomed.child.wait().expect("reap");
     let killed = Instant::now();
     let cut = flow.next();
-    let doomed_got = doomed.numbers();
+    let doomed_got = numbers(&doomed);
     // The keys the dead member served last: it printed a later message of them than the
     // survivor (a key may have moved once, when the second member's link came up).
     let key = |n: u64| n.is_multiple_of(2).then_some(n % 16);
@@ -728,7 +686,7 @@ async fn with_no_directory_a_dead_member_s_messages_go_to_the_other_one() {
             .max()
             .copied()
     };
-    let survivor_got = survivor.numbers();
+    let survivor_got = numbers(&survivor);
     let doomed_keys: BTreeSet<u64> = doomed_got
         .iter()
         .filter_map(|n| key(*n))
@@ -737,8 +695,7 @@ async fn with_no_directory_a_dead_member_s_messages_go_to_the_other_one() {
     // Keep publishing until the sender has moved the dead member's keys to the survivor
     // (it notices the dead connection after its idle timeout), and a while after that.
     let rerouted = || {
-        survivor
-            .numbers()
+        numbers(&survivor)
             .iter()
             .any(|n| *n >= cut && key(*n).is_some_and(|k| doomed_keys.contains(&k)))
     };
@@ -764,22 +721,22 @@ async fn with_no_directory_a_dead_member_s_messages_go_to_the_other_one() {
     };
     assert!(
         eventually(Duration::from_secs(30), || lacking(
-            &survivor.numbers(),
+            &numbers(&survivor),
             &after
         )
         .is_empty())
         .await,
         "{} of the {} messages published after the member died never reached the survivor, \
          e.g. {:?}",
-        lacking(&survivor.numbers(), &after).len(),
+        lacking(&numbers(&survivor), &after).len(),
         after.len(),
-        lacking(&survivor.numbers(), &after)
+        lacking(&numbers(&survivor), &after)
             .iter()
             .take(10)
             .collect::<Vec<_>>()
     );
     // Nothing at all was lost: what the dead member printed before dying, or the survivor.
-    let union: HashSet<u64> = survivor.numbers().union(&doomed_got).copied().collect();
+    let union: HashSet<u64> = numbers(&survivor).union(&doomed_got).copied().collect();
     assert!(
         lacking(&union, &published).is_empty(),
         "messages lost by the group: {:?}",
@@ -811,6 +768,6 @@ async fn with_no_directory_a_dead_member_s_messages_go_to_the_other_one() {
         published.len(),
         after.len(),
         doomed_got.len(),
-        survivor.count()
+        survivor.line_count()
     );
 }

@@ -3,48 +3,10 @@
 
 use futures::StreamExt;
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weft_tests::{binary, eventually, init_logs};
-
-/// A child process killed when dropped, whose stdout lines are collected.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                sink.lock().expect("lock").push(line);
-            }
-        });
-        Proc { child, lines }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use weft_tests::{binary, eventually, init_logs, ChildProcess};
 
 fn weft(root: &std::path::Path, directory: &str, name: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(binary("weft"));
@@ -63,24 +25,33 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
     let (_directory, addr) = spawn_directory(root.path(), "1000").await;
     const N: usize = 300;
     // Group g1: one member that never acks (and is killed), one that acks. Group g2: one.
-    let holder = Proc::spawn(&mut weft(
-        root.path(),
-        &addr,
-        "g1-holder",
-        &["sub", "orders", "--group", "g1", "--raw", "--no-ack"],
-    ));
-    let g1 = Proc::spawn(&mut weft(
-        root.path(),
-        &addr,
-        "g1-worker",
-        &["sub", "orders", "--group", "g1", "--raw"],
-    ));
-    let g2 = Proc::spawn(&mut weft(
-        root.path(),
-        &addr,
-        "g2-worker",
-        &["sub", "orders", "--group", "g2", "--raw"],
-    ));
+    let holder = ChildProcess::spawn(
+        &mut weft(
+            root.path(),
+            &addr,
+            "g1-holder",
+            &["sub", "orders", "--group", "g1", "--raw", "--no-ack"],
+        ),
+        Stdio::inherit(),
+    );
+    let g1 = ChildProcess::spawn(
+        &mut weft(
+            root.path(),
+            &addr,
+            "g1-worker",
+            &["sub", "orders", "--group", "g1", "--raw"],
+        ),
+        Stdio::inherit(),
+    );
+    let g2 = ChildProcess::spawn(
+        &mut weft(
+            root.path(),
+            &addr,
+            "g2-worker",
+            &["sub", "orders", "--group", "g2", "--raw"],
+        ),
+        Stdio::inherit(),
+    );
     // Observe registrations through the directory, as any peer would.
     let observer = weft_peer::Peer::builder("observer")
         .directory([addr.parse::<std::net::SocketAddr>().expect("addr")])
@@ -101,22 +72,25 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut publisher = Proc::spawn(&mut weft(
-        root.path(),
-        &addr,
-        "publisher",
-        &[
-            "pub",
-            "orders",
-            "order-{{n}}",
-            "--count",
-            &N.to_string(),
-            "--concurrency",
-            "32",
-            "--drain-timeout-s",
-            "90",
-        ],
-    ));
+    let mut publisher = ChildProcess::spawn(
+        &mut weft(
+            root.path(),
+            &addr,
+            "publisher",
+            &[
+                "pub",
+                "orders",
+                "order-{{n}}",
+                "--count",
+                &N.to_string(),
+                "--concurrency",
+                "32",
+                "--drain-timeout-s",
+                "90",
+            ],
+        ),
+        Stdio::inherit(),
+    );
     assert!(
         eventually(Duration::from_secs(30), || !holder.lines().is_empty()).await,
         "the holder receives some orders"
@@ -127,7 +101,7 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
     holder.child.wait().expect("reap");
     let held: HashSet<String> = holder.lines().into_iter().collect();
     let expected: HashSet<String> = (0..N).map(|n| format!("order-{n}")).collect();
-    let complete = |p: &Proc| {
+    let complete = |p: &ChildProcess| {
         p.lines()
             .into_iter()
             .collect::<HashSet<String>>()
@@ -161,8 +135,8 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
 }
 
 /// Starts `weft-directory` as a child process; returns it with its data address.
-async fn spawn_directory(root: &std::path::Path, grace_ms: &str) -> (Proc, String) {
-    let directory = Proc::spawn(
+async fn spawn_directory(root: &std::path::Path, grace_ms: &str) -> (ChildProcess, String) {
+    let directory = ChildProcess::spawn(
         Command::new(binary("weft-directory"))
             .args([
                 "--dev",
@@ -174,6 +148,7 @@ async fn spawn_directory(root: &std::path::Path, grace_ms: &str) -> (Proc, Strin
                 "--dev-ca",
             ])
             .arg(root.join("dev-ca")),
+        Stdio::inherit(),
     );
     assert!(
         eventually(Duration::from_secs(20), || !directory.lines().is_empty()).await,
@@ -198,12 +173,15 @@ async fn a_group_whose_only_member_restarts_misses_nothing() {
     let root = tempfile::tempdir().expect("tempdir");
     let (_directory, addr) = spawn_directory(root.path(), "5000").await;
     let directory: std::net::SocketAddr = addr.parse().expect("addr");
-    let mut first = Proc::spawn(&mut weft(
-        root.path(),
-        &addr,
-        "solo",
-        &["sub", "orders", "--group", "solo", "--raw"],
-    ));
+    let mut first = ChildProcess::spawn(
+        &mut weft(
+            root.path(),
+            &addr,
+            "solo",
+            &["sub", "orders", "--group", "solo", "--raw"],
+        ),
+        Stdio::inherit(),
+    );
     let publisher = weft_peer::Peer::builder("publisher")
         .directory([directory])
         .dev_ca(root.path().join("dev-ca"))

@@ -547,16 +547,7 @@ pub fn endpoint_with_transport(
     creds: &Credentials,
     transport: TransportConfig,
 ) -> Result<quinn::Endpoint, TlsError> {
-    let transport = Arc::new(transport);
-    let server = server_config(creds, transport.clone())?;
-    let client = client_config(creds, transport)?;
-    let socket = bind_udp(bind)?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| TlsError::Config("no async runtime found (call inside tokio)".into()))?;
-    let mut ep = quinn::Endpoint::new(endpoint_config(), Some(server), socket, runtime)
-        .map_err(|source| TlsError::Bind { addr: bind, source })?;
-    ep.set_default_client_config(client);
-    Ok(ep)
+    endpoint_with_socket_and_transport(udp_socket(bind)?, creds, None, transport)
 }
 
 /// A UDP socket bound to `bind` with [`SOCKET_BUFFER_BYTES`] kernel buffers (best

@@ -124,3 +124,49 @@ impl Drop for UdpProxy {
         self.task.abort();
     }
 }
+
+/// A child process, killed when dropped, whose stdout lines are collected as they come.
+pub struct ChildProcess {
+    /// The process (tests kill it with SIGKILL through it).
+    pub child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ChildProcess {
+    /// Spawns `cmd` with stdout piped into the collected lines and stderr sent to `stderr`.
+    pub fn spawn(cmd: &mut std::process::Command, stderr: std::process::Stdio) -> ChildProcess {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn child");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        ChildProcess { child, lines }
+    }
+
+    /// The lines printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lock").clone()
+    }
+
+    /// How many lines were printed so far.
+    pub fn line_count(&self) -> usize {
+        self.lines.lock().expect("lock").len()
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

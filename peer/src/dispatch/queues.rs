@@ -4,8 +4,8 @@
 //! at its end and leave it mostly from the front; a link numbers what it sends
 //! consecutively and acknowledgements are mostly cumulative. Ordered maps paid a tree
 //! walk and an allocation-prone node update per message on that path; these pay a ring
-//! buffer push or pop, and fall back to a linear merge only for requeues (a link went
-//! down or timed out), which are rare.
+//! buffer push or pop, and fall back to linear work only for requeues (a link went down
+//! or timed out) and out-of-order acks, which are rare.
 
 use super::{Entry, InFlight, Seq};
 use std::collections::VecDeque;
@@ -116,73 +116,53 @@ pub(super) enum Offer {
     Stop,
 }
 
-/// A link's unacknowledged messages by link sequence number (consecutive from `base`).
+/// A link's unacknowledged messages in link sequence order. Only unacknowledged ones are
+/// kept, so it never holds more than the link's credit window (an out-of-order ack is a
+/// removal from the middle, which is rare and costs at most a window's worth of moves).
 #[derive(Debug, Default)]
 pub(super) struct InFlightWindow {
-    /// Link sequence number of `slots[0]`.
-    base: u64,
-    /// `None`: acknowledged out of order, waiting for the front to catch up.
-    slots: VecDeque<Option<InFlight>>,
-    live: usize,
+    slots: VecDeque<(u64, InFlight)>,
 }
 
 impl InFlightWindow {
     pub(super) fn len(&self) -> usize {
-        self.live
+        self.slots.len()
     }
 
     /// Records a message sent as `link_seq`, which must follow the last one recorded.
     pub(super) fn push(&mut self, link_seq: u64, f: InFlight) {
-        if self.slots.is_empty() {
-            self.base = link_seq;
-        }
-        debug_assert_eq!(link_seq, self.base + self.slots.len() as u64);
-        self.slots.push_back(Some(f));
-        self.live += 1;
+        debug_assert!(self.slots.back().is_none_or(|(last, _)| *last < link_seq));
+        self.slots.push_back((link_seq, f));
     }
 
     /// Removes and returns the messages acknowledged by `upto` (cumulative) and `extra`.
     pub(super) fn ack(&mut self, upto: u64, extra: &[u64]) -> Vec<InFlight> {
         let mut acked = Vec::new();
-        while self.base <= upto {
-            let Some(slot) = self.slots.pop_front() else {
-                break;
-            };
-            self.base += 1;
-            if let Some(f) = slot {
+        while self.slots.front().is_some_and(|(s, _)| *s <= upto) {
+            if let Some((_, f)) = self.slots.pop_front() {
                 acked.push(f);
             }
         }
-        for &link_seq in extra {
-            let Some(index) = link_seq.checked_sub(self.base) else {
-                continue;
-            };
-            let slot = usize::try_from(index)
-                .ok()
-                .and_then(|i| self.slots.get_mut(i));
-            if let Some(f) = slot.and_then(Option::take) {
-                acked.push(f);
+        for link_seq in extra {
+            if let Ok(i) = self.slots.binary_search_by_key(link_seq, |(s, _)| *s) {
+                if let Some((_, f)) = self.slots.remove(i) {
+                    acked.push(f);
+                }
             }
         }
-        while let Some(None) = self.slots.front() {
-            self.slots.pop_front();
-            self.base += 1;
-        }
-        self.live -= acked.len();
         acked
     }
 
-    /// When the oldest unacknowledged message was sent.
+    /// The oldest unacknowledged message.
     pub(super) fn oldest(&self) -> Option<&InFlight> {
-        self.slots.iter().flatten().next()
+        self.slots.front().map(|(_, f)| f)
     }
 
     /// Removes and returns every unacknowledged message.
     pub(super) fn take_all(&mut self) -> Vec<InFlight> {
-        self.live = 0;
         std::mem::take(&mut self.slots)
             .into_iter()
-            .flatten()
+            .map(|(_, f)| f)
             .collect()
     }
 }

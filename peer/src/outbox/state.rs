@@ -211,7 +211,29 @@ impl OutboxState {
         unix_ms: u64,
         reserved: bool,
     ) {
-        self.add(seq, targets, loc, bytes, unix_ms, reserved, None);
+        if !reserved {
+            self.used_bytes += bytes;
+            self.used_messages += 1;
+        }
+        if let Some(old) = self.entries.remove(&seq) {
+            // A duplicate record of the same seq (not produced by this writer): the
+            // later one replaces the earlier one.
+            self.drop_entry(seq, old);
+        }
+        let groups = self.group_set(targets);
+        if let Some(l) = loc {
+            self.segments.entry(l.segment).or_default().live += 1;
+        }
+        self.insert(
+            seq,
+            Entry {
+                groups,
+                loc,
+                bytes,
+                unix_ms,
+                body: None,
+            },
+        );
     }
 
     /// A `Memory` message (reserved quota) was added; the state keeps its body.
@@ -237,24 +259,28 @@ impl OutboxState {
         let groups = self.group_set(targets);
         self.entries.reserve(bodies.len());
         for (seq, body) in (first..).zip(bodies) {
-            let bytes = body.len() as u64;
-            for &id in &groups {
-                let g = &mut self.groups[id as usize];
-                g.pending += 1;
-                g.order.push_back(seq);
-            }
-            self.pending_bytes += bytes;
-            self.entries.insert(
+            self.insert(
                 seq,
                 Entry {
                     groups: groups.clone(),
                     loc: None,
-                    bytes,
+                    bytes: body.len() as u64,
                     unix_ms,
                     body: Some(body.clone()),
                 },
             );
         }
+    }
+
+    /// Makes `entry` pending for its groups (already interned) under `seq`.
+    fn insert(&mut self, seq: u64, entry: Entry) {
+        for &id in &entry.groups {
+            let g = &mut self.groups[id as usize];
+            g.pending += 1;
+            g.order.push_back(seq);
+        }
+        self.pending_bytes += entry.bytes;
+        self.entries.insert(seq, entry);
     }
 
     /// The interned ids of `targets`, without duplicates.
@@ -272,48 +298,6 @@ impl OutboxState {
     /// The body of a pending `Memory` message.
     pub fn memory_body(&self, seq: u64) -> Option<&Bytes> {
         self.entries.get(&seq)?.body.as_ref()
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn add(
-        &mut self,
-        seq: u64,
-        targets: &[String],
-        loc: Option<Location>,
-        bytes: u64,
-        unix_ms: u64,
-        reserved: bool,
-        body: Option<Bytes>,
-    ) {
-        if !reserved {
-            self.used_bytes += bytes;
-            self.used_messages += 1;
-        }
-        if let Some(old) = self.entries.remove(&seq) {
-            // A duplicate record of the same seq (not produced by this writer): the
-            // later one replaces the earlier one.
-            self.drop_entry(seq, old);
-        }
-        let groups = self.group_set(targets);
-        for &id in &groups {
-            let g = &mut self.groups[id as usize];
-            g.pending += 1;
-            g.order.push_back(seq);
-        }
-        if let Some(l) = loc {
-            self.segments.entry(l.segment).or_default().live += 1;
-        }
-        self.pending_bytes += bytes;
-        self.entries.insert(
-            seq,
-            Entry {
-                groups,
-                loc,
-                bytes,
-                unix_ms,
-                body,
-            },
-        );
     }
 
     fn drop_entry(&mut self, _seq: u64, e: Entry) {

@@ -1,6 +1,6 @@
 //! Reading and writing frames on QUIC streams, and the opening handshake.
 
-use super::codec::{encode, encode_deliver, encode_deliver_head, FrameDecoder, PreEncoded};
+use super::codec::{encode, encode_deliver_head, FrameDecoder, PreEncoded};
 use super::error::WireError;
 use super::frames::*;
 use super::PROTOCOL_VERSION;
@@ -110,7 +110,7 @@ impl FrameWriter {
         encode(frame, &mut self.buf, self.max_frame)
     }
 
-    /// Encodes a `Deliver` frame of pre-encoded messages (see [`encode_deliver`]) into
+    /// Encodes a `Deliver` frame of pre-encoded messages (see [`super::encode_deliver`]) into
     /// the write buffer without sending it yet.
     pub fn queue_deliver(
         &mut self,
@@ -118,15 +118,6 @@ impl FrameWriter {
         first_link_seq: u64,
         messages: &[PreEncoded<'_>],
     ) -> Result<(), WireError> {
-        if messages.iter().all(|m| m.payload.len() < ZERO_COPY_MIN) {
-            return encode_deliver(
-                group,
-                first_link_seq,
-                messages,
-                &mut self.buf,
-                self.max_frame,
-            );
-        }
         encode_deliver_head(
             group,
             first_link_seq,
