@@ -206,7 +206,7 @@ impl Cluster {
 /// the number of peers).
 #[derive(Default)]
 struct Outbox {
-    pending: Mutex<HashMap<String, Option<PeerRecord>>>,
+    pending: Mutex<HashMap<String, Option<Arc<PeerRecord>>>>,
     wake: Notify,
 }
 
@@ -223,7 +223,7 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    fn take(&self) -> HashMap<String, Option<PeerRecord>> {
+    fn take(&self) -> HashMap<String, Option<Arc<PeerRecord>>> {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
@@ -467,7 +467,7 @@ async fn publish_loop(
             () = outbox.wake.notified() => {}
             () = sleep_until(published.next_due()) => {}
         }
-        let pending: Vec<(String, Option<PeerRecord>)> = outbox.take().into_iter().collect();
+        let pending: Vec<(String, Option<Arc<PeerRecord>>)> = outbox.take().into_iter().collect();
         for chunk in pending.chunks(SIGN_BATCH) {
             // (key, signed value, is a removal)
             let mut writes: Vec<(String, String, bool)> = Vec::with_capacity(chunk.len());
@@ -477,7 +477,7 @@ async fn publish_loop(
                     // Nothing published for it (or already removed): nothing to remove.
                     None if !published.is_live(&key) => continue,
                     None => REMOVED_BODY.to_vec(),
-                    Some(r) => match rmp_serde::to_vec(r) {
+                    Some(r) => match rmp_serde::to_vec(&**r) {
                         Ok(b) => b,
                         Err(e) => {
                             warn!(peer = %identity, error = %e, "cannot encode a peer record for gossip");
@@ -534,8 +534,8 @@ struct Remote {
     proven_id: Option<String>,
     /// Chitchat version of each `p:` key last processed.
     seen: HashMap<String, Version>,
-    /// Verified records, by identity.
-    accepted: HashMap<String, PeerRecord>,
+    /// Verified records, by identity (shared with the route table).
+    accepted: HashMap<String, Arc<PeerRecord>>,
     counters: Counters,
 }
 
@@ -636,6 +636,7 @@ impl Remote {
             match opened {
                 Ok(PeerValue::Record(record)) => {
                     stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    let record = Arc::new(record);
                     self.accepted.insert(identity.to_string(), record.clone());
                     delta.upserts.push(record);
                 }
@@ -689,7 +690,7 @@ struct NodeWork {
 /// What processing one node's changes did to its accepted records.
 #[derive(Default)]
 struct Delta {
-    upserts: Vec<PeerRecord>,
+    upserts: Vec<Arc<PeerRecord>>,
     removes: Vec<String>,
 }
 
@@ -724,7 +725,7 @@ impl RejectLog {
 /// source per remote node name.
 trait RouteSources: Send + Sync {
     /// Upserts and removes records of `source`.
-    fn apply_remote(&self, source: &str, upserts: Vec<PeerRecord>, removes: Vec<String>);
+    fn apply_remote(&self, source: &str, upserts: Vec<Arc<PeerRecord>>, removes: Vec<String>);
     /// Forgets every record of `source`.
     fn drop_source(&self, source: &str);
     /// How many peers `source` holds records of.
@@ -732,7 +733,7 @@ trait RouteSources: Send + Sync {
 }
 
 impl RouteSources for Shared {
-    fn apply_remote(&self, source: &str, upserts: Vec<PeerRecord>, removes: Vec<String>) {
+    fn apply_remote(&self, source: &str, upserts: Vec<Arc<PeerRecord>>, removes: Vec<String>) {
         Shared::apply_remote(self, source, upserts, removes);
     }
 
@@ -1005,7 +1006,7 @@ impl Watcher {
                         self.sources.drop_source(&name);
                     }
                     if let Some(n) = now {
-                        let records: Vec<PeerRecord> = self
+                        let records: Vec<Arc<PeerRecord>> = self
                             .remotes
                             .get(n)
                             .or_else(|| self.departed.get(n).map(|d| &d.remote))
@@ -1161,7 +1162,7 @@ mod tests {
         let rec = Fixture::record("svc-a", "t");
         let v = f.signed_record(&rec);
         let d = f.feed("svc-a", Some(v));
-        assert_eq!(d.upserts, vec![rec]);
+        assert_eq!(plain(&d.upserts), vec![rec]);
         assert!(f.remote.trusted());
         assert!(f.remote.accepted.contains_key("svc-a"));
 
@@ -1186,7 +1187,7 @@ mod tests {
         // A tombstone (forged, or anyone's): ignored, counted.
         let d = f.feed("svc-a", None);
         assert!(d.upserts.is_empty() && d.removes.is_empty());
-        assert_eq!(f.remote.accepted.get("svc-a"), Some(&rec));
+        assert_eq!(f.remote.accepted.get("svc-a").map(|r| &**r), Some(&rec));
         assert_eq!(f.rejected(), 1);
         // The key vanishing altogether (a chitchat reset): same.
         let work = NodeWork {
@@ -1231,20 +1232,23 @@ mod tests {
         let second = Fixture::record("svc-a", "t2");
         let v = f.signed_record(&second);
         let d = f.feed("svc-a", Some(v));
-        assert_eq!(d.upserts, vec![second.clone()]);
-        assert_eq!(f.remote.accepted.get("svc-a"), Some(&second));
+        assert_eq!(plain(&d.upserts), vec![second.clone()]);
+        assert_eq!(f.remote.accepted.get("svc-a").map(|r| &**r), Some(&second));
         assert_eq!(f.rejected(), 0);
         // Replays of the old record or of the old removal change nothing.
         assert!(f.feed("svc-a", Some(old)).upserts.is_empty());
         assert!(f.feed("svc-a", Some(removal)).removes.is_empty());
-        assert_eq!(f.remote.accepted.get("svc-a"), Some(&second));
+        assert_eq!(f.remote.accepted.get("svc-a").map(|r| &**r), Some(&second));
         assert_eq!(f.rejected(), 2);
         // Removed and re-registered without garbage collection in between: also fine.
         let removal = f.signed_removal("svc-a");
         assert_eq!(f.feed("svc-a", Some(removal)).removes.len(), 1);
         let v = f.signed_record(&first);
-        assert_eq!(f.feed("svc-a", Some(v)).upserts, vec![first.clone()]);
-        assert_eq!(f.remote.accepted.get("svc-a"), Some(&first));
+        assert_eq!(
+            plain(&f.feed("svc-a", Some(v)).upserts),
+            vec![first.clone()]
+        );
+        assert_eq!(f.remote.accepted.get("svc-a").map(|r| &**r), Some(&first));
     }
 
     #[test]
@@ -1302,12 +1306,16 @@ mod tests {
         assert_eq!(removal_gc_delay(&slow), Duration::from_secs(200));
     }
 
+    fn plain(records: &[Arc<PeerRecord>]) -> Vec<PeerRecord> {
+        records.iter().map(|r| (**r).clone()).collect()
+    }
+
     /// A route table standing in for the node's (what the watcher applies to).
     #[derive(Default)]
     struct Table(Mutex<crate::routes::RouteTable>);
 
     impl RouteSources for Table {
-        fn apply_remote(&self, source: &str, upserts: Vec<PeerRecord>, removes: Vec<String>) {
+        fn apply_remote(&self, source: &str, upserts: Vec<Arc<PeerRecord>>, removes: Vec<String>) {
             let mut t = self.0.lock().expect("table");
             for r in upserts {
                 t.upsert(source, r);
@@ -1465,7 +1473,7 @@ mod tests {
         w.update(Vec::new(), dead);
         let version = table.version();
         // The peer fails over to node dir-2 and registers again (same process).
-        table.apply_remote("dir-2", vec![rec], Vec::new());
+        table.apply_remote("dir-2", vec![Arc::new(rec)], Vec::new());
         assert_eq!(table.members(), vec![("svc-a".to_string(), 1)]);
         // The dead node's copy goes: senders see no change at all.
         w.update(Vec::new(), dead + ROUTE_GRACE);

@@ -97,7 +97,7 @@ impl Shared {
     pub(crate) fn apply_remote(
         &self,
         source: &str,
-        upserts: Vec<crate::routes::PeerRecord>,
+        upserts: Vec<Arc<crate::routes::PeerRecord>>,
         removes: Vec<String>,
     ) {
         let mut state = self.lock();
@@ -124,7 +124,7 @@ impl Shared {
     }
 
     /// This node's own records (for publishing into gossip).
-    pub(crate) fn local_records(&self) -> Vec<crate::routes::PeerRecord> {
+    pub(crate) fn local_records(&self) -> Vec<Arc<crate::routes::PeerRecord>> {
         self.lock().sessions.records().cloned().collect()
     }
 

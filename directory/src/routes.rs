@@ -7,6 +7,7 @@
 //! [`RouteChange`] for each watcher of the topic.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use weft_proto::wire::{GroupRoute, Member, Route, Subscription};
 
 /// Where a registration came from: this node (`local`) or another directory node.
@@ -55,13 +56,17 @@ pub struct RouteChange {
 }
 
 /// Union of registrations from all sources, with per-topic versions and watchers.
+///
+/// Records are shared (`Arc`) with whoever produced them (the session table, the gossip
+/// watcher), so a directory node holds one copy of each peer's registrations: at
+/// 10,000 peers × 10 subscriptions the copies were most of a node's route memory.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    records: HashMap<(SourceId, String), PeerRecord>,
-    /// Topic → identities with a subscription to it (in any source).
-    by_topic: HashMap<String, BTreeSet<String>>,
-    /// Identity → sources holding a record of it.
-    sources_of: HashMap<String, BTreeSet<SourceId>>,
+    /// Identity → what each source says about it: one source, or two while the peer
+    /// moves between directory nodes.
+    peers: HashMap<Arc<str>, Vec<(SourceId, Arc<PeerRecord>)>>,
+    /// Topic → identities with a subscription to it (in any source's record).
+    by_topic: HashMap<String, BTreeSet<Arc<str>>>,
     versions: HashMap<String, u64>,
     watchers: HashMap<String, BTreeSet<WatcherId>>,
     watched: HashMap<WatcherId, BTreeSet<String>>,
@@ -75,48 +80,50 @@ impl RouteTable {
 
     /// Number of distinct peers known.
     pub fn peer_count(&self) -> usize {
-        self.sources_of.len()
+        self.peers.len()
     }
 
     /// Sets (or replaces) what `source` says about `record.identity`.
-    pub fn upsert(&mut self, source: &str, record: PeerRecord) -> Vec<RouteChange> {
-        let key = (source.to_string(), record.identity.clone());
-        let mut touched: BTreeSet<String> = record.topics().map(str::to_string).collect();
-        if let Some(old) = self.records.get(&key) {
-            if *old == record {
-                return Vec::new();
-            }
-            touched.extend(old.topics().map(str::to_string));
+    pub fn upsert(&mut self, source: &str, record: impl Into<Arc<PeerRecord>>) -> Vec<RouteChange> {
+        let record = record.into();
+        let old = self.record(source, &record.identity);
+        if old.is_some_and(|old| Arc::ptr_eq(old, &record) || **old == *record) {
+            return Vec::new();
         }
+        let mut touched: BTreeSet<String> = record.topics().map(str::to_string).collect();
+        touched.extend(old.into_iter().flat_map(|o| o.topics().map(str::to_string)));
         let before = self.routes_of(&touched);
-        self.unindex(&key);
-        self.index(&key, &record);
-        self.records.insert(key, record);
+        let identity = self.interned(&record.identity);
+        let entries = self.peers.entry(identity.clone()).or_default();
+        match entries.iter_mut().find(|(s, _)| s == source) {
+            Some(entry) => entry.1 = record,
+            None => entries.push((source.to_string(), record)),
+        }
+        self.reindex(&identity, &touched);
         self.changes(before)
     }
 
     /// Forgets what `source` says about `identity`.
     pub fn remove(&mut self, source: &str, identity: &str) -> Vec<RouteChange> {
-        let key = (source.to_string(), identity.to_string());
-        let Some(old) = self.records.get(&key) else {
+        let Some(old) = self.record(source, identity) else {
             return Vec::new();
         };
         let touched: BTreeSet<String> = old.topics().map(str::to_string).collect();
         let before = self.routes_of(&touched);
-        self.unindex(&key);
-        self.records.remove(&key);
+        let identity = self.interned(identity);
+        if let Some(entries) = self.peers.get_mut(&identity) {
+            entries.retain(|(s, _)| s != source);
+            if entries.is_empty() {
+                self.peers.remove(&identity);
+            }
+        }
+        self.reindex(&identity, &touched);
         self.changes(before)
     }
 
     /// Forgets everything `source` said (e.g. a directory node died).
     pub fn remove_source(&mut self, source: &str) -> Vec<RouteChange> {
-        let identities: Vec<String> = self
-            .records
-            .keys()
-            .filter(|(s, _)| s == source)
-            .map(|(_, id)| id.clone())
-            .collect();
-        identities
+        self.identities_of(source)
             .iter()
             .flat_map(|id| self.remove(source, id))
             .collect::<Vec<_>>()
@@ -126,10 +133,10 @@ impl RouteTable {
 
     /// Identities `source` currently holds records for.
     pub fn identities_of(&self, source: &str) -> Vec<String> {
-        self.records
-            .keys()
-            .filter(|(s, _)| s == source)
-            .map(|(_, id)| id.clone())
+        self.peers
+            .iter()
+            .filter(|(_, entries)| entries.iter().any(|(s, _)| s == source))
+            .map(|(id, _)| id.to_string())
             .collect()
     }
 
@@ -202,65 +209,58 @@ impl RouteTable {
         }
     }
 
+    /// What `source` says about `identity`.
+    fn record(&self, source: &str, identity: &str) -> Option<&Arc<PeerRecord>> {
+        self.peers
+            .get(identity)?
+            .iter()
+            .find(|(s, _)| s == source)
+            .map(|(_, r)| r)
+    }
+
+    /// The table's shared copy of `identity` (a new one if it has none).
+    fn interned(&self, identity: &str) -> Arc<str> {
+        match self.peers.get_key_value(identity) {
+            Some((id, _)) => id.clone(),
+            None => Arc::from(identity),
+        }
+    }
+
     /// The record that represents `identity` in routes: highest incarnation wins; ties
     /// go to the smallest source id so that every node picks the same one.
-    fn winning_record<'a>(&'a self, identity: &'a str) -> Option<&'a PeerRecord> {
-        self.records_of(identity)
-            .fold(None, |best: Option<&PeerRecord>, r| match best {
-                Some(b) if b.incarnation >= r.incarnation => Some(b),
-                _ => Some(r),
-            })
+    fn winning_record(&self, identity: &str) -> Option<&PeerRecord> {
+        self.peers
+            .get(identity)?
+            .iter()
+            .max_by(|(sa, a), (sb, b)| a.incarnation.cmp(&b.incarnation).then(sb.cmp(sa)))
+            .map(|(_, r)| &**r)
     }
 
     /// Every source's record of `identity`.
-    fn records_of<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a PeerRecord> {
-        self.sources_of
+    fn records_of<'a>(&'a self, identity: &str) -> impl Iterator<Item = &'a PeerRecord> {
+        self.peers
             .get(identity)
             .into_iter()
             .flatten()
-            .filter_map(move |s| self.records.get(&(s.clone(), identity.to_string())))
+            .map(|(_, r)| &**r)
     }
 
-    fn index(&mut self, key: &(SourceId, String), record: &PeerRecord) {
-        for topic in record.topics() {
-            self.by_topic
-                .entry(topic.to_string())
-                .or_default()
-                .insert(key.1.clone());
-        }
-        self.sources_of
-            .entry(key.1.clone())
-            .or_default()
-            .insert(key.0.clone());
-    }
-
-    fn unindex(&mut self, key: &(SourceId, String)) {
-        let Some(old) = self.records.get(key) else {
-            return;
-        };
-        let topics: Vec<String> = old.topics().map(str::to_string).collect();
-        if let Some(sources) = self.sources_of.get_mut(&key.1) {
-            sources.remove(&key.0);
-            if sources.is_empty() {
-                self.sources_of.remove(&key.1);
-            }
-        }
+    /// Brings `by_topic` up to date for `identity` on `topics` (those its records
+    /// changed on).
+    fn reindex(&mut self, identity: &Arc<str>, topics: &BTreeSet<String>) {
         for topic in topics {
-            let still = self.sources_of.get(&key.1).is_some_and(|sources| {
-                sources.iter().any(|s| {
-                    s != &key.0
-                        && self
-                            .records
-                            .get(&(s.clone(), key.1.clone()))
-                            .is_some_and(|r| r.topics().any(|t| t == topic))
-                })
-            });
-            if !still {
-                if let Some(ids) = self.by_topic.get_mut(&topic) {
-                    ids.remove(&key.1);
-                    if ids.is_empty() {
-                        self.by_topic.remove(&topic);
-                    }
+            let subscribed = self
+                .records_of(identity)
+                .any(|r| r.topics().any(|t| t == topic));
+            if subscribed {
+                self.by_topic
+                    .entry(topic.clone())
+                    .or_default()
+                    .insert(identity.clone());
+            } else if let Some(ids) = self.by_topic.get_mut(topic.as_str()) {
+                ids.remove(identity);
+                if ids.is_empty() {
+                    self.by_topic.remove(topic.as_str());
                 }
             }
         }
@@ -424,5 +424,34 @@ mod tests {
         assert!(t
             .upsert("n1", record("a", 1, &[("invoices", "g")]))
             .is_empty());
+    }
+
+    #[test]
+    fn ties_go_to_the_smallest_source_whatever_the_arrival_order() {
+        let mut t = RouteTable::new();
+        let mut from_n2 = record("a", 1, &[("orders", "g")]);
+        from_n2.addrs = vec!["127.0.0.1:2".parse().expect("addr")];
+        t.upsert("n2", from_n2);
+        t.upsert("n1", record("a", 1, &[("orders", "g")]));
+        let r = t.route("orders");
+        assert_eq!(r.groups[0].members[0].addrs, record("a", 1, &[]).addrs);
+        t.remove("n1", "a");
+        let r = t.route("orders");
+        assert_eq!(
+            r.groups[0].members[0].addrs,
+            vec!["127.0.0.1:2".parse().expect("addr")]
+        );
+    }
+
+    #[test]
+    fn the_table_shares_records_instead_of_copying_them() {
+        let mut t = RouteTable::new();
+        let shared = Arc::new(record("a", 1, &[("orders", "g")]));
+        t.upsert("n1", shared.clone());
+        assert_eq!(Arc::strong_count(&shared), 2);
+        t.remove("n1", "a");
+        assert_eq!(Arc::strong_count(&shared), 1);
+        assert_eq!(t.peer_count(), 0);
+        assert!(t.route("orders").groups.is_empty());
     }
 }

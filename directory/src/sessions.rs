@@ -4,6 +4,7 @@
 use crate::routes::PeerRecord;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_proto::wire::Subscription;
 
@@ -13,22 +14,22 @@ pub type ConnId = u64;
 /// What changed in this node's own registrations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionUpdate {
-    /// The peer's record is now this.
-    Upsert(PeerRecord),
+    /// The peer's record is now this (shared with the route table and gossip).
+    Upsert(Arc<PeerRecord>),
     /// The peer is gone (grace period over, or replaced).
     Remove(String),
 }
 
 #[derive(Debug)]
 struct Session {
-    /// What routes see: `owned ∪ inherited`.
-    record: PeerRecord,
-    /// Registered by the current incarnation.
-    owned: BTreeSet<Subscription>,
-    /// Registered by the previous incarnation and not (yet) again by this one. Kept
-    /// until `inherited_until` so that a group whose only member restarts stays in
-    /// routes while the new process subscribes again: senders keep targeting the group
-    /// and its messages wait in their outboxes instead of never being addressed to it.
+    /// What routes see: the subscriptions registered by the current incarnation plus
+    /// `inherited`. Copied on write: the route table shares it.
+    record: Arc<PeerRecord>,
+    /// Registered by the previous incarnation and not (yet) again by this one (a subset
+    /// of `record.subscriptions`). Kept until `inherited_until` so that a group whose
+    /// only member restarts stays in routes while the new process subscribes again:
+    /// senders keep targeting the group and its messages wait in their outboxes instead
+    /// of never being addressed to it.
     inherited: BTreeSet<Subscription>,
     inherited_until: Option<Instant>,
     connections: BTreeSet<ConnId>,
@@ -36,12 +37,13 @@ struct Session {
 }
 
 impl Session {
-    /// Recomputes the routed subscriptions; true if they changed.
-    fn refresh(&mut self) -> bool {
-        let subs: BTreeSet<Subscription> = self.owned.union(&self.inherited).cloned().collect();
-        let changed = subs != self.record.subscriptions;
-        self.record.subscriptions = subs;
-        changed
+    /// Subscriptions the current incarnation registered.
+    fn owned(&self) -> usize {
+        self.record.subscriptions.len() - self.inherited.len()
+    }
+
+    fn owns(&self, sub: &Subscription) -> bool {
+        self.record.subscriptions.contains(sub) && !self.inherited.contains(sub)
     }
 }
 
@@ -111,28 +113,26 @@ impl Sessions {
             .peers
             .entry(identity.to_string())
             .or_insert_with(|| Session {
-                record: PeerRecord {
+                record: Arc::new(PeerRecord {
                     identity: identity.to_string(),
                     incarnation,
                     addrs: addrs.clone(),
                     zone: zone.clone(),
                     subscriptions: BTreeSet::new(),
-                },
-                owned: BTreeSet::new(),
+                }),
                 inherited: BTreeSet::new(),
                 inherited_until: None,
                 connections: BTreeSet::new(),
                 expires: None,
             });
         if session.record.incarnation != incarnation {
-            session.inherited = std::mem::take(&mut session.record.subscriptions);
-            session.owned.clear();
+            session.inherited = session.record.subscriptions.clone();
             session.inherited_until = Some(now + self.grace);
-            session.refresh();
         }
-        session.record.incarnation = incarnation;
-        session.record.addrs = addrs;
-        session.record.zone = zone;
+        let record = Arc::make_mut(&mut session.record);
+        record.incarnation = incarnation;
+        record.addrs = addrs;
+        record.zone = zone;
         session.connections.insert(conn);
         session.expires = None;
         vec![SessionUpdate::Upsert(session.record.clone())]
@@ -153,20 +153,25 @@ impl Sessions {
             .peers
             .get_mut(identity)
             .ok_or(SessionError::UnknownConnection)?;
-        if add {
-            if !session.owned.contains(&sub) && session.owned.len() >= self.max_subscriptions {
+        let changed = if add {
+            if !session.owns(&sub) && session.owned() >= self.max_subscriptions {
                 return Err(SessionError::TooManySubscriptions {
                     identity: identity.clone(),
                     limit: self.max_subscriptions,
                 });
             }
+            // An inherited one registered again is owned now, and already routed.
             session.inherited.remove(&sub);
-            session.owned.insert(sub);
+            !session.record.subscriptions.contains(&sub)
+                && Arc::make_mut(&mut session.record).subscriptions.insert(sub)
         } else {
             session.inherited.remove(&sub);
-            session.owned.remove(&sub);
-        }
-        Ok(if session.refresh() {
+            session.record.subscriptions.contains(&sub)
+                && Arc::make_mut(&mut session.record)
+                    .subscriptions
+                    .remove(&sub)
+        };
+        Ok(if changed {
             vec![SessionUpdate::Upsert(session.record.clone())]
         } else {
             Vec::new()
@@ -204,8 +209,11 @@ impl Sessions {
         for session in self.peers.values_mut() {
             if session.inherited_until.is_some_and(|t| t <= now) {
                 session.inherited_until = None;
-                session.inherited.clear();
-                if session.refresh() {
+                let inherited = std::mem::take(&mut session.inherited);
+                if !inherited.is_empty() {
+                    Arc::make_mut(&mut session.record)
+                        .subscriptions
+                        .retain(|s| !inherited.contains(s));
                     updates.push(SessionUpdate::Upsert(session.record.clone()));
                 }
             }
@@ -214,7 +222,7 @@ impl Sessions {
     }
 
     /// Current records of every peer with a session.
-    pub fn records(&self) -> impl Iterator<Item = &PeerRecord> {
+    pub fn records(&self) -> impl Iterator<Item = &Arc<PeerRecord>> {
         self.peers.values().map(|s| &s.record)
     }
 }
