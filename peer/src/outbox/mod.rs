@@ -777,43 +777,31 @@ impl Outbox {
             return Ok(out);
         }
         let dir = shared.cfg.dir.clone();
-        let reads = tokio::task::spawn_blocking(move || {
-            let mut files: HashMap<u64, Option<File>> = HashMap::new();
-            on_disk
-                .into_iter()
-                .map(|(i, seq, loc)| {
-                    let file = files
-                        .entry(loc.segment)
-                        .or_insert_with(|| File::open(segment::path(&dir, loc.segment)).ok());
-                    let read = match file {
-                        Some(f) => segment::read_message_at(f, loc.offset, loc.len),
-                        // Deleted meanwhile: settled everywhere.
-                        None => Ok(None),
-                    };
-                    (i, seq, loc, read)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| {
-            OutboxError::io(shared.cfg.dir.clone(), std::io::Error::other(e.to_string()))
-        })?;
+        let reads = tokio::task::spawn_blocking(move || read_segments(&dir, on_disk))
+            .await
+            .map_err(|e| {
+                OutboxError::io(shared.cfg.dir.clone(), std::io::Error::other(e.to_string()))
+            })?;
         for (i, seq, loc, read) in reads {
-            let path = segment::path(&shared.cfg.dir, loc.segment);
             out[i] = match read {
-                Ok(Some(m)) if m.seq == seq => Some(m.body),
-                Ok(Some(m)) => {
+                Ok(Some((read_seq, body))) if read_seq == seq => Some(body),
+                Ok(Some((read_seq, _))) => {
                     return Err(OutboxError::Corrupt {
-                        path,
+                        path: segment::path(&shared.cfg.dir, loc.segment),
                         reason: format!(
-                            "offset {} holds seq {}, expected {seq}",
-                            loc.offset, m.seq
+                            "offset {} holds seq {read_seq}, expected {seq}",
+                            loc.offset
                         ),
                     })
                 }
                 Ok(None) => None,
                 Err(_) if !shared.core().state.is_pending(seq) => None,
-                Err(e) => return Err(OutboxError::io(path, e)),
+                Err(e) => {
+                    return Err(OutboxError::io(
+                        segment::path(&shared.cfg.dir, loc.segment),
+                        e,
+                    ))
+                }
             };
         }
         Ok(out)
@@ -905,6 +893,43 @@ impl Outbox {
         shared.space.notify_waiters();
         res
     }
+}
+
+/// A body read back from a segment: `(seq, body)`, `None` if the segment is gone
+/// (settled everywhere meanwhile).
+type BodyRead = std::io::Result<Option<(u64, Bytes)>>;
+
+/// Reads the bodies at `on_disk` (`(index, seq, location)`, in send order): each segment
+/// is opened once, and runs of one segment are read in large sequential reads
+/// ([`segment::read_bodies_at`]).
+fn read_segments(
+    dir: &std::path::Path,
+    on_disk: Vec<(usize, u64, state::Location)>,
+) -> Vec<(usize, u64, state::Location, BodyRead)> {
+    let mut files: HashMap<u64, Option<File>> = HashMap::new();
+    let mut out = Vec::with_capacity(on_disk.len());
+    for run in on_disk.chunk_by(|a, b| a.2.segment == b.2.segment) {
+        let segment = run[0].2.segment;
+        let file = files
+            .entry(segment)
+            .or_insert_with(|| File::open(segment::path(dir, segment)).ok());
+        let reads: Vec<BodyRead> = match file {
+            Some(f) => {
+                let locs: Vec<(u64, u32)> = run.iter().map(|(_, _, l)| (l.offset, l.len)).collect();
+                segment::read_bodies_at(f, &locs)
+                    .into_iter()
+                    .map(|r| r.map(Some))
+                    .collect()
+            }
+            None => run.iter().map(|_| Ok(None)).collect(),
+        };
+        out.extend(
+            run.iter()
+                .zip(reads)
+                .map(|(&(i, seq, loc), read)| (i, seq, loc, read)),
+        );
+    }
+    out
 }
 
 #[cfg(test)]

@@ -245,6 +245,29 @@ pub fn decode(payload: &Bytes) -> Result<Record, DecodeError> {
     }
 }
 
+/// `(seq, body)` of a Message record whose CRC has been checked, without decoding its
+/// targets (the send path needs only the body).
+pub fn decode_message(payload: &Bytes) -> Result<(u64, Bytes), DecodeError> {
+    let mut r = Reader {
+        buf: payload,
+        pos: 0,
+    };
+    if r.u8()? != KIND_MESSAGE {
+        return Err(DecodeError("not a message record"));
+    }
+    let seq = r.u64()?;
+    let _unix_ms = r.u64()?;
+    let n = r.u16()? as usize;
+    if n > MAX_TARGETS {
+        return Err(DecodeError("too many targets"));
+    }
+    for _ in 0..n {
+        let len = r.u16()? as usize;
+        r.take(len)?;
+    }
+    Ok((seq, payload.slice(r.pos..)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,6 +123,14 @@ async fn read_falls_back_to_disk() {
             Some(Bytes::from(vec![i as u8; 10]))
         );
     }
+    // All at once (as the link sends a backlog): read back together, settled ones
+    // missing.
+    o.settle_many(&[seqs[3], seqs[4]], "a");
+    let bodies = o.read_many(&seqs).await.unwrap();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let expected = (i != 3 && i != 4).then(|| Bytes::from(vec![i as u8; 10]));
+        assert_eq!(body, expected, "message {i}");
+    }
 }
 
 #[tokio::test]
