@@ -301,6 +301,10 @@ mod tests {
                 body: Bytes::from_static(b"hello body")
             })
         );
+        assert_eq!(
+            decode_message(&payload),
+            Ok((42, Bytes::from_static(b"hello body")))
+        );
     }
 
     #[test]
@@ -342,7 +346,16 @@ mod tests {
             b"\x03\x01",
         ] {
             assert!(decode(&Bytes::copy_from_slice(payload)).is_err());
+            assert!(decode_message(&Bytes::copy_from_slice(payload)).is_err());
         }
+        // A settle record is not a message; a message cut inside its targets fails.
+        let mut buf = Vec::new();
+        encode_settle(&mut buf, [(1u64, "a")]);
+        assert!(decode_message(&frame_payload(&buf).2).is_err());
+        let mut buf = Vec::new();
+        encode_message(&mut buf, 1, 0, &["group".into()], b"");
+        let payload = frame_payload(&buf).2;
+        assert!(decode_message(&payload.slice(..payload.len() - 2)).is_err());
         assert!(!plausible_len(0));
         assert!(!plausible_len(MAX_PAYLOAD + 1));
     }
