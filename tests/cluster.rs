@@ -5,6 +5,9 @@
 //!   subscriber is attached to dies; the subscriber moves to another node (proved by the
 //!   surviving nodes' routes) while the sender's cached route never loses it and nothing
 //!   is lost.
+//! - `a_directory_node_restarted_at_once_keeps_its_peers_in_routes`: the same, but the
+//!   node comes back at once as a new generation; its old generation's registrations
+//!   stay in the other nodes' routes until the subscriber has moved.
 //! - `directory_nodes_die_and_delivery_goes_on`: every node dies during a running flow,
 //!   which goes on on cached routes; then the directory comes back and a new subscriber
 //!   becomes visible.
@@ -47,6 +50,7 @@ impl Node {
         gossip: SocketAddr,
         seeds: &[SocketAddr],
         listen: SocketAddr,
+        extra: &[&str],
     ) -> Node {
         let mut args = vec![
             "--dev".to_string(),
@@ -65,6 +69,7 @@ impl Node {
             args.push("--seed".into());
             args.push(s.to_string());
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let log = ca.with_file_name(format!("{name}.log"));
         let child = Node::spawn(&args, &log);
         Node { child, args, log }
@@ -105,6 +110,15 @@ impl Node {
     fn restart(&mut self) {
         self.child = Node::spawn(&self.args, &self.log);
     }
+
+    /// Restarts the node (a new chitchat generation under the same name and gossip
+    /// address) listening for peers on `listen` instead.
+    fn restart_listening_on(&mut self, listen: SocketAddr) {
+        if let Some(i) = self.args.iter().position(|a| a == "--listen") {
+            self.args[i + 1] = listen.to_string();
+        }
+        self.restart();
+    }
 }
 
 impl Drop for Node {
@@ -116,6 +130,11 @@ impl Drop for Node {
 
 /// Three `weft-directory` processes gossiping in a ring of seeds, sharing one dev CA.
 fn three_nodes(root: &std::path::Path) -> (Vec<Node>, Vec<SocketAddr>) {
+    three_nodes_with(root, &[])
+}
+
+/// [`three_nodes`] with `extra` arguments for every node.
+fn three_nodes_with(root: &std::path::Path, extra: &[&str]) -> (Vec<Node>, Vec<SocketAddr>) {
     let ca = root.join("dev-ca");
     // Create the dev CA once, before three processes race for it.
     weft_proto::certs::ensure_dev(&ca, "bootstrap", &[]).expect("dev CA");
@@ -133,6 +152,7 @@ fn three_nodes(root: &std::path::Path) -> (Vec<Node>, Vec<SocketAddr>) {
                 gossip[i],
                 &[gossip[(i + 1) % 3]],
                 listen[i],
+                extra,
             )
         })
         .collect();
@@ -472,6 +492,65 @@ async fn a_subscriber_whose_directory_node_dies_moves_and_nothing_is_lost() {
         expected.len()
     );
     assert!(sender.drain(Duration::from_secs(30)).await);
+}
+
+/// The subscriber's directory node is killed and restarted at once under the same name
+/// and gossip address (a new generation, gossiping before the failure detector declared
+/// the old one dead), listening on another port so that the subscriber has to notice the
+/// dead connection (4 s) and move. The other nodes keep the old generation's
+/// registrations through its route grace: the sender's route never lacks the
+/// subscriber, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_node_restarted_at_once_keeps_its_peers_in_routes() {
+    init_logs();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (mut nodes, listen) =
+        three_nodes_with(root.path(), &["--dead-node-route-grace-ms", "6000"]);
+    // Node 0 is up (a peer that knows only node 0 attached) before the subscriber, which
+    // prefers it, starts.
+    let early = peer(root.path(), "early", &[listen[0]]).await;
+    let (subscriber, sender, got) = subscriber_and_sender(root.path(), &listen).await;
+    assert_eq!(
+        nodes[0].attachments("subscriber"),
+        1,
+        "the subscriber is attached to node 0"
+    );
+    let watch = RouteWatch::start(&sender, "events", "g", "subscriber");
+    let flow = Flow::start(&sender, "events", 0, false);
+    flowing(&got, "the flow reaches the subscriber before the restart").await;
+    let killed = Instant::now();
+    nodes[0].kill();
+    nodes[0].restart_listening_on(SocketAddr::from(([127, 0, 0, 1], free_port())));
+    assert!(
+        eventually(Duration::from_secs(30), || nodes[2]
+            .attachments("subscriber")
+            > 0)
+        .await,
+        "the subscriber moves to node 2"
+    );
+    let moved = killed.elapsed();
+    // Past the old generation's failure detection (a few seconds) and its route grace
+    // (6 s): by then its records are gone, and the subscriber is listed from node 2.
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(killed.elapsed())).await;
+    let expected = flow.stop().await;
+    let (observations, gaps) = watch.stop().await;
+    let delivered = eventually(Duration::from_secs(20), || {
+        missing(&got, &expected).is_empty()
+    })
+    .await;
+    assert!(
+        gaps.is_empty() && delivered,
+        "node 0 restarted {:?} ago; the subscriber moved after {moved:?}. The sender's \
+         route lacked it in {} of {observations} observations (first: {:?}); {} of {} \
+         messages never arrived",
+        killed.elapsed(),
+        gaps.len(),
+        gaps.first(),
+        missing(&got, &expected).len(),
+        expected.len(),
+    );
+    assert!(sender.drain(Duration::from_secs(30)).await);
+    drop((early, subscriber));
 }
 
 /// Every directory node is killed during a running flow: the flow goes on on cached

@@ -18,17 +18,17 @@
 //! joins, leaves and version changes). For every live remote node generation whose
 //! version moved it diffs the `p:` keys against what it already processed and verifies
 //! new values (certificate chain to the fabric CA, directory name, signature, replay
-//! counter). Per node name, the newest live generation that is *trusted* (valid
-//! certificate and signed `id`) is the route-table source, under the node's name. When
-//! it is replaced by a newer trusted generation (the node restarted), the new
-//! generation's records replace it. When it leaves the live set (the failure detector
-//! declared it dead), its records stay the source for a *dead-node route grace*
-//! ([`GossipTuning::dead_node_route_grace`]): its peers notice the dead connection, fail
-//! over to another node and register again meanwhile (a peer known through two sources
-//! appears once in routes), so senders never get a route without them. The records are
-//! dropped when the grace ends, unless the same generation came back into the live set
-//! before (then it simply goes on as the source). The node's own name is never applied
-//! as remote: its sessions are applied locally under its own name already.
+//! counter). Every live generation that is *trusted* (valid certificate and signed `id`)
+//! is a route-table source of its own (`name#generation`). When a generation leaves the
+//! live set (the failure detector declared it dead), its records stay a source for a
+//! *dead-node route grace* ([`GossipTuning::dead_node_route_grace`]), also when the node
+//! has restarted meanwhile (a new generation): its peers notice the dead connection,
+//! fail over to another node and register again meanwhile (a peer known through two
+//! sources appears once in routes), so senders never get a route without them. The
+//! records are dropped when the grace ends, unless the same generation came back into
+//! the live set before (then it simply goes on as a source). The node's own name is
+//! never applied as remote: its sessions are applied locally under its own name
+//! already.
 //!
 //! chitchat deletions carry no signature, so they remove nothing: a record is dropped
 //! only by a signed removal, or with its whole node (the generation leaves the live set
@@ -769,13 +769,13 @@ struct Watcher {
     route_grace: Duration,
     /// Every live remote node generation (trusted or not).
     remotes: HashMap<ChitchatId, Remote>,
-    /// Generations that left the live set while they were their name's source, in their
-    /// route grace. At most one per node name: an entry goes when its grace ends, when it
-    /// comes back into the live set (back to `remotes`) or when another generation of the
-    /// name becomes the source.
+    /// Generations that left the live set while they were a route source, in their route
+    /// grace. An entry goes when its grace ends or when it comes back into the live set
+    /// (back to `remotes`).
     departed: HashMap<ChitchatId, Departed>,
-    /// The generation applied as the source of each node name (live, or in `departed`).
-    applied: HashMap<String, ChitchatId>,
+    /// The generations applied as route sources (trusted and live, or in `departed`),
+    /// each under its own source id ([`source_id`]).
+    applied: HashSet<ChitchatId>,
     /// This node's name and the names of the trusted live remote generations (what
     /// `live_nodes` lists).
     trusted: watch::Sender<BTreeSet<String>>,
@@ -801,7 +801,7 @@ impl Watcher {
             route_grace,
             remotes: HashMap::new(),
             departed: HashMap::new(),
-            applied: HashMap::new(),
+            applied: HashSet::new(),
             trusted,
             log: RejectLog::default(),
         }
@@ -902,14 +902,14 @@ impl Watcher {
             })
     }
 
-    /// The generation `id` left the live set at `now` (declared dead). If it is its
-    /// name's route source, its records stay the source until the dead-node route grace
-    /// ends; otherwise it is forgotten.
+    /// The generation `id` left the live set at `now` (declared dead). If it is a route
+    /// source, its records stay until the dead-node route grace ends; otherwise it is
+    /// forgotten.
     fn left(&mut self, id: &ChitchatId, now: Instant) {
         let Some(remote) = self.remotes.remove(id) else {
             return;
         };
-        let source = self.applied.get(&*id.node_id) == Some(id);
+        let source = self.applied.contains(id);
         if source && !self.route_grace.is_zero() {
             info!(node = %id.node_id, generation = id.generation_id, peers = remote.accepted.len(), grace = ?self.route_grace, "directory node left the live set; keeping its registrations for the dead-node route grace while its peers move");
             let until = now + self.route_grace;
@@ -963,64 +963,54 @@ impl Watcher {
         }
     }
 
-    /// Applies to the route table: per node name, the newest generation that is trusted
-    /// and live, or departed and in its route grace, is the source. A generation that is
-    /// not trusted (no valid certificate, or generation not proven by its key) never is,
-    /// so a forged node cannot unseat a real one.
+    /// Applies to the route table. Every generation that is trusted and live, or
+    /// departed and in its route grace, is a source of its own, so a node that restarts
+    /// (a new generation) does not take its old generation's records out of routes
+    /// before their grace ends: the old generation's peers are moving to other nodes
+    /// meanwhile. A generation that is not trusted (no valid certificate, or generation
+    /// not proven by its key) never is a source, so a forged node changes no route.
     fn apply(&mut self, mut deltas: HashMap<ChitchatId, Delta>) {
         let live_trusted = self
             .remotes
             .iter()
             .filter(|(_, remote)| remote.trusted())
             .map(|(id, _)| id);
-        let mut current: HashMap<String, ChitchatId> = HashMap::new();
-        for id in live_trusted.clone().chain(self.departed.keys()) {
-            let name = id.node_id.to_string();
-            match current.get(&name) {
-                Some(c) if c.generation_id >= id.generation_id => {}
-                _ => {
-                    current.insert(name, id.clone());
-                }
-            }
-        }
+        let current: HashSet<ChitchatId> = live_trusted
+            .clone()
+            .chain(self.departed.keys())
+            .cloned()
+            .collect();
         let listed: BTreeSet<String> = std::iter::once(self.own_name.clone())
             .chain(live_trusted.map(|id| id.node_id.to_string()))
             .collect();
-        let names: HashSet<String> = current.keys().chain(self.applied.keys()).cloned().collect();
-        for name in names {
-            let before = self.applied.get(&name);
-            let now = current.get(&name);
-            match (before, now) {
-                (Some(b), Some(n)) if b == n => {
-                    if let Some(d) = deltas.remove(n) {
-                        if !d.upserts.is_empty() || !d.removes.is_empty() {
-                            debug!(node = %name, upserts = d.upserts.len(), removes = d.removes.len(), "applying gossip");
-                            self.sources.apply_remote(&name, d.upserts, d.removes);
-                        }
+        // New sources first, then the gone ones: a peer moving between them never
+        // leaves routes.
+        for id in &current {
+            let source = source_id(id);
+            if self.applied.contains(id) {
+                if let Some(d) = deltas.remove(id) {
+                    if !d.upserts.is_empty() || !d.removes.is_empty() {
+                        debug!(%source, upserts = d.upserts.len(), removes = d.removes.len(), "applying gossip");
+                        self.sources.apply_remote(&source, d.upserts, d.removes);
                     }
                 }
-                (before, now) => {
-                    if before.is_some() {
-                        let peers = self.sources.peers_of(&name);
-                        info!(node = %name, peers, "dropping the registrations of a departed directory node");
-                        self.sources.drop_source(&name);
-                    }
-                    if let Some(n) = now {
-                        let records: Vec<Arc<PeerRecord>> = self
-                            .remotes
-                            .get(n)
-                            .or_else(|| self.departed.get(n).map(|d| &d.remote))
-                            .map(|r| r.accepted.values().cloned().collect())
-                            .unwrap_or_default();
-                        info!(node = %name, generation = n.generation_id, peers = records.len(), "directory node trusted; applying its registrations");
-                        self.sources.apply_remote(&name, records, Vec::new());
-                    }
-                }
+                continue;
             }
+            let records: Vec<Arc<PeerRecord>> = self
+                .remotes
+                .get(id)
+                .or_else(|| self.departed.get(id).map(|d| &d.remote))
+                .map(|r| r.accepted.values().cloned().collect())
+                .unwrap_or_default();
+            info!(node = %id.node_id, generation = id.generation_id, peers = records.len(), "directory node trusted; applying its registrations");
+            self.sources.apply_remote(&source, records, Vec::new());
         }
-        // A departed generation no longer the source (a newer one took over) is done.
-        self.departed
-            .retain(|id, _| current.get(&*id.node_id) == Some(id));
+        for id in self.applied.difference(&current) {
+            let source = source_id(id);
+            let peers = self.sources.peers_of(&source);
+            info!(node = %id.node_id, generation = id.generation_id, peers, "dropping the registrations of a departed directory node");
+            self.sources.drop_source(&source);
+        }
         self.trusted.send_if_modified(|shown| {
             if *shown == listed {
                 false
@@ -1031,6 +1021,11 @@ impl Watcher {
         });
         self.applied = current;
     }
+}
+
+/// The route-table source id of a remote node generation: its name and generation.
+fn source_id(id: &ChitchatId) -> String {
+    format!("{}#{}", id.node_id, id.generation_id)
 }
 
 #[cfg(test)]
@@ -1483,33 +1478,40 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_node_s_new_generation_takes_over_at_once() {
+    fn a_restarted_node_s_old_records_stay_for_the_route_grace() {
         let mut f = Fixture::new();
         let table = Arc::new(Table::default());
         let (mut w, rx) = watcher(&f, table.clone());
         let t0 = Instant::now();
         join_with_svc_a(&mut f, &mut w, t0);
-        let dead = t0 + Duration::from_secs(1);
-        w.left(&f.id, dead);
-        w.update(Vec::new(), dead);
-        assert_eq!(w.departed.len(), 1);
-        // The node restarts (a new generation) and proves it: its records replace the
-        // old generation's, which is not waited for any longer.
+        let old = f.id.clone();
+        // The node restarts (a new generation) and proves it before the failure
+        // detector has declared the old one dead: both are sources.
         f.restart(GENERATION + 1);
-        let id = f.id.clone();
-        w.remote_mut(&id);
-        w.update(vec![f.work(None)], dead + Duration::from_secs(1));
-        assert!(table.members().is_empty());
-        assert!(w.departed.is_empty());
-        assert_eq!(w.next_expiry(), None);
-        assert_eq!(w.applied.get(NODE), Some(&id));
-        assert_eq!(listed(&rx), vec![OWN.to_string(), NODE.to_string()]);
+        let new = f.id.clone();
+        w.remote_mut(&new);
         let rec = Fixture::record("svc-b", "t");
         let v = f.signed_record(&rec);
-        w.update(
-            vec![f.work(Some(("svc-b", Some(v))))],
-            dead + Duration::from_secs(2),
+        w.update(vec![f.work(Some(("svc-b", Some(v))))], t0);
+        assert_eq!(
+            table.members(),
+            vec![("svc-a".to_string(), 1), ("svc-b".to_string(), 1)]
         );
+        assert_eq!(w.applied, HashSet::from([old.clone(), new.clone()]));
+        assert_eq!(listed(&rx), vec![OWN.to_string(), NODE.to_string()]);
+        // The old generation is declared dead: its records (svc-a, still moving to
+        // another node) stay for the route grace, then go; the new one's stay.
+        let dead = t0 + Duration::from_secs(1);
+        w.left(&old, dead);
+        w.update(Vec::new(), dead);
+        assert_eq!(
+            table.members(),
+            vec![("svc-a".to_string(), 1), ("svc-b".to_string(), 1)]
+        );
+        w.update(Vec::new(), dead + ROUTE_GRACE);
         assert_eq!(table.members(), vec![("svc-b".to_string(), 1)]);
+        assert!(w.departed.is_empty());
+        assert_eq!(w.applied, HashSet::from([new]));
+        assert_eq!(w.next_expiry(), None);
     }
 }
