@@ -324,6 +324,22 @@ impl RouteWatch {
     }
 }
 
+/// Stops the flow and the route watch; returns the numbers published, the route
+/// observations and gaps, and whether every number arrived (waiting up to 20 s).
+async fn stop_and_check(
+    flow: Flow,
+    watch: RouteWatch,
+    got: &Got,
+) -> (BTreeSet<u64>, u64, Vec<String>, bool) {
+    let expected = flow.stop().await;
+    let (observations, gaps) = watch.stop().await;
+    let delivered = eventually(Duration::from_secs(20), || {
+        missing(got, &expected).is_empty()
+    })
+    .await;
+    (expected, observations, gaps, delivered)
+}
+
 /// Starts the subscriber (prefers node 0, then node 2), subscribed to `events` in group
 /// `g`, and the sender (prefers node 1, then node 2); returns once the sender, attached
 /// to another node, sees the subscription (they meet only through gossip).
@@ -465,12 +481,7 @@ async fn a_subscriber_whose_directory_node_dies_moves_and_nothing_is_lost() {
         .await,
         "delivery goes on after the move"
     );
-    let expected = flow.stop().await;
-    let (observations, gaps) = watch.stop().await;
-    let delivered = eventually(Duration::from_secs(20), || {
-        missing(&got, &expected).is_empty()
-    })
-    .await;
+    let (expected, observations, gaps, delivered) = stop_and_check(flow, watch, &got).await;
     assert!(
         gaps.is_empty() && delivered,
         "the subscriber's node died {:?} ago; the others dropped its registrations after \
@@ -532,12 +543,7 @@ async fn a_directory_node_restarted_at_once_keeps_its_peers_in_routes() {
     // Past the old generation's failure detection (a few seconds) and its route grace
     // (6 s): by then its records are gone, and the subscriber is listed from node 2.
     tokio::time::sleep(Duration::from_secs(12).saturating_sub(killed.elapsed())).await;
-    let expected = flow.stop().await;
-    let (observations, gaps) = watch.stop().await;
-    let delivered = eventually(Duration::from_secs(20), || {
-        missing(&got, &expected).is_empty()
-    })
-    .await;
+    let (expected, observations, gaps, delivered) = stop_and_check(flow, watch, &got).await;
     assert!(
         gaps.is_empty() && delivered,
         "node 0 restarted {:?} ago; the subscriber moved after {moved:?}. The sender's \

@@ -746,8 +746,8 @@ impl RouteSources for Shared {
     }
 }
 
-/// A node generation that left the live set while it was its name's route source: its
-/// records stay the source until `until` (the dead-node route grace).
+/// A node generation that left the live set while it was a route source: its
+/// records stay a source until `until` (the dead-node route grace).
 struct Departed {
     remote: Remote,
     until: Instant,
@@ -1466,6 +1466,7 @@ mod tests {
         let dead = t0 + Duration::from_secs(1);
         w.left(&f.id, dead);
         w.update(Vec::new(), dead);
+        assert_eq!(table.peers_of(&source_id(&f.id)), 1);
         let version = table.version();
         // The peer fails over to node dir-2 and registers again (same process).
         table.apply_remote("dir-2", vec![Arc::new(rec)], Vec::new());
@@ -1474,7 +1475,7 @@ mod tests {
         w.update(Vec::new(), dead + ROUTE_GRACE);
         assert_eq!(table.members(), vec![("svc-a".to_string(), 1)]);
         assert_eq!(table.version(), version);
-        assert_eq!(table.peers_of(NODE), 0);
+        assert_eq!(table.peers_of(&source_id(&f.id)), 0);
     }
 
     #[test]

@@ -69,6 +69,18 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     }
 }
 
+/// Prints each node's counts of rejected and accepted gossip values.
+fn print_gossip_counts(nodes: &[Directory]) {
+    for n in nodes {
+        eprintln!(
+            "{}: rejected {} accepted {}",
+            n.name(),
+            n.rejected_gossip_values(),
+            n.accepted_gossip_values()
+        );
+    }
+}
+
 /// Checks that every node lists exactly the three real nodes as live: a forged node never
 /// appears, however live chitchat considers it.
 fn assert_only_real_nodes_listed(nodes: &[Directory]) {
@@ -406,14 +418,7 @@ async fn forged_gossip_changes_no_route_and_is_counted() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for n in &nodes {
-        eprintln!(
-            "{}: rejected {} accepted {}",
-            n.name(),
-            n.rejected_gossip_values(),
-            n.accepted_gossip_values()
-        );
-    }
+    print_gossip_counts(&nodes);
     plain.abort();
     foreign.abort();
     impostor.abort();
@@ -519,14 +524,7 @@ async fn forged_deletion_removes_no_route_and_is_counted() {
         assert!(everywhere(), "a forged deletion removed a route");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for n in &nodes {
-        eprintln!(
-            "{}: rejected {} accepted {}",
-            n.name(),
-            n.rejected_gossip_values(),
-            n.accepted_gossip_values()
-        );
-    }
+    print_gossip_counts(&nodes);
 
     // The real removal (signed) still goes through.
     let rejected: Vec<u64> = nodes.iter().map(|n| n.rejected_gossip_values()).collect();

@@ -203,13 +203,13 @@ fn a_stale_link_task_cannot_touch_its_successor() {
     }));
 }
 
-#[test]
-fn a_key_moving_to_a_new_member_waits_for_its_in_flight_messages() {
+/// Group `g` of `m1` and `m2` on topic `t`, only m1's link up: messages 1–3 carry a key
+/// that rendezvous hashing gives to m2 once both members are up, so they went to m1.
+fn keyed_to_m2_while_only_m1_is_up() -> (Instant, Dispatcher, LinkKey, LinkKey, u64) {
     let now = Instant::now();
     let mut d = Dispatcher::new(Duration::from_secs(30));
     d.on_route(now, &route("t", &[("g", &["m1", "m2"])]));
     let (k1, k2) = (key("m1", "g"), key("m2", "g"));
-    // A key that rendezvous hashing gives to m2 once both members are up.
     let hash = (0..)
         .find(|h| rendezvous(*h, &[&k1, &k2]) == 1)
         .expect("some key maps to m2");
@@ -217,6 +217,12 @@ fn a_key_moving_to_a_new_member_waits_for_its_in_flight_messages() {
     for seq in 1..=3 {
         d.on_publish(now, seq, "t", Some(hash), &groups(&["g"]), false);
     }
+    (now, d, k1, k2, hash)
+}
+
+#[test]
+fn a_key_moving_to_a_new_member_waits_for_its_in_flight_messages() {
+    let (now, mut d, k1, k2, hash) = keyed_to_m2_while_only_m1_is_up();
     assert_eq!(d.take_outgoing(&k1, d.epoch_of(&k1)).len(), 3);
     // m2 comes up: the key now belongs to m2, but 1..=3 are still in flight on m1.
     d.on_link_up(now, &k2, d.epoch_of(&k2), 100);
@@ -242,17 +248,7 @@ fn a_key_moving_to_a_new_member_waits_for_its_in_flight_messages() {
 
 #[test]
 fn a_requeued_key_goes_first_to_its_new_member() {
-    let now = Instant::now();
-    let mut d = Dispatcher::new(Duration::from_secs(30));
-    d.on_route(now, &route("t", &[("g", &["m1", "m2"])]));
-    let (k1, k2) = (key("m1", "g"), key("m2", "g"));
-    let hash = (0..)
-        .find(|h| rendezvous(*h, &[&k1, &k2]) == 1)
-        .expect("some key maps to m2");
-    d.on_link_up(now, &k1, d.epoch_of(&k1), 100);
-    for seq in 1..=3 {
-        d.on_publish(now, seq, "t", Some(hash), &groups(&["g"]), false);
-    }
+    let (now, mut d, k1, k2, hash) = keyed_to_m2_while_only_m1_is_up();
     d.take_outgoing(&k1, d.epoch_of(&k1));
     d.on_link_up(now, &k2, d.epoch_of(&k2), 100);
     d.on_publish(now, 4, "t", Some(hash), &groups(&["g"]), false);
