@@ -4,7 +4,6 @@ use crate::peer::Inner;
 use crate::subscription::{lock, Delivery, InboundLink, Places, Progress, SubShared};
 use smallvec::SmallVec;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use weft_proto::tls;
 use weft_proto::wire::{self, Credit, ErrorCode, Frame, FrameReader, FrameWriter, Welcome};
@@ -134,7 +133,7 @@ fn check_batch(open: &wire::Open, batch: &wire::Deliver) -> Result<(), (ErrorCod
             ),
         ));
     }
-    if let Some(m) = batch.messages.iter().find(|m| m.topic != open.topic) {
+    if let Some(m) = batch.messages.iter().find(|m| *m.topic != *open.topic) {
         return Err((
             ErrorCode::Protocol,
             format!(
@@ -207,52 +206,8 @@ async fn receive(
     if !duplicates.is_empty() {
         link.done_all(duplicates);
     }
-    send_all(&sub.tx, fresh).await
-}
-
-/// Sends `items` in order, reserving channel slots for a chunk at a time (one
-/// semaphore acquisition per chunk instead of per item); waits while the channel is
-/// full. Fails only if the receiver is gone.
-async fn send_all<T>(tx: &mpsc::Sender<T>, items: Vec<T>) -> Result<(), (ErrorCode, String)> {
-    let chunk = tx.max_capacity().max(1);
-    let mut items = items.into_iter();
-    while items.len() > 0 {
-        let n = items.len().min(chunk);
-        let Ok(permits) = tx.reserve_many(n).await else {
-            return Err((ErrorCode::ShuttingDown, "subscription closed".into()));
-        };
-        for (permit, item) in permits.zip(items.by_ref()) {
-            permit.send(item);
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn send_all_chunks_by_capacity_in_order_and_waits_while_full() {
-        let (tx, mut rx) = mpsc::channel::<u32>(3);
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            while let Some(v) = rx.recv().await {
-                got.push(v);
-            }
-            got
-        });
-        send_all(&tx, (0..10).collect()).await.expect("open");
-        send_all(&tx, Vec::new()).await.expect("nothing to send");
-        drop(tx);
-        assert_eq!(reader.await.expect("reader"), (0..10).collect::<Vec<_>>());
-    }
-
-    #[tokio::test]
-    async fn send_all_fails_once_the_subscription_is_gone() {
-        let (tx, rx) = mpsc::channel::<u32>(4);
-        drop(rx);
-        let err = send_all(&tx, vec![1, 2]).await.expect_err("closed");
-        assert_eq!(err.0, ErrorCode::ShuttingDown);
-    }
+    sub.queue
+        .send_all(fresh)
+        .await
+        .map_err(|_| (ErrorCode::ShuttingDown, "subscription closed".into()))
 }

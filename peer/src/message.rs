@@ -132,7 +132,7 @@ pub(crate) fn decode_stored(id: MessageId, stored: &Bytes) -> Option<Envelope> {
     let head: StoredHead<'_> = rmp_serde::from_slice(head_bytes).ok()?;
     Some(Envelope {
         id,
-        topic: head.topic.into_owned(),
+        topic: head.topic.as_ref().into(),
         key: head.key.map(|k| k.into_owned()),
         tags: head.tags,
         headers: head.headers,
@@ -226,7 +226,7 @@ mod tests {
             let stored = encode_stored(&topic, &m, t);
             let id = MessageId { producer: 1, seq: 2 };
             let env = decode_stored(id, &stored).expect("decodes");
-            prop_assert_eq!(env.topic, topic);
+            prop_assert_eq!(&*env.topic, topic.as_str());
             prop_assert_eq!(env.key, key);
             prop_assert_eq!(&env.payload[..], &payload[..]);
             prop_assert_eq!(env.publish_time_ms, t);

@@ -607,7 +607,7 @@ impl SubscribeBuilder {
         }
         let group = self.group.unwrap_or_else(|| inner.identity.clone());
         let key = (self.topic.clone(), group.clone());
-        let (tx, rx) = tokio::sync::mpsc::channel(self.credit as usize);
+        let (queue, rx) = crate::subscription::delivery_queue(self.credit);
         let dedup_path = crate::dedup::state_path(&inner.data_dir, &self.topic, &group);
         let path = dedup_path.clone();
         let dedup = if inner.config.blocking_io {
@@ -629,7 +629,7 @@ impl SubscribeBuilder {
                 dirty: false,
                 in_progress: Default::default(),
             }),
-            tx,
+            queue,
         });
         {
             let mut subs = lock(&inner.subscriptions);
@@ -1039,7 +1039,7 @@ impl Inner {
                     &record.unsettled,
                     false,
                 ));
-                topics.insert(envelope.topic);
+                topics.insert(envelope.topic.to_string());
             }
         }
         self.execute(actions);

@@ -9,7 +9,7 @@ use smallvec::SmallVec;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use weft_proto::wire::{Envelope, MessageId};
 
 /// Default number of unacknowledged messages a subscription lets each sender have in
@@ -82,7 +82,7 @@ pub(crate) struct SubShared {
     pub(crate) group: String,
     pub(crate) credit: u32,
     pub(crate) state: Mutex<SubState>,
-    pub(crate) tx: mpsc::Sender<Delivery>,
+    pub(crate) queue: QueueSender<Delivery>,
 }
 
 impl SubShared {
@@ -193,10 +193,106 @@ impl Delivery {
     }
 }
 
+/// Makes the bounded hand-over of deliveries from a subscription's inbound streams to
+/// the application: at most `limit` deliveries queued. Streams hand over whole batches
+/// (one channel operation per batch, not per message); a batch takes one permit per
+/// delivery from a semaphore of `limit` permits, given back once the application has
+/// taken the whole batch. A stream waits for permits while the queue is full.
+pub(crate) fn delivery_queue<T>(limit: u32) -> (QueueSender<T>, QueueReceiver<T>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let room = Arc::new(Semaphore::new(limit.max(1) as usize));
+    let sender = QueueSender {
+        tx,
+        room: room.clone(),
+        limit: limit.max(1),
+    };
+    let receiver = QueueReceiver {
+        rx,
+        room,
+        current: Vec::new().into_iter(),
+        held: 0,
+    };
+    (sender, receiver)
+}
+
+/// The streams' end of a delivery queue.
+#[derive(Debug)]
+pub(crate) struct QueueSender<T> {
+    tx: mpsc::UnboundedSender<Vec<T>>,
+    room: Arc<Semaphore>,
+    limit: u32,
+}
+
+/// The queue was closed: the subscription is gone.
+#[derive(Debug)]
+pub(crate) struct QueueClosed;
+
+impl<T> QueueSender<T> {
+    /// Queues `items` in order, in chunks of at most the queue's limit, waiting while
+    /// it is full. Fails only if the subscription is gone.
+    pub(crate) async fn send_all(&self, mut items: Vec<T>) -> Result<(), QueueClosed> {
+        while !items.is_empty() {
+            let rest = if items.len() > self.limit as usize {
+                items.split_off(self.limit as usize)
+            } else {
+                Vec::new()
+            };
+            let permits = self
+                .room
+                .acquire_many(items.len() as u32)
+                .await
+                .map_err(|_| QueueClosed)?;
+            permits.forget();
+            self.tx.send(items).map_err(|_| QueueClosed)?;
+            items = rest;
+        }
+        Ok(())
+    }
+}
+
+/// The application's end of a delivery queue.
+#[derive(Debug)]
+pub(crate) struct QueueReceiver<T> {
+    rx: mpsc::UnboundedReceiver<Vec<T>>,
+    room: Arc<Semaphore>,
+    /// The batch being taken from, and the permits it holds.
+    current: std::vec::IntoIter<T>,
+    held: u32,
+}
+
+impl<T> QueueReceiver<T> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        loop {
+            if let Some(d) = self.current.next() {
+                return Poll::Ready(Some(d));
+            }
+            if self.held > 0 {
+                self.room.add_permits(self.held as usize);
+                self.held = 0;
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(batch)) => {
+                    self.held = batch.len() as u32;
+                    self.current = batch.into_iter();
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<T> Drop for QueueReceiver<T> {
+    fn drop(&mut self) {
+        // Streams waiting for room fail at once instead of waiting forever.
+        self.room.close();
+    }
+}
+
 /// A stream of deliveries for one (topic, group). Dropping it unregisters the
 /// subscription.
 pub struct Subscription {
-    pub(crate) rx: mpsc::Receiver<Delivery>,
+    pub(crate) rx: QueueReceiver<Delivery>,
     pub(crate) shared: Arc<SubShared>,
     pub(crate) on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
@@ -213,7 +309,7 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     /// The next delivery; `None` once the peer is closed. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.rx.poll_next(cx)).await
     }
 
     /// Topic.
@@ -231,7 +327,7 @@ impl Stream for Subscription {
     type Item = Delivery;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        self.rx.poll_recv(cx)
+        self.rx.poll_next(cx)
     }
 }
 
@@ -240,5 +336,64 @@ impl Drop for Subscription {
         if let Some(f) = self.on_drop.take() {
             f();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn next<T>(rx: &mut QueueReceiver<T>) -> Option<T> {
+        std::future::poll_fn(|cx| rx.poll_next(cx)).await
+    }
+
+    #[tokio::test]
+    async fn the_queue_keeps_order_and_splits_batches_above_its_limit() {
+        let (tx, mut rx) = delivery_queue::<u32>(3);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(v) = next(&mut rx).await {
+                got.push(v);
+            }
+            got
+        });
+        tx.send_all((0..10).collect()).await.expect("open");
+        tx.send_all(Vec::new()).await.expect("nothing to send");
+        drop(tx);
+        assert_eq!(reader.await.expect("reader"), (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_makes_the_sender_wait_until_a_batch_is_taken() {
+        let (tx, mut rx) = delivery_queue::<u32>(4);
+        tx.send_all(vec![1, 2, 3]).await.expect("fits");
+        let blocked = tokio::time::timeout(Duration::from_millis(50), tx.send_all(vec![4, 5]));
+        assert!(
+            blocked.await.is_err(),
+            "5 queued > limit 4: the sender waits"
+        );
+        assert_eq!(next(&mut rx).await, Some(1));
+        // Permits come back when the whole batch has been taken.
+        assert_eq!(next(&mut rx).await, Some(2));
+        assert_eq!(next(&mut rx).await, Some(3));
+        let send = tokio::spawn(async move {
+            tx.send_all(vec![4, 5]).await.expect("room again");
+            tx
+        });
+        assert_eq!(next(&mut rx).await, Some(4));
+        assert_eq!(next(&mut rx).await, Some(5));
+        drop(send.await.expect("sender"));
+        assert_eq!(next(&mut rx).await, None);
+    }
+
+    #[tokio::test]
+    async fn the_sender_fails_once_the_subscription_is_gone_even_while_waiting() {
+        let (tx, rx) = delivery_queue::<u32>(2);
+        tx.send_all(vec![1, 2]).await.expect("fits");
+        let waiting = tokio::spawn(async move { tx.send_all(vec![3]).await });
+        tokio::task::yield_now().await;
+        drop(rx);
+        assert!(waiting.await.expect("task").is_err());
     }
 }

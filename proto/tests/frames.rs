@@ -12,7 +12,7 @@ const MAX_FRAME: usize = 4 << 20;
 
 /// The pre-encoded fields of an envelope (what the outbox stores ahead of a payload).
 fn fields(e: &Envelope) -> Vec<u8> {
-    let tuple = (&e.topic, &e.key, &e.tags, &e.headers, e.publish_time_ms);
+    let tuple = (&*e.topic, &e.key, &e.tags, &e.headers, e.publish_time_ms);
     let mut bytes = rmp_serde::to_vec(&tuple).expect("encodes");
     assert_eq!(bytes.remove(0), 0x95, "a five-element array");
     bytes

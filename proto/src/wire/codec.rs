@@ -292,16 +292,20 @@ impl FrameDecoder {
 
 /// Decodes one frame body (without its length prefix).
 fn decode_body(body: Bytes) -> Result<Frame, WireError> {
-    let (header, header_len) = match decode_deliver_header(&body) {
-        Some(fast) => fast,
-        None => {
-            let mut cursor = std::io::Cursor::new(&body[..]);
-            let mut de = rmp_serde::Deserializer::new(&mut cursor);
-            let header = FrameHeader::deserialize(&mut de)
-                .map_err(|e| WireError::Malformed(e.to_string()))?;
-            (header, cursor.position() as usize)
-        }
-    };
+    if let Some(deliver) = decode_deliver_fast(&body) {
+        return deliver.map(Frame::Deliver);
+    }
+    decode_general(body)
+}
+
+/// Decodes any frame body with serde (every frame but the usual `Deliver` layout, and
+/// the error messages for malformed input).
+fn decode_general(body: Bytes) -> Result<Frame, WireError> {
+    let mut cursor = std::io::Cursor::new(&body[..]);
+    let mut de = rmp_serde::Deserializer::new(&mut cursor);
+    let header =
+        FrameHeader::deserialize(&mut de).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let header_len = cursor.position() as usize;
     let trailing = body.len() - header_len;
     Ok(match header {
         FrameHeader::Deliver {
@@ -309,30 +313,21 @@ fn decode_body(body: Bytes) -> Result<Frame, WireError> {
             first_link_seq,
             messages,
         } => {
-            let total: u64 = messages.iter().map(|m| u64::from(m.payload_len)).sum();
-            if total != trailing as u64 {
-                return Err(WireError::Malformed(format!(
-                    "Deliver announces {total} payload bytes but carries {trailing}"
-                )));
-            }
-            let mut offset = header_len;
-            let messages = messages
+            let mut topics = TopicCache::default();
+            let lens: Vec<u32> = messages.iter().map(|h| h.payload_len).collect();
+            let mut messages: Vec<Envelope> = messages
                 .into_iter()
-                .map(|h| {
-                    let end = offset + h.payload_len as usize;
-                    let payload = body.slice(offset..end);
-                    offset = end;
-                    Envelope {
-                        id: h.id,
-                        topic: h.topic,
-                        key: h.key,
-                        tags: h.tags,
-                        headers: h.headers,
-                        publish_time_ms: h.publish_time_ms,
-                        payload,
-                    }
+                .map(|h| Envelope {
+                    id: h.id,
+                    topic: topics.shared(&h.topic),
+                    key: h.key,
+                    tags: h.tags,
+                    headers: h.headers,
+                    publish_time_ms: h.publish_time_ms,
+                    payload: Bytes::new(),
                 })
                 .collect();
+            attach_payloads(&body, header_len, &mut messages, &lens)?;
             Frame::Deliver(Deliver {
                 group,
                 first_link_seq,
@@ -363,18 +358,59 @@ fn decode_body(body: Bytes) -> Result<Frame, WireError> {
     })
 }
 
-/// Decodes the header of a `Deliver` frame laid out as [`encode`] writes it (the hot
-/// path: no serde machinery), returning it with its length. `None` for anything else,
-/// which then goes through the general decoder (and its error messages).
-fn decode_deliver_header(body: &[u8]) -> Option<(FrameHeader, usize)> {
+/// Gives consecutive messages of one topic the same shared topic string.
+#[derive(Default)]
+struct TopicCache(Option<std::sync::Arc<str>>);
+
+impl TopicCache {
+    fn shared(&mut self, topic: &str) -> std::sync::Arc<str> {
+        match &self.0 {
+            Some(last) if &**last == topic => last.clone(),
+            _ => self.0.insert(topic.into()).clone(),
+        }
+    }
+}
+
+/// Sets each message's payload to its slice of the payload area after the header
+/// (`lens[i]` bytes for message `i`, in order); the lengths must add up to that area.
+fn attach_payloads(
+    body: &Bytes,
+    header_len: usize,
+    messages: &mut [Envelope],
+    lens: &[u32],
+) -> Result<(), WireError> {
+    let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
+    let trailing = body.len() - header_len;
+    if total != trailing as u64 {
+        return Err(WireError::Malformed(format!(
+            "Deliver announces {total} payload bytes but carries {trailing}"
+        )));
+    }
+    let mut offset = header_len;
+    for (m, &len) in messages.iter_mut().zip(lens) {
+        let end = offset + len as usize;
+        m.payload = body.slice(offset..end);
+        offset = end;
+    }
+    Ok(())
+}
+
+/// Decodes a `Deliver` frame laid out as [`encode`] writes it (the hot path: no serde
+/// machinery, envelopes built in place, one topic string per run of equal topics).
+/// `None` for anything else, which then goes through the general decoder (and its
+/// error messages).
+fn decode_deliver_fast(body: &Bytes) -> Option<Result<Deliver, WireError>> {
     use rmp::decode as mp;
-    fn string(rd: &mut &[u8]) -> Option<String> {
+    fn str_of<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
         let (s, rest) = mp::read_str_from_slice(*rd).ok()?;
         *rd = rest;
-        Some(s.to_owned())
+        Some(s)
     }
-    let mut rd = body;
-    if mp::read_map_len(&mut rd).ok()? != 1 || string(&mut rd)? != "Deliver" {
+    fn string(rd: &mut &[u8]) -> Option<String> {
+        str_of(rd).map(str::to_owned)
+    }
+    let mut rd = &body[..];
+    if mp::read_map_len(&mut rd).ok()? != 1 || str_of(&mut rd)? != "Deliver" {
         return None;
     }
     if mp::read_array_len(&mut rd).ok()? != 3 {
@@ -386,6 +422,8 @@ fn decode_deliver_header(body: &[u8]) -> Option<(FrameHeader, usize)> {
     // Every message takes more than one byte: a count beyond the bytes left is a lie,
     // and must not size an allocation.
     let mut messages = Vec::with_capacity(count.min(rd.len()));
+    let mut lens = Vec::with_capacity(count.min(rd.len()));
+    let mut topics = TopicCache::default();
     for _ in 0..count {
         if mp::read_array_len(&mut rd).ok()? != 7 || mp::read_array_len(&mut rd).ok()? != 2 {
             return None;
@@ -394,7 +432,7 @@ fn decode_deliver_header(body: &[u8]) -> Option<(FrameHeader, usize)> {
             producer: mp::read_int(&mut rd).ok()?,
             seq: mp::read_int(&mut rd).ok()?,
         };
-        let topic = string(&mut rd)?;
+        let topic = topics.shared(str_of(&mut rd)?);
         let key = match rd.first() {
             Some(0xc0) => {
                 rd = &rd[1..];
@@ -412,22 +450,25 @@ fn decode_deliver_header(body: &[u8]) -> Option<(FrameHeader, usize)> {
             }
             headers.push((string(&mut rd)?, string(&mut rd)?));
         }
-        messages.push(EnvelopeHeader {
+        messages.push(Envelope {
             id,
             topic,
             key,
             tags,
             headers,
             publish_time_ms: mp::read_int(&mut rd).ok()?,
-            payload_len: mp::read_int(&mut rd).ok()?,
+            payload: Bytes::new(),
         });
+        lens.push(mp::read_int(&mut rd).ok()?);
     }
-    let header = FrameHeader::Deliver {
-        group,
-        first_link_seq,
-        messages,
-    };
-    Some((header, body.len() - rd.len()))
+    let header_len = body.len() - rd.len();
+    Some(
+        attach_payloads(body, header_len, &mut messages, &lens).map(|()| Deliver {
+            group,
+            first_link_seq,
+            messages,
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -459,7 +500,7 @@ mod tests {
             .prop_map(
                 |(producer, seq, topic, key, tags, headers, t, payload)| Envelope {
                     id: MessageId { producer, seq },
-                    topic,
+                    topic: topic.into(),
                     key,
                     tags,
                     headers,
@@ -482,12 +523,10 @@ mod tests {
             let frame = Frame::Deliver(Deliver { group, first_link_seq: first, messages });
             let mut out = BytesMut::new();
             encode(&frame, &mut out, 1 << 24).expect("encodes");
-            let body = &out[LENGTH_PREFIX..];
-            let (fast, fast_len) = decode_deliver_header(body).expect("fast path taken");
-            let mut cursor = std::io::Cursor::new(body);
-            let slow = FrameHeader::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor)).expect("decodes");
-            prop_assert_eq!(fast_len, cursor.position() as usize);
-            prop_assert_eq!(format!("{fast:?}"), format!("{slow:?}"));
+            let body = out.freeze().slice(LENGTH_PREFIX..);
+            let fast = decode_deliver_fast(&body).expect("fast path taken").expect("decodes");
+            let slow = decode_general(body).expect("decodes");
+            prop_assert_eq!(Frame::Deliver(fast), slow);
         }
 
         /// Truncated or corrupted Deliver headers never panic the fast decoder.
@@ -499,8 +538,9 @@ mod tests {
             let mut body = out[LENGTH_PREFIX..].to_vec();
             if flip < body.len() { body[flip] = byte; }
             body.truncate(cut.min(body.len()));
-            let _ = decode_deliver_header(&body);
-            let _ = decode_body(Bytes::from(body));
+            let body = Bytes::from(body);
+            let _ = decode_deliver_fast(&body);
+            let _ = decode_body(body);
         }
 
         /// The pre-encoded path writes exactly what the serde path writes.
@@ -509,7 +549,7 @@ mod tests {
             let fields: Vec<Vec<u8>> = messages
                 .iter()
                 .map(|m| {
-                    let tuple = (&m.topic, &m.key, &m.tags, &m.headers, m.publish_time_ms);
+                    let tuple = (&*m.topic, &m.key, &m.tags, &m.headers, m.publish_time_ms);
                     let mut bytes = rmp_serde::to_vec(&tuple).expect("encodes");
                     prop_assert_eq!(bytes[0], 0x95, "a fixarray of five");
                     bytes.remove(0);
@@ -569,6 +609,33 @@ mod tests {
             let truncated = matches!(dec.finish(), Err(WireError::Truncated { .. }));
             prop_assert!(truncated || keep == 0);
         }
+    }
+
+    #[test]
+    fn messages_of_one_topic_share_its_string() {
+        let msg = |seq, topic: &str| Envelope {
+            id: MessageId { producer: 1, seq },
+            topic: topic.into(),
+            key: None,
+            tags: vec![],
+            headers: vec![],
+            publish_time_ms: 0,
+            payload: Bytes::from_static(b"x"),
+        };
+        let frame = Frame::Deliver(Deliver {
+            group: "g".into(),
+            first_link_seq: 0,
+            messages: vec![msg(1, "a"), msg(2, "a"), msg(3, "b")],
+        });
+        let Frame::Deliver(d) = roundtrip(&frame) else {
+            panic!("not a Deliver")
+        };
+        assert!(std::sync::Arc::ptr_eq(
+            &d.messages[0].topic,
+            &d.messages[1].topic
+        ));
+        assert_eq!(&*d.messages[2].topic, "b");
+        assert_eq!(Frame::Deliver(d), frame);
     }
 
     #[test]

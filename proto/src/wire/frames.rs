@@ -25,8 +25,9 @@ impl std::fmt::Display for MessageId {
 pub struct Envelope {
     /// Message id.
     pub id: MessageId,
-    /// Topic the message was published to.
-    pub topic: String,
+    /// Topic the message was published to (shared by the messages of one frame that
+    /// have the same topic: decoding allocates it once per frame, not per message).
+    pub topic: std::sync::Arc<str>,
     /// Optional ordering key.
     pub key: Option<String>,
     /// Labels a subscription can filter on.
