@@ -209,15 +209,14 @@ impl Dispatcher {
         }
         for group in targets {
             let queue = self.queue_entry(topic, group);
-            for (seq, &key_hash) in seqs.clone().zip(key_hashes) {
-                queue.waiting.push(
-                    seq,
-                    Entry {
-                        key_hash,
-                        deliveries: 0,
-                    },
-                );
-            }
+            let run = seqs.clone().zip(key_hashes).map(|(seq, &key_hash)| {
+                let entry = Entry {
+                    key_hash,
+                    deliveries: 0,
+                };
+                (seq, entry)
+            });
+            queue.waiting.push_run(run.collect());
             if !queue.blocked {
                 self.pump(now, topic, group, &mut actions);
             }

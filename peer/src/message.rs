@@ -1,6 +1,6 @@
 //! Messages as the application builds them, and their stored form in the outbox.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use weft_proto::wire::{Envelope, MessageId};
 
@@ -66,8 +66,9 @@ struct StoredHead<'a> {
 /// Encodes a message for the outbox: `u32` head length, MessagePack head, payload.
 #[cfg(test)]
 pub(crate) fn encode_stored(topic: &str, msg: &Message, publish_time_ms: u64) -> Bytes {
-    let mut out = BytesMut::with_capacity(stored_size_estimate(topic, msg));
-    encode_stored_into(&mut out, topic, msg, publish_time_ms)
+    let mut out = Vec::with_capacity(stored_size_estimate(topic, msg));
+    append_stored(&mut out, topic, msg, publish_time_ms);
+    Bytes::from(out)
 }
 
 /// A generous estimate of the encoded size of `msg` (exact for no tags or headers).
@@ -75,53 +76,50 @@ pub(crate) fn stored_size_estimate(topic: &str, msg: &Message) -> usize {
     4 + 32 + topic.len() + msg.key.as_ref().map_or(0, String::len) + msg.payload.len()
 }
 
-/// Like [`encode_stored`], but encodes into `buf` (emptied first) and splits the
-/// record off, so that records encoded one after another into a buffer with room for
-/// all of them share its allocation (a batch costs one).
-pub(crate) fn encode_stored_into(
-    buf: &mut BytesMut,
+/// Appends `msg` as [`encode_stored`] encodes it to `buf` and returns where it is, so
+/// that the records of a batch share one buffer (one allocation, and `Bytes` slices of
+/// it for the bodies).
+pub(crate) fn append_stored(
+    buf: &mut Vec<u8>,
     topic: &str,
     msg: &Message,
     publish_time_ms: u64,
-) -> Bytes {
-    // Everything written before was split off: the record starts at 0, and the
-    // unused capacity stays in `buf` for the next one.
-    buf.clear();
-    buf.put_u32(0);
+) -> std::ops::Range<usize> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 4]);
     write_stored_head(buf, topic, msg, publish_time_ms);
-    let head_len = (buf.len() - 4) as u32;
-    buf[..4].copy_from_slice(&head_len.to_be_bytes());
+    let head_len = (buf.len() - start - 4) as u32;
+    buf[start..start + 4].copy_from_slice(&head_len.to_be_bytes());
     buf.extend_from_slice(&msg.payload);
-    buf.split().freeze()
+    start..buf.len()
 }
 
 /// Writes what `rmp_serde` writes for a [`StoredHead`] (a five-element array), by hand:
 /// this runs once per published message.
-fn write_stored_head(buf: &mut BytesMut, topic: &str, msg: &Message, publish_time_ms: u64) {
+fn write_stored_head(w: &mut Vec<u8>, topic: &str, msg: &Message, publish_time_ms: u64) {
     use rmp::encode as mp;
-    let mut w = buf.writer();
-    // Writing into memory cannot fail: the results carry nothing worth handling.
-    let _ = mp::write_array_len(&mut w, 5);
-    let _ = mp::write_str(&mut w, topic);
+    // Writing into a `Vec` cannot fail: the results carry nothing worth handling.
+    let _ = mp::write_array_len(w, 5);
+    let _ = mp::write_str(w, topic);
     match &msg.key {
         Some(key) => {
-            let _ = mp::write_str(&mut w, key);
+            let _ = mp::write_str(w, key);
         }
         None => {
-            let _ = mp::write_nil(&mut w);
+            let _ = mp::write_nil(w);
         }
     }
-    let _ = mp::write_array_len(&mut w, msg.tags.len() as u32);
+    let _ = mp::write_array_len(w, msg.tags.len() as u32);
     for tag in &msg.tags {
-        let _ = mp::write_str(&mut w, tag);
+        let _ = mp::write_str(w, tag);
     }
-    let _ = mp::write_array_len(&mut w, msg.headers.len() as u32);
+    let _ = mp::write_array_len(w, msg.headers.len() as u32);
     for (name, value) in &msg.headers {
-        let _ = mp::write_array_len(&mut w, 2);
-        let _ = mp::write_str(&mut w, name);
-        let _ = mp::write_str(&mut w, value);
+        let _ = mp::write_array_len(w, 2);
+        let _ = mp::write_str(w, name);
+        let _ = mp::write_str(w, value);
     }
-    let _ = mp::write_uint(&mut w, publish_time_ms);
+    let _ = mp::write_uint(w, publish_time_ms);
 }
 
 /// Decodes an outbox record body into the envelope to send; the payload is a slice of
@@ -239,7 +237,7 @@ mod tests {
             m.key = key;
             m.tags = tags;
             m.headers = headers;
-            let mut buf = BytesMut::new();
+            let mut buf = Vec::new();
             write_stored_head(&mut buf, &topic, &m, t);
             let head = StoredHead {
                 topic: topic.as_str().into(),

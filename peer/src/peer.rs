@@ -10,7 +10,7 @@ use crate::outbox::{self, Outbox, OutboxConfig, OutboxStats};
 use crate::seq_map::SeqMap;
 use crate::subscription::{lock, SubShared, SubState, Subscription, DEFAULT_CREDIT};
 use crate::{Durability, Receipt, WhenFull};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -806,15 +806,15 @@ impl Inner {
             .await
     }
 
-    /// Checks `message` and encodes it as stored in the outbox (into `buf`, see
-    /// [`message::encode_stored_into`]); returns the body and the hash of its key.
+    /// Checks `message` and appends it as stored in the outbox to `buf` (see
+    /// [`message::append_stored`]); returns where it is and the hash of its key.
     fn prepare(
         &self,
         topic: &str,
         message: &Message,
         publish_time_ms: u64,
-        buf: &mut BytesMut,
-    ) -> Result<(Bytes, Option<u64>)> {
+        buf: &mut Vec<u8>,
+    ) -> Result<(std::ops::Range<usize>, Option<u64>)> {
         if topic.is_empty() {
             return Err(Error::new(ErrorKind::Config, "topic must not be empty"));
         }
@@ -828,14 +828,15 @@ impl Inner {
                 ),
             ));
         }
-        let body = message::encode_stored_into(buf, topic, message, publish_time_ms);
-        if body.len() > message.payload.len() + MESSAGE_METADATA_LIMIT {
+        let record = message::append_stored(buf, topic, message, publish_time_ms);
+        let metadata = record.len() - message.payload.len();
+        if metadata > MESSAGE_METADATA_LIMIT {
             return Err(Error::new(
                 ErrorKind::TooLarge,
-                format!("topic, key, tags and headers take {} bytes; at most {MESSAGE_METADATA_LIMIT} allowed", body.len() - message.payload.len()),
+                format!("topic, key, tags and headers take {metadata} bytes; at most {MESSAGE_METADATA_LIMIT} allowed"),
             ));
         }
-        Ok((body, message.key.as_deref().map(message::key_hash)))
+        Ok((record, message.key.as_deref().map(message::key_hash)))
     }
 
     async fn publish(
@@ -845,8 +846,9 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<Receipt> {
-        let mut buf = BytesMut::with_capacity(message::stored_size_estimate(topic, &message));
-        let (body, key_hash) = self.prepare(topic, &message, message::now_ms(), &mut buf)?;
+        let mut buf = Vec::with_capacity(message::stored_size_estimate(topic, &message));
+        let (_, key_hash) = self.prepare(topic, &message, message::now_ms(), &mut buf)?;
+        let body = Bytes::from(buf);
         let targets = self.targets(topic).await?;
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
@@ -878,20 +880,22 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<Vec<Receipt>> {
-        let mut bodies = Vec::with_capacity(messages.len());
+        let mut records = Vec::with_capacity(messages.len());
         let mut key_hashes = Vec::with_capacity(messages.len());
         // One allocation and one clock reading for the whole batch.
         let size = messages
             .iter()
             .map(|m| message::stored_size_estimate(topic, m))
             .sum();
-        let mut buf = BytesMut::with_capacity(size);
+        let mut buf = Vec::with_capacity(size);
         let now_ms = message::now_ms();
         for message in &messages {
-            let (body, key_hash) = self.prepare(topic, message, now_ms, &mut buf)?;
-            bodies.push(body);
+            let (record, key_hash) = self.prepare(topic, message, now_ms, &mut buf)?;
+            records.push(record);
             key_hashes.push(key_hash);
         }
+        let buf = Bytes::from(buf);
+        let bodies: Vec<Bytes> = records.into_iter().map(|r| buf.slice(r)).collect();
         if messages.is_empty() {
             return Ok(Vec::new());
         }

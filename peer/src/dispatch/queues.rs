@@ -25,18 +25,24 @@ impl WaitQueue {
         self.items.is_empty()
     }
 
-    /// Adds a message; a message already waiting is replaced.
-    pub(super) fn push(&mut self, seq: Seq, entry: Entry) {
-        match self.items.back() {
-            Some(&(last, _)) if last >= seq => self.insert_sorted(seq, entry),
-            _ => self.items.push_back((seq, entry)),
-        }
-    }
-
-    fn insert_sorted(&mut self, seq: Seq, entry: Entry) {
-        match self.items.binary_search_by_key(&seq, |(s, _)| *s) {
-            Ok(i) => self.items[i] = (seq, entry),
-            Err(i) => self.items.insert(i, (seq, entry)),
+    /// Adds messages (a run in increasing sequence order); a message already waiting is
+    /// replaced. A run that belongs
+    /// before some waiting messages (publishes racing each other to the dispatcher) is
+    /// moved in as a block, not inserted one message at a time.
+    pub(super) fn push_run(&mut self, run: Vec<(Seq, Entry)>) {
+        let (Some(&(first, _)), Some(&(last, _))) = (run.first(), run.last()) else {
+            return;
+        };
+        let at = self.items.partition_point(|&(s, _)| s < first);
+        if at == self.items.len() {
+            self.items.extend(run);
+        } else if self.items[at].0 <= last {
+            // Interleaved with waiting messages: merge.
+            self.requeue(run);
+        } else {
+            let tail = self.items.split_off(at);
+            self.items.extend(run);
+            self.items.extend(tail);
         }
     }
 
@@ -188,9 +194,7 @@ mod tests {
     #[test]
     fn scan_takes_skips_and_stops_keeping_order() {
         let mut q = WaitQueue::default();
-        for s in 1..=6 {
-            q.push(s, entry(0));
-        }
+        q.push_run((1..=6).map(|s| (s, entry(0))).collect());
         q.scan(10, |seq, _| match seq {
             2 | 4 => Offer::Skip,
             5 => Offer::Stop,
@@ -204,9 +208,7 @@ mod tests {
     #[test]
     fn requeued_messages_merge_in_order_without_duplicates() {
         let mut q = WaitQueue::default();
-        for s in [3, 7, 9] {
-            q.push(s, entry(0));
-        }
+        q.push_run([3, 7, 9].map(|s| (s, entry(0))).to_vec());
         q.requeue(vec![(8, entry(1)), (1, entry(1)), (7, entry(1))]);
         assert_eq!(seqs(&q), vec![1, 3, 7, 8, 9]);
         q.requeue(vec![(0, entry(2))]);
@@ -215,11 +217,17 @@ mod tests {
             vec![0, 1, 3, 7, 8, 9],
             "all before the front: prepended"
         );
-        q.push(5, entry(0));
+        q.push_run(vec![(5, entry(0)), (6, entry(0))]);
         assert_eq!(
             seqs(&q),
-            vec![0, 1, 3, 5, 7, 8, 9],
-            "a late push lands in order"
+            vec![0, 1, 3, 5, 6, 7, 8, 9],
+            "a late run lands in order"
+        );
+        q.push_run(vec![(2, entry(0)), (4, entry(0))]);
+        assert_eq!(
+            seqs(&q),
+            vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+            "interleaved: merged"
         );
     }
 
@@ -232,8 +240,13 @@ mod tests {
             for (op, seq, n) in ops {
                 match op {
                     0 | 1 => {
-                        q.push(seq, entry(n as u32));
-                        model.insert(seq, n as u32);
+                        // A run: one message (op 0) or n of them every other seq (op 1).
+                        let len = if op == 0 { 1 } else { n as u64 };
+                        let run: Vec<(Seq, Entry)> = (0..len).map(|i| (seq + 2 * i, entry(n as u32))).collect();
+                        for (s, _) in &run {
+                            model.insert(*s, n as u32);
+                        }
+                        q.push_run(run);
                     }
                     2 => {
                         let back: Vec<(Seq, Entry)> = (seq..seq + n as u64).map(|s| (s, entry(7))).collect();
