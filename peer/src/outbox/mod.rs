@@ -71,7 +71,7 @@ pub struct OutboxConfig {
     /// Most append requests in one group commit (default 4096).
     pub max_batch: usize,
     /// Bytes of bodies of disk messages kept in memory for [`Outbox::read`] (default
-    /// 8 MiB); older ones are read back from their segment (in batches, one open per
+    /// 32 MiB); older ones are read back from their segment (in batches, one open per
     /// segment), so a large backlog costs disk, not memory.
     pub cache_bytes: usize,
     /// [`Outbox::append`] waits for the writer thread, and [`Outbox::open`] recovers, by
@@ -85,7 +85,7 @@ pub struct OutboxConfig {
 
 impl OutboxConfig {
     /// Configuration with the defaults: 64 MiB segments, 1 GiB and 1,000,000 messages
-    /// of quota, batches of 4096 appends, 8 MiB body cache.
+    /// of quota, batches of 4096 appends, 32 MiB body cache.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         OutboxConfig {
             dir: dir.into(),
@@ -93,7 +93,7 @@ impl OutboxConfig {
             max_bytes: 1024 * 1024 * 1024,
             max_messages: 1_000_000,
             max_batch: 4096,
-            cache_bytes: 8 * 1024 * 1024,
+            cache_bytes: 32 * 1024 * 1024,
             blocking_append: false,
         }
     }
@@ -344,7 +344,8 @@ struct Core {
     state: OutboxState,
     cache: BodyCache,
     /// Settles to write: `(seq, group, segment of the message)`.
-    settles: Vec<(u64, String, u64)>,
+    /// Settles to write: (seq, group, segment of the message).
+    settles: Vec<(u64, Arc<str>, u64)>,
     /// Segment files to delete, in order.
     deletions: Vec<u64>,
     /// A wake-up is queued for the writer.
@@ -713,13 +714,14 @@ impl Outbox {
         let wake = {
             let mut core = shared.core();
             let mut freed = false;
+            let group_name: Arc<str> = group.into();
             for &seq in seqs {
                 let out = core.state.settle(seq, group);
                 if !out.applied {
                     continue;
                 }
                 if let Some(seg) = out.segment {
-                    core.settles.push((seq, group.to_owned(), seg));
+                    core.settles.push((seq, group_name.clone(), seg));
                 }
                 if out.fully_settled {
                     core.cache.remove(seq);

@@ -70,11 +70,14 @@ pub struct SettleOutcome {
     pub actions: Vec<Action>,
 }
 
+/// Interned ids of target groups (inline up to four: no allocation per message for the
+/// usual fan-out).
+pub type GroupSet = SmallVec<[u32; 4]>;
+
 #[derive(Debug)]
 struct Entry {
-    /// Interned ids of groups not yet settled (inline up to four: no allocation per
-    /// message for the usual fan-out).
-    groups: SmallVec<[u32; 4]>,
+    /// Groups not yet settled.
+    groups: GroupSet,
     loc: Option<Location>,
     bytes: u64,
     unix_ms: u64,
@@ -211,6 +214,21 @@ impl OutboxState {
         unix_ms: u64,
         reserved: bool,
     ) {
+        let groups = self.group_set(targets);
+        self.message_added_to(seq, &groups, loc, bytes, unix_ms, reserved);
+    }
+
+    /// [`message_added`](Self::message_added) for groups already interned with
+    /// [`group_set`](Self::group_set) (once for a batch of messages).
+    pub fn message_added_to(
+        &mut self,
+        seq: u64,
+        groups: &GroupSet,
+        loc: Option<Location>,
+        bytes: u64,
+        unix_ms: u64,
+        reserved: bool,
+    ) {
         if !reserved {
             self.used_bytes += bytes;
             self.used_messages += 1;
@@ -220,14 +238,13 @@ impl OutboxState {
             // later one replaces the earlier one.
             self.drop_entry(seq, old);
         }
-        let groups = self.group_set(targets);
         if let Some(l) = loc {
             self.segments.entry(l.segment).or_default().live += 1;
         }
         self.insert(
             seq,
             Entry {
-                groups,
+                groups: groups.clone(),
                 loc,
                 bytes,
                 unix_ms,
@@ -284,7 +301,7 @@ impl OutboxState {
     }
 
     /// The interned ids of `targets`, without duplicates.
-    fn group_set(&mut self, targets: &[String]) -> SmallVec<[u32; 4]> {
+    pub fn group_set(&mut self, targets: &[String]) -> GroupSet {
         let mut groups = SmallVec::new();
         for t in targets {
             let id = self.intern(t);

@@ -180,6 +180,7 @@ impl Writer {
                 core.next_seq += append.bodies.len() as u64;
                 let seqs = first..core.next_seq;
                 let to_disk = !append.targets.is_empty() && append.durability == Durability::Disk;
+                let groups = core.state.group_set(&append.targets);
                 for (seq, body) in seqs.clone().zip(append.bodies) {
                     if append.targets.is_empty() {
                         continue;
@@ -199,7 +200,7 @@ impl Writer {
                     };
                     let bytes = body.len() as u64;
                     core.state
-                        .message_added(seq, &append.targets, Some(loc), bytes, now, true);
+                        .message_added_to(seq, &groups, Some(loc), bytes, now, true);
                     core.cache.insert(seq, body);
                 }
                 need_sync |= to_disk;
@@ -212,12 +213,14 @@ impl Writer {
             core.wake_queued = false;
             let settles = std::mem::take(&mut core.settles);
             for chunk in settles.chunks(SETTLES_PER_RECORD) {
-                record::encode_settle(
-                    &mut self.buf,
-                    chunk.iter().map(|(s, g, _)| (*s, g.as_str())),
-                );
-                for (_, _, seg) in chunk {
-                    core.state.settle_written(self.active, *seg);
+                record::encode_settle(&mut self.buf, chunk.iter().map(|(s, g, _)| (*s, &**g)));
+                // Settles come in runs of one segment: note each run once.
+                let mut noted = None;
+                for &(_, _, seg) in chunk {
+                    if noted != Some(seg) {
+                        core.state.settle_written(self.active, seg);
+                        noted = Some(seg);
+                    }
                 }
             }
             deletions.append(&mut core.deletions);
