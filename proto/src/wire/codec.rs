@@ -231,7 +231,14 @@ fn finish_frame(out: &mut BytesMut, start: usize, max_frame: usize) -> Result<()
 /// [`next_frame`]: FrameDecoder::next_frame
 #[derive(Debug)]
 pub struct FrameDecoder {
+    /// Bytes of a frame that arrived in pieces (copied together).
     buf: BytesMut,
+    /// The unread rest of a chunk handed over with [`extend_bytes`] while `buf` was
+    /// empty: whole frames are cut from it without a copy. Only one of `buf` and
+    /// `chunk` is non-empty at a time.
+    ///
+    /// [`extend_bytes`]: FrameDecoder::extend_bytes
+    chunk: Bytes,
     max_frame: usize,
 }
 
@@ -240,35 +247,75 @@ impl FrameDecoder {
     pub fn new(max_frame: usize) -> Self {
         Self {
             buf: BytesMut::new(),
+            chunk: Bytes::new(),
             max_frame,
         }
     }
 
     /// Appends received bytes.
     pub fn extend(&mut self, bytes: &[u8]) {
+        self.spill_chunk();
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Appends a received chunk, keeping it shared: frames that lie whole inside it
+    /// become slices of it instead of copies (a large payload is then never copied on
+    /// the receiving side).
+    pub fn extend_bytes(&mut self, bytes: Bytes) {
+        if self.buf.is_empty() && self.chunk.is_empty() {
+            self.chunk = bytes;
+        } else {
+            self.extend(&bytes);
+        }
+    }
+
+    /// Moves the rest of a shared chunk into `buf` (a frame continues past it).
+    fn spill_chunk(&mut self) {
+        if !self.chunk.is_empty() {
+            self.buf.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
+        }
     }
 
     /// Bytes received but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.chunk.len()
     }
 
-    /// The next complete frame, `Ok(None)` if more bytes are needed. An error means the
-    /// stream is unusable and must be closed.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        if self.buf.len() < LENGTH_PREFIX {
+    /// The length of the frame body starting at `bytes`, if its length prefix is there;
+    /// an error if it exceeds the limit.
+    fn frame_size(&self, bytes: &[u8]) -> Result<Option<usize>, WireError> {
+        let Some(prefix) = bytes.get(..LENGTH_PREFIX) else {
             return Ok(None);
-        }
-        let mut prefix = [0u8; LENGTH_PREFIX];
-        prefix.copy_from_slice(&self.buf[..LENGTH_PREFIX]);
-        let size = u32::from_be_bytes(prefix) as usize;
+        };
+        let mut be = [0u8; LENGTH_PREFIX];
+        be.copy_from_slice(prefix);
+        let size = u32::from_be_bytes(be) as usize;
         if size > self.max_frame {
             return Err(WireError::FrameTooLarge {
                 size,
                 limit: self.max_frame,
             });
         }
+        Ok(Some(size))
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed. An error means the
+    /// stream is unusable and must be closed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        if !self.chunk.is_empty() {
+            if let Some(size) = self.frame_size(&self.chunk)? {
+                if self.chunk.len() >= LENGTH_PREFIX + size {
+                    self.chunk.advance(LENGTH_PREFIX);
+                    let body = self.chunk.split_to(size);
+                    return decode_body(body).map(Some);
+                }
+            }
+            self.spill_chunk();
+        }
+        let Some(size) = self.frame_size(&self.buf)? else {
+            return Ok(None);
+        };
         if self.buf.len() < LENGTH_PREFIX + size {
             self.buf.reserve(LENGTH_PREFIX + size - self.buf.len());
             return Ok(None);
@@ -280,12 +327,9 @@ impl FrameDecoder {
 
     /// Call at end of stream: an error if a frame was left unfinished.
     pub fn finish(&self) -> Result<(), WireError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(WireError::Truncated {
-                buffered: self.buf.len(),
-            })
+        match self.buffered() {
+            0 => Ok(()),
+            buffered => Err(WireError::Truncated { buffered }),
         }
     }
 }
@@ -590,6 +634,26 @@ mod tests {
             prop_assert_eq!(got, frames);
         }
 
+        /// Shared chunks of any sizes, mixed with copied ones, yield the same frames.
+        #[test]
+        fn shared_chunks_yield_same_frames(messages in proptest::collection::vec(envelope(), 1..10), cuts in proptest::collection::vec((1usize..700, any::<bool>()), 1..40)) {
+            let frames: Vec<Frame> = messages.into_iter().enumerate().map(|(i, m)| Frame::Deliver(Deliver { group: "g".into(), first_link_seq: i as u64, messages: vec![m] })).collect();
+            let mut out = BytesMut::new();
+            for f in &frames { encode(f, &mut out, 1 << 20).expect("encode"); }
+            let mut rest = out.freeze();
+            let mut dec = FrameDecoder::new(1 << 20);
+            let mut got = Vec::new();
+            let mut cuts = cuts.into_iter().cycle();
+            while !rest.is_empty() {
+                let (cut, shared) = cuts.next().expect("cycles");
+                let chunk = rest.split_to(cut.min(rest.len()));
+                if shared { dec.extend_bytes(chunk) } else { dec.extend(&chunk) }
+                while let Some(f) = dec.next_frame().expect("decode") { got.push(f); }
+            }
+            dec.finish().expect("no leftovers");
+            prop_assert_eq!(got, frames);
+        }
+
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut dec = FrameDecoder::new(1024);
@@ -609,6 +673,48 @@ mod tests {
             let truncated = matches!(dec.finish(), Err(WireError::Truncated { .. }));
             prop_assert!(truncated || keep == 0);
         }
+    }
+
+    #[test]
+    fn a_frame_whole_in_a_shared_chunk_is_not_copied_and_a_cut_one_is_finished() {
+        let msg = |seq| Envelope {
+            id: MessageId { producer: 1, seq },
+            topic: "t".into(),
+            key: None,
+            tags: vec![],
+            headers: vec![],
+            publish_time_ms: 0,
+            payload: Bytes::from(vec![seq as u8; 100]),
+        };
+        let mut out = BytesMut::new();
+        for seq in 0..2 {
+            let frame = Frame::Deliver(Deliver {
+                group: "g".into(),
+                first_link_seq: seq,
+                messages: vec![msg(seq)],
+            });
+            encode(&frame, &mut out, 1 << 20).expect("encodes");
+        }
+        let mut chunk = out.freeze();
+        let tail = chunk.split_off(chunk.len() - 10);
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.extend_bytes(chunk.clone());
+        let Some(Frame::Deliver(first)) = dec.next_frame().expect("decodes") else {
+            panic!("first frame whole in the chunk")
+        };
+        let range = chunk.as_ptr_range();
+        assert!(
+            range.contains(&first.messages[0].payload.as_ptr()),
+            "a slice of the chunk"
+        );
+        assert!(dec.next_frame().expect("incomplete").is_none());
+        assert!(dec.finish().is_err(), "a frame is unfinished");
+        dec.extend_bytes(tail);
+        let Some(Frame::Deliver(second)) = dec.next_frame().expect("decodes") else {
+            panic!("second frame completed")
+        };
+        assert_eq!(second.messages[0].payload, Bytes::from(vec![1u8; 100]));
+        dec.finish().expect("nothing left");
     }
 
     #[test]

@@ -38,7 +38,7 @@ impl FrameReader {
                 return Ok(Some(frame));
             }
             match self.recv.read_chunk(READ_CHUNK, true).await? {
-                Some(chunk) => self.decoder.extend(&chunk.bytes),
+                Some(chunk) => self.decoder.extend_bytes(chunk.bytes),
                 None => {
                     self.decoder.finish()?;
                     return Ok(None);
