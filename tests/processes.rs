@@ -25,33 +25,16 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
     let (_directory, addr) = spawn_directory(root.path(), "1000").await;
     const N: usize = 300;
     // Group g1: one member that never acks (and is killed), one that acks. Group g2: one.
-    let holder = ChildProcess::spawn(
-        &mut weft(
-            root.path(),
-            &addr,
-            "g1-holder",
-            &["sub", "orders", "--group", "g1", "--raw", "--no-ack"],
-        ),
-        Stdio::inherit(),
-    );
-    let g1 = ChildProcess::spawn(
-        &mut weft(
-            root.path(),
-            &addr,
-            "g1-worker",
-            &["sub", "orders", "--group", "g1", "--raw"],
-        ),
-        Stdio::inherit(),
-    );
-    let g2 = ChildProcess::spawn(
-        &mut weft(
-            root.path(),
-            &addr,
-            "g2-worker",
-            &["sub", "orders", "--group", "g2", "--raw"],
-        ),
-        Stdio::inherit(),
-    );
+    let sub = |name: &str, group: &str, ack: bool| {
+        let mut args = vec!["sub", "orders", "--group", group, "--raw"];
+        if !ack {
+            args.push("--no-ack");
+        }
+        ChildProcess::spawn(&mut weft(root.path(), &addr, name, &args), Stdio::inherit())
+    };
+    let holder = sub("g1-holder", "g1", false);
+    let g1 = sub("g1-worker", "g1", true);
+    let g2 = sub("g2-worker", "g2", true);
     // Observe registrations through the directory, as any peer would.
     let observer = weft_peer::Peer::builder("observer")
         .directory([addr.parse::<std::net::SocketAddr>().expect("addr")])

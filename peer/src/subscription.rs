@@ -388,9 +388,12 @@ mod tests {
     async fn the_sender_fails_once_the_subscription_is_gone_even_while_waiting() {
         let (tx, rx) = delivery_queue::<u32>(2);
         tx.send_all(vec![1, 2]).await.expect("fits");
-        let waiting = tokio::spawn(async move { tx.send_all(vec![3]).await });
-        tokio::task::yield_now().await;
+        let mut waiting = Box::pin(tx.send_all(vec![3]));
+        assert!((&mut waiting).now_or_never().is_none(), "full: it waits");
         drop(rx);
-        assert!(waiting.await.expect("task").is_err());
+        // Without the close on drop this would wait forever: bound it so a regression
+        // fails instead of hanging the suite.
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await;
+        assert!(result.expect("woken by the close").is_err());
     }
 }
