@@ -39,6 +39,7 @@ mod message;
 pub mod outbox;
 mod peer;
 mod seq_map;
+mod seq_window;
 mod subscription;
 
 pub use dispatch::GroupBacklog;

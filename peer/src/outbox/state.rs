@@ -18,7 +18,7 @@
 //! segments holding settles for that segment's other messages; they go once it settles
 //! (ack, TTL or dead letter). There is no compaction that copies such messages forward.
 
-use crate::seq_map::SeqMap;
+use crate::seq_window::SeqWindow;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
@@ -91,7 +91,7 @@ struct Group {
     pending: u64,
     /// Seqs pending for this group in increasing order; settled ones are removed
     /// lazily from the front.
-    order: VecDeque<u64>,
+    order: SeqRuns,
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +100,41 @@ struct Segment {
     sealed: bool,
     /// Older segments this one holds settle records for.
     refs: BTreeSet<u64>,
+}
+
+/// Sequence numbers in increasing order, kept as runs of consecutive numbers (a group's
+/// pending messages are mostly one long run: one slot instead of one per message).
+#[derive(Debug, Default)]
+struct SeqRuns {
+    /// Inclusive `(first, last)` runs.
+    runs: VecDeque<(u64, u64)>,
+}
+
+impl SeqRuns {
+    fn push(&mut self, seq: u64) {
+        match self.runs.back_mut() {
+            Some((_, last)) if last.checked_add(1) == Some(seq) => *last = seq,
+            _ => self.runs.push_back((seq, seq)),
+        }
+    }
+
+    fn front(&self) -> Option<u64> {
+        self.runs.front().map(|&(first, _)| first)
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((first, last)) = self.runs.front_mut() {
+            if first < last {
+                *first += 1;
+            } else {
+                self.runs.pop_front();
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.runs.clear();
+    }
 }
 
 /// Per-group view returned by [`OutboxState::group_stats`].
@@ -120,7 +155,7 @@ pub struct OutboxState {
     max_messages: u64,
     used_bytes: u64,
     used_messages: u64,
-    entries: SeqMap<Entry>,
+    entries: SeqWindow<Entry>,
     /// Body bytes of `entries` (reservations excluded).
     pending_bytes: u64,
     groups: Vec<Group>,
@@ -137,7 +172,7 @@ impl OutboxState {
             max_messages,
             used_bytes: 0,
             used_messages: 0,
-            entries: SeqMap::default(),
+            entries: SeqWindow::default(),
             pending_bytes: 0,
             groups: Vec::new(),
             group_ids: FxHashMap::default(),
@@ -196,7 +231,7 @@ impl OutboxState {
         self.groups.push(Group {
             name: name.clone(),
             pending: 0,
-            order: VecDeque::new(),
+            order: SeqRuns::default(),
         });
         self.group_ids.insert(name, id);
         id
@@ -233,7 +268,7 @@ impl OutboxState {
             self.used_bytes += bytes;
             self.used_messages += 1;
         }
-        if let Some(old) = self.entries.remove(&seq) {
+        if let Some(old) = self.entries.remove(seq) {
             // A duplicate record of the same seq (not produced by this writer): the
             // later one replaces the earlier one.
             self.drop_entry(seq, old);
@@ -294,7 +329,7 @@ impl OutboxState {
         for &id in &entry.groups {
             let g = &mut self.groups[id as usize];
             g.pending += 1;
-            g.order.push_back(seq);
+            g.order.push(seq);
         }
         self.pending_bytes += entry.bytes;
         self.entries.insert(seq, entry);
@@ -314,7 +349,7 @@ impl OutboxState {
 
     /// The body of a pending `Memory` message.
     pub fn memory_body(&self, seq: u64) -> Option<&Bytes> {
-        self.entries.get(&seq)?.body.as_ref()
+        self.entries.get(seq)?.body.as_ref()
     }
 
     fn drop_entry(&mut self, _seq: u64, e: Entry) {
@@ -334,7 +369,7 @@ impl OutboxState {
 
     /// Removes a message entirely (e.g. its write failed), releasing its quota.
     pub fn forget(&mut self, seq: u64) -> Vec<Action> {
-        if let Some(e) = self.entries.remove(&seq) {
+        if let Some(e) = self.entries.remove(seq) {
             self.drop_entry(seq, e);
             self.trim_orders();
         }
@@ -344,9 +379,9 @@ impl OutboxState {
     fn trim_orders(&mut self) {
         let entries = &self.entries;
         for (id, g) in self.groups.iter_mut().enumerate() {
-            while let Some(&front) = g.order.front() {
+            while let Some(front) = g.order.front() {
                 let pending = entries
-                    .get(&front)
+                    .get(front)
                     .is_some_and(|e| e.groups.contains(&(id as u32)));
                 if pending {
                     break;
@@ -365,7 +400,7 @@ impl OutboxState {
         let Some(&gid) = self.group_ids.get(group) else {
             return out;
         };
-        let Some(e) = self.entries.get_mut(&seq) else {
+        let Some(e) = self.entries.get_mut(seq) else {
             return out;
         };
         let Some(pos) = e.groups.iter().position(|g| *g == gid) else {
@@ -378,10 +413,10 @@ impl OutboxState {
         let g = &mut self.groups[gid as usize];
         g.pending = g.pending.saturating_sub(1);
         // Trim this group's order queue from the front.
-        while let Some(&front) = g.order.front() {
+        while let Some(front) = g.order.front() {
             let pending = self
                 .entries
-                .get(&front)
+                .get(front)
                 .is_some_and(|e| e.groups.contains(&gid));
             if pending {
                 break;
@@ -390,7 +425,7 @@ impl OutboxState {
         }
         if now_empty {
             out.fully_settled = true;
-            if let Some(e) = self.entries.remove(&seq) {
+            if let Some(e) = self.entries.remove(seq) {
                 self.pending_bytes = self.pending_bytes.saturating_sub(e.bytes);
                 self.used_bytes = self.used_bytes.saturating_sub(e.bytes);
                 self.used_messages = self.used_messages.saturating_sub(1);
@@ -456,18 +491,18 @@ impl OutboxState {
 
     /// Location of a pending disk message.
     pub fn location(&self, seq: u64) -> Option<Location> {
-        self.entries.get(&seq).and_then(|e| e.loc)
+        self.entries.get(seq).and_then(|e| e.loc)
     }
 
     /// True if the message is pending for at least one group.
     pub fn is_pending(&self, seq: u64) -> bool {
-        self.entries.contains_key(&seq)
+        self.entries.contains(seq)
     }
 
     /// Groups the message is still pending for.
     pub fn unsettled(&self, seq: u64) -> Vec<String> {
         self.entries
-            .get(&seq)
+            .get(seq)
             .map(|e| {
                 e.groups
                     .iter()
@@ -479,12 +514,12 @@ impl OutboxState {
 
     /// Append time (Unix ms) of a pending message.
     pub fn appended_unix_ms(&self, seq: u64) -> Option<u64> {
-        self.entries.get(&seq).map(|e| e.unix_ms)
+        self.entries.get(seq).map(|e| e.unix_ms)
     }
 
     /// Pending seqs (unordered).
     pub fn pending_seqs(&self) -> impl Iterator<Item = u64> + '_ {
-        self.entries.keys().copied()
+        self.entries.keys()
     }
 
     /// Number of pending messages (settled for at least one group remaining).
