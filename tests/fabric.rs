@@ -400,3 +400,70 @@ async fn a_published_batch_reaches_every_group_in_order_and_a_bad_one_stores_not
         );
     }
 }
+
+/// `recv_many` takes deliveries in batches and `Delivery::ack_all` settles them all; a
+/// batch dropped without an ack comes back whole after the ack timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_taken_in_batches_are_acked_together_and_an_unacked_batch_comes_back() {
+    let fabric = Fabric::start().await;
+    let sender = Peer::builder("batch-sender")
+        .directory([fabric.directory.local_addr()])
+        .data_dir(fabric.dir.path().join("batch-sender"))
+        .dev_ca(fabric.dir.path().join("dev-ca"))
+        .ack_timeout(Duration::from_secs(1))
+        .start()
+        .await
+        .expect("sender");
+    let receiver = fabric.peer("batch-receiver").await;
+    let mut sub = receiver
+        .subscribe("t")
+        .group("g")
+        .start()
+        .await
+        .expect("subscribe");
+    assert!(
+        eventually(Duration::from_secs(10), || !fabric
+            .directory
+            .route("t")
+            .groups
+            .is_empty())
+        .await
+    );
+    const N: usize = 300;
+    sender
+        .publish_batch("t", (0..N).map(|n| Message::new(n.to_string())))
+        .await
+        .expect("publish");
+    let first = take_batches(&mut sub, N).await;
+    let ids: Vec<_> = first.iter().map(|d| d.id()).collect();
+    drop(first); // none acked: all of them come back
+    let again = take_batches(&mut sub, N).await;
+    assert_eq!(again.iter().map(|d| d.id()).collect::<Vec<_>>(), ids);
+    weft_peer::Delivery::ack_all(again);
+    assert!(
+        sender.drain(Duration::from_secs(10)).await,
+        "settled once acked"
+    );
+    let mut none = Vec::new();
+    assert_eq!(
+        sub.recv_many(&mut none, 0).await,
+        0,
+        "a zero limit takes nothing"
+    );
+}
+
+/// Takes `n` deliveries with `recv_many`, at most 64 at a time.
+async fn take_batches(sub: &mut weft_peer::Subscription, n: usize) -> Vec<weft_peer::Delivery> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let before = got.len();
+        let taken = tokio::time::timeout(Duration::from_secs(10), sub.recv_many(&mut got, 64))
+            .await
+            .expect("deliveries in time");
+        assert!(
+            taken > 0 && taken <= 64 && got.len() == before + taken,
+            "{taken} taken"
+        );
+    }
+    got
+}

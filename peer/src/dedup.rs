@@ -44,6 +44,14 @@ impl Dedup {
     pub(crate) fn record(&mut self, id: MessageId) {
         let ranges = self.producers.entry(id.producer).or_default();
         let seq = id.seq;
+        if let Some(mut last) = ranges.last_entry() {
+            if last.get().checked_add(1) == Some(seq) {
+                // In-order acks (the common case) extend the newest range: no search,
+                // and no range above can join it.
+                *last.get_mut() = seq;
+                return;
+            }
+        }
         let below = ranges.range(..=seq).next_back().map(|(s, e)| (*s, *e));
         if below.is_some_and(|(_, e)| e >= seq) {
             return;

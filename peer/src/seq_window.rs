@@ -183,7 +183,11 @@ mod tests {
         }
         assert_eq!(w.len(), 1);
         assert_eq!(w.get(0), Some(&0));
-        assert!(w.ring_slots() <= SLACK + 2, "ring kept {} slots", w.ring_slots());
+        assert!(
+            w.ring_slots() <= SLACK + 2,
+            "ring kept {} slots",
+            w.ring_slots()
+        );
     }
 
     #[test]

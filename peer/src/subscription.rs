@@ -109,14 +109,31 @@ impl SubShared {
     }
 
     fn ack(&self, id: MessageId) {
-        let links = {
+        self.ack_many(std::slice::from_ref(&id));
+    }
+
+    /// Acknowledges `ids` under one lock of the subscription state, then marks their
+    /// places done under one lock per run of places on the same stream.
+    fn ack_many(&self, ids: &[MessageId]) {
+        let mut places: Vec<(Arc<InboundLink>, u64)> = Vec::with_capacity(ids.len());
+        {
             let mut state = lock(&self.state);
-            state.dedup.record(id);
+            for &id in ids {
+                state.dedup.record(id);
+                if let Some(progress) = state.in_progress.remove(&id) {
+                    places.extend(progress.places);
+                }
+            }
             state.dirty = true;
-            state.in_progress.remove(&id).unwrap_or_default().places
-        };
-        for (link, link_seq) in links {
-            link.done(link_seq);
+        }
+        let mut rest = places.as_slice();
+        while let Some((link, _)) = rest.first() {
+            let run = rest
+                .iter()
+                .position(|(other, _)| !Arc::ptr_eq(other, link))
+                .unwrap_or(rest.len());
+            link.done_all(rest[..run].iter().map(|(_, link_seq)| *link_seq));
+            rest = &rest[run..];
         }
     }
 }
@@ -191,6 +208,29 @@ impl Delivery {
         self.acked = true;
         self.sub.ack(self.envelope.id);
     }
+
+    /// Acknowledges every delivery of `deliveries`, as [`ack`](Self::ack) does each one,
+    /// with one lock per run of deliveries of the same subscription instead of two
+    /// per message. Use it with [`Subscription::recv_many`].
+    pub fn ack_all(deliveries: impl IntoIterator<Item = Delivery>) {
+        let mut sub: Option<Arc<SubShared>> = None;
+        let mut ids = Vec::new();
+        for mut d in deliveries {
+            d.acked = true;
+            if let Some(current) = sub.as_ref().filter(|s| !Arc::ptr_eq(s, &d.sub)) {
+                current.ack_many(&ids);
+                ids.clear();
+                sub = None;
+            }
+            if sub.is_none() {
+                sub = Some(d.sub.clone());
+            }
+            ids.push(d.envelope.id);
+        }
+        if let Some(sub) = sub {
+            sub.ack_many(&ids);
+        }
+    }
 }
 
 /// Makes the bounded hand-over of deliveries from a subscription's inbound streams to
@@ -261,6 +301,39 @@ pub(crate) struct QueueReceiver<T> {
 }
 
 impl<T> QueueReceiver<T> {
+    /// Moves up to `limit` queued items into `buffer`, waiting for at least one; 0
+    /// once the queue is closed and empty (or if `limit` is 0).
+    fn poll_many(
+        &mut self,
+        cx: &mut Context<'_>,
+        buffer: &mut Vec<T>,
+        limit: usize,
+    ) -> Poll<usize> {
+        let mut taken = 0;
+        while taken < limit {
+            let before = buffer.len();
+            buffer.extend(self.current.by_ref().take(limit - taken));
+            taken += buffer.len() - before;
+            if taken == limit {
+                break;
+            }
+            if self.held > 0 {
+                self.room.add_permits(self.held as usize);
+                self.held = 0;
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(batch)) => {
+                    self.held = batch.len() as u32;
+                    self.current = batch.into_iter();
+                }
+                Poll::Ready(None) => break,
+                Poll::Pending if taken == 0 => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(taken)
+    }
+
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         loop {
             if let Some(d) = self.current.next() {
@@ -310,6 +383,17 @@ impl Subscription {
     /// The next delivery; `None` once the peer is closed. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Delivery> {
         std::future::poll_fn(|cx| self.rx.poll_next(cx)).await
+    }
+
+    /// Waits for at least one delivery, then moves up to `limit` of those queued into
+    /// `buffer` (appended) and returns how many; 0 once the peer is closed (or if
+    /// `limit` is 0). Cancel-safe. Acknowledge them with [`Delivery::ack_all`] or
+    /// one by one.
+    pub async fn recv_many(&mut self, buffer: &mut Vec<Delivery>, limit: usize) -> usize {
+        if limit == 0 {
+            return 0;
+        }
+        std::future::poll_fn(|cx| self.rx.poll_many(cx, buffer, limit)).await
     }
 
     /// Topic.
@@ -395,5 +479,36 @@ mod tests {
         // fails instead of hanging the suite.
         let result = tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await;
         assert!(result.expect("woken by the close").is_err());
+    }
+
+    async fn many<T>(rx: &mut QueueReceiver<T>, buf: &mut Vec<T>, limit: usize) -> usize {
+        std::future::poll_fn(|cx| rx.poll_many(cx, buf, limit)).await
+    }
+
+    #[tokio::test]
+    async fn taking_many_crosses_batches_within_the_limit_and_frees_room() {
+        let (tx, mut rx) = delivery_queue::<u32>(4);
+        tx.send_all(vec![1, 2]).await.expect("fits");
+        tx.send_all(vec![3, 4]).await.expect("fits");
+        let mut got = Vec::new();
+        assert_eq!(many(&mut rx, &mut got, 3).await, 3, "across two batches");
+        assert_eq!(got, vec![1, 2, 3]);
+        // The first batch was taken whole: its two permits are back, so two fit.
+        tx.send_all(vec![5, 6])
+            .now_or_never()
+            .expect("room")
+            .expect("open");
+        assert_eq!(
+            many(&mut rx, &mut got, 10).await,
+            3,
+            "what is queued, no waiting"
+        );
+        assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
+        assert!(
+            many(&mut rx, &mut got, 10).now_or_never().is_none(),
+            "empty: it waits"
+        );
+        drop(tx);
+        assert_eq!(many(&mut rx, &mut got, 10).await, 0, "closed and empty");
     }
 }

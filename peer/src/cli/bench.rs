@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_directory::Directory;
-use weft_peer::{Durability, Message, Peer, WhenFull};
+use weft_peer::{Delivery, Durability, Message, Peer, Subscription, WhenFull};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -65,7 +65,8 @@ pub struct BenchArgs {
     pub window: usize,
     /// thr: messages per `publish_batch` call (1 = one `publish` per message). A batch
     /// shares one outbox append and group commit; each message keeps its own
-    /// guarantees.
+    /// guarantees. Above 1, subscribers also take and acknowledge deliveries in
+    /// batches (`recv_many`, `Delivery::ack_all`).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Hard wall-clock limit for the whole run.
@@ -274,10 +275,21 @@ fn system_name(d: BenchDurability) -> &'static str {
 
 /// A payload of `size` bytes whose first 8 bytes carry the send time (ns since `epoch`).
 fn payload(size: usize, epoch: Instant) -> Bytes {
-    let mut b = BytesMut::with_capacity(size.max(8));
-    b.put_u64(epoch.elapsed().as_nanos() as u64);
-    b.resize(size.max(8), 0x5a);
-    b.freeze()
+    payloads(size, 1, epoch).pop().unwrap_or_default()
+}
+
+/// `count` payloads as [`payload`] makes them, cut from one buffer (one allocation and
+/// one clock reading for a batch, as an application building a batch would do).
+fn payloads(size: usize, count: usize, epoch: Instant) -> Vec<Bytes> {
+    let size = size.max(8);
+    let sent = epoch.elapsed().as_nanos() as u64;
+    let mut all = BytesMut::with_capacity(size * count);
+    for _ in 0..count {
+        all.put_u64(sent);
+        all.put_bytes(0x5a, size - 8);
+    }
+    let mut all = all.freeze();
+    (0..count).map(|_| all.split_to(size)).collect()
 }
 
 fn sent_ns(payload: &[u8]) -> u64 {
@@ -307,6 +319,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let delivered = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(Mutex::new(histogram()));
     let mut subscribers = Vec::new();
+    let batch = args.batch.max(1);
     for g in 0..args.groups {
         for m in 0..args.members {
             let name = format!("sub-{g}-{m}");
@@ -322,6 +335,13 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
             let mut sub = thread.run(subscribing).await??;
             let delivered = delivered.clone();
             let latency = latency.clone();
+            if batch > 1 {
+                thread
+                    .handle
+                    .spawn(receive_batches(sub, epoch, delivered, latency));
+                subscribers.push((thread, peer));
+                continue;
+            }
             thread.handle.spawn(async move {
                 let mut local = histogram();
                 let mut n = 0u64;
@@ -370,8 +390,8 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         let (size, keys) = (args.size, args.keys);
         let batch = args.batch.max(1) as u64;
         let batches_in_flight = (args.window as u64).div_ceil(batch).max(1) as usize;
-        let message = move |i: u64| {
-            let m = Message::new(payload(size, epoch));
+        let message = move |i: u64, payload: Bytes| {
+            let m = Message::new(payload);
             if keys > 0 {
                 m.key(format!("k{}", i % keys))
             } else {
@@ -384,10 +404,12 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                     let publisher = publisher.clone();
                     async move {
                         if batch == 1 {
-                            return publisher.publish("bench", message(first)).await.map(|_| ());
+                            let m = message(first, payload(size, epoch));
+                            return publisher.publish("bench", m).await.map(|_| ());
                         }
                         let end = (first + batch).min(per_publisher);
-                        let messages = (first..end).map(message);
+                        let bodies = payloads(size, (end - first) as usize, epoch);
+                        let messages = (first..end).zip(bodies).map(|(i, p)| message(i, p));
                         publisher.publish_batch("bench", messages).await.map(|_| ())
                     }
                 })
@@ -450,6 +472,31 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// The subscriber loop of `--batch` runs: deliveries taken and acknowledged in batches
+/// ([`Subscription::recv_many`], [`Delivery::ack_all`]), latencies recorded into the
+/// shared histogram under one lock per batch.
+async fn receive_batches(
+    mut sub: Subscription,
+    epoch: Instant,
+    delivered: Arc<AtomicU64>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+) {
+    let mut batch = Vec::with_capacity(RECEIVE_BATCH);
+    while sub.recv_many(&mut batch, RECEIVE_BATCH).await > 0 {
+        let now = epoch.elapsed().as_nanos() as u64;
+        if let Ok(mut h) = latency.lock() {
+            for d in &batch {
+                let _ = h.record(now.saturating_sub(sent_ns(d.payload())).max(1));
+            }
+        }
+        delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Delivery::ack_all(batch.drain(..));
+    }
+}
+
+/// Most deliveries a `--batch` subscriber takes at once.
+const RECEIVE_BATCH: usize = 1024;
 
 async fn latency(args: &BenchArgs) -> Result<()> {
     let fabric = Fabric::start().await?;
