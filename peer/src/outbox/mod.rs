@@ -714,9 +714,12 @@ impl Outbox {
         let wake = {
             let mut core = shared.core();
             let mut freed = false;
+            let Some(gid) = core.state.group_id(group) else {
+                return;
+            };
             let group_name: Arc<str> = group.into();
             for &seq in seqs {
-                let out = core.state.settle(seq, group);
+                let out = core.state.settle_group(seq, gid);
                 if !out.applied {
                     continue;
                 }

@@ -396,10 +396,21 @@ impl OutboxState {
 
     /// Marks `seq` settled for `group`. Idempotent: unknown seqs or groups are no-ops.
     pub fn settle(&mut self, seq: u64, group: &str) -> SettleOutcome {
+        match self.group_id(group) {
+            Some(gid) => self.settle_group(seq, gid),
+            None => SettleOutcome::default(),
+        }
+    }
+
+    /// The interned id of `group`, if any message was ever added for it (settling many
+    /// messages of one group looks its name up once).
+    pub fn group_id(&self, group: &str) -> Option<u32> {
+        self.group_ids.get(group).copied()
+    }
+
+    /// [`settle`](Self::settle) for a group id from [`group_id`](Self::group_id).
+    pub fn settle_group(&mut self, seq: u64, gid: u32) -> SettleOutcome {
         let mut out = SettleOutcome::default();
-        let Some(&gid) = self.group_ids.get(group) else {
-            return out;
-        };
         let Some(e) = self.entries.get_mut(seq) else {
             return out;
         };
