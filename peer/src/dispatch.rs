@@ -553,10 +553,16 @@ impl Dispatcher {
             Offer::Take
         });
         queue.blocked = free.iter().all(|f| *f == 0);
-        let mut woken = vec![false; live.len()];
-        for (target, seq, mut entry) in assigned {
-            entry.deliveries += 1;
-            if let Some(link) = links.get_mut(live[target]) {
+        // One link lookup per member (hashing a `LinkKey` hashes three strings), not
+        // one per message; members are few.
+        for (target, key) in live.into_iter().enumerate() {
+            let Some(link) = links.get_mut(key) else {
+                continue;
+            };
+            // A link with outgoing messages was woken already and takes them all.
+            let mut woken = false;
+            for &(_, seq, mut entry) in assigned.iter().filter(|a| a.0 == target) {
+                entry.deliveries += 1;
                 let link_seq = link.next_link_seq;
                 link.next_link_seq += 1;
                 link.inflight.push(
@@ -567,13 +573,10 @@ impl Dispatcher {
                         sent_at: now,
                     },
                 );
-                // A link with outgoing messages was woken already and takes them all.
-                woken[target] |= link.outgoing.is_empty();
+                woken |= link.outgoing.is_empty();
                 link.outgoing.push((link_seq, seq));
             }
-        }
-        for (i, key) in live.into_iter().enumerate() {
-            if woken[i] {
+            if woken {
                 actions.push(Action::Wake(key.clone()));
             }
         }

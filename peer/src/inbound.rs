@@ -1,7 +1,7 @@
 //! Accepting data streams from senders and feeding them to local subscriptions.
 
 use crate::peer::Inner;
-use crate::subscription::{lock, Delivery, InboundLink, Places, Progress, SubShared};
+use crate::subscription::{lock, InboundLink, Places, Progress, SubShared};
 use smallvec::SmallVec;
 use std::sync::Arc;
 use tracing::{debug, warn};
@@ -168,14 +168,16 @@ async fn receive(
     if wake {
         link.wake.notify_one();
     }
-    let mut fresh = Vec::with_capacity(batch.messages.len());
+    let mut messages = batch.messages;
+    let mut fresh = Vec::with_capacity(messages.len());
     let mut duplicates = SmallVec::<[u64; 16]>::new();
     {
         let mut state = lock(&sub.state);
         let state = &mut *state;
-        for (envelope, link_seq) in batch.messages.into_iter().zip(batch.first_link_seq..) {
+        for (envelope, link_seq) in messages.iter().zip(batch.first_link_seq..) {
             if state.dedup.is_acked(envelope.id) {
                 duplicates.push(link_seq);
+                fresh.push(false);
                 continue;
             }
             let progress = state
@@ -185,29 +187,27 @@ async fn receive(
                     places: Places::new(),
                     abandoned: true,
                 });
-            for (old_link, old_seq) in progress.places.drain(..) {
-                if Arc::ptr_eq(&old_link, link) {
-                    duplicates.push(old_seq);
-                } else {
-                    old_link.done(old_seq);
+            if !progress.places.is_empty() {
+                for (old_link, old_seq) in progress.places.drain(..) {
+                    if Arc::ptr_eq(&old_link, link) {
+                        duplicates.push(old_seq);
+                    } else {
+                        old_link.done(old_seq);
+                    }
                 }
             }
             progress.places.push((link.clone(), link_seq));
-            if progress.abandoned {
-                progress.abandoned = false;
-                fresh.push(Delivery {
-                    envelope,
-                    sub: sub.clone(),
-                    acked: false,
-                });
-            }
+            fresh.push(std::mem::replace(&mut progress.abandoned, false));
         }
     }
     if !duplicates.is_empty() {
         link.done_all(duplicates);
     }
+    // Keeps the frame's vector: without duplicates nothing moves.
+    let mut is_fresh = fresh.into_iter();
+    messages.retain(|_| is_fresh.next().unwrap_or(false));
     sub.queue
-        .send_all(fresh)
+        .send_all(messages)
         .await
         .map_err(|_| (ErrorCode::ShuttingDown, "subscription closed".into()))
 }

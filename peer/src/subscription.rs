@@ -82,7 +82,9 @@ pub(crate) struct SubShared {
     pub(crate) group: String,
     pub(crate) credit: u32,
     pub(crate) state: Mutex<SubState>,
-    pub(crate) queue: QueueSender<Delivery>,
+    /// Fresh messages for the application (made into [`Delivery`] values as it takes
+    /// them, so that a message is moved once on its way).
+    pub(crate) queue: QueueSender<Envelope>,
 }
 
 impl SubShared {
@@ -162,6 +164,14 @@ impl Drop for Delivery {
 }
 
 impl Delivery {
+    fn new(envelope: Envelope, sub: &Arc<SubShared>) -> Self {
+        Delivery {
+            envelope,
+            sub: sub.clone(),
+            acked: false,
+        }
+    }
+
     /// The payload (a slice of the received frame; cloning it is cheap).
     pub fn payload(&self) -> &Bytes {
         &self.envelope.payload
@@ -301,19 +311,20 @@ pub(crate) struct QueueReceiver<T> {
 }
 
 impl<T> QueueReceiver<T> {
-    /// Moves up to `limit` queued items into `buffer`, waiting for at least one; 0
-    /// once the queue is closed and empty (or if `limit` is 0).
+    /// Hands up to `limit` queued items to `take`, waiting for at least one; 0 once
+    /// the queue is closed and empty (or if `limit` is 0).
     fn poll_many(
         &mut self,
         cx: &mut Context<'_>,
-        buffer: &mut Vec<T>,
         limit: usize,
+        mut take: impl FnMut(T),
     ) -> Poll<usize> {
         let mut taken = 0;
         while taken < limit {
-            let before = buffer.len();
-            buffer.extend(self.current.by_ref().take(limit - taken));
-            taken += buffer.len() - before;
+            for item in self.current.by_ref().take(limit - taken) {
+                take(item);
+                taken += 1;
+            }
             if taken == limit {
                 break;
             }
@@ -365,7 +376,7 @@ impl<T> Drop for QueueReceiver<T> {
 /// A stream of deliveries for one (topic, group). Dropping it unregisters the
 /// subscription.
 pub struct Subscription {
-    pub(crate) rx: QueueReceiver<Delivery>,
+    pub(crate) rx: QueueReceiver<Envelope>,
     pub(crate) shared: Arc<SubShared>,
     pub(crate) on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
@@ -382,7 +393,14 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     /// The next delivery; `None` once the peer is closed. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Delivery> {
-        std::future::poll_fn(|cx| self.rx.poll_next(cx)).await
+        std::future::poll_fn(|cx| self.poll_delivery(cx)).await
+    }
+
+    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let shared = &self.shared;
+        self.rx
+            .poll_next(cx)
+            .map(|envelope| envelope.map(|envelope| Delivery::new(envelope, shared)))
     }
 
     /// Waits for at least one delivery, then moves up to `limit` of those queued into
@@ -393,7 +411,14 @@ impl Subscription {
         if limit == 0 {
             return 0;
         }
-        std::future::poll_fn(|cx| self.rx.poll_many(cx, buffer, limit)).await
+        let shared = &self.shared;
+        let rx = &mut self.rx;
+        std::future::poll_fn(|cx| {
+            rx.poll_many(cx, limit, |envelope| {
+                buffer.push(Delivery::new(envelope, shared));
+            })
+        })
+        .await
     }
 
     /// Topic.
@@ -411,7 +436,7 @@ impl Stream for Subscription {
     type Item = Delivery;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        self.rx.poll_next(cx)
+        self.poll_delivery(cx)
     }
 }
 
@@ -482,7 +507,7 @@ mod tests {
     }
 
     async fn many<T>(rx: &mut QueueReceiver<T>, buf: &mut Vec<T>, limit: usize) -> usize {
-        std::future::poll_fn(|cx| rx.poll_many(cx, buf, limit)).await
+        std::future::poll_fn(|cx| rx.poll_many(cx, limit, |item| buf.push(item))).await
     }
 
     #[tokio::test]
