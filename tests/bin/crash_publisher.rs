@@ -35,7 +35,10 @@ async fn main() -> Result<()> {
         let key = format!("k{}", n % 7);
         peer.publish(&args[4], Message::new(n.to_string()).key(key))
             .await?;
-        writeln!(record, "{n}")?;
+        // One `write` per line: `writeln!` on a `File` writes the number and the newline
+        // separately, and a SIGKILL between the two glued this line to the next run's
+        // first one ("5538" + "5539\n"), which the test then missed as never delivered.
+        record.write_all(format!("{n}\n").as_bytes())?;
     }
     record.sync_all()?;
     println!("published");
