@@ -28,14 +28,47 @@ impl Fabric {
     }
 
     async fn peer(&self, name: &str) -> Peer {
+        self.peer_with_ack_timeout(name, Duration::from_secs(5))
+            .await
+    }
+
+    async fn peer_with_ack_timeout(&self, name: &str, ack_timeout: Duration) -> Peer {
         Peer::builder(name)
             .directory([self.directory.local_addr()])
             .data_dir(self.dir.path().join(name))
             .dev_ca(self.dir.path().join("dev-ca"))
-            .ack_timeout(Duration::from_secs(5))
+            .ack_timeout(ack_timeout)
             .start()
             .await
             .expect("peer starts")
+    }
+
+    /// A sender that redelivers after 1 s without an ack, and a receiver subscribed to
+    /// topic "t" in group "g", listed in the route.
+    async fn impatient_pair(
+        &self,
+        sender: &str,
+        receiver: &str,
+    ) -> (Peer, Peer, weft_peer::Subscription) {
+        let sender = self
+            .peer_with_ack_timeout(sender, Duration::from_secs(1))
+            .await;
+        let receiver = self.peer(receiver).await;
+        let sub = receiver
+            .subscribe("t")
+            .group("g")
+            .start()
+            .await
+            .expect("subscribe");
+        assert!(
+            eventually(Duration::from_secs(10), || !self
+                .directory
+                .route("t")
+                .groups
+                .is_empty())
+            .await
+        );
+        (sender, receiver, sub)
     }
 }
 
@@ -286,29 +319,7 @@ async fn a_peer_from_a_foreign_ca_is_refused_by_directory_and_peers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_dropped_without_ack_comes_back_after_the_ack_timeout() {
     let fabric = Fabric::start().await;
-    let sender = Peer::builder("impatient-sender")
-        .directory([fabric.directory.local_addr()])
-        .data_dir(fabric.dir.path().join("impatient-sender"))
-        .dev_ca(fabric.dir.path().join("dev-ca"))
-        .ack_timeout(Duration::from_secs(1))
-        .start()
-        .await
-        .expect("sender");
-    let receiver = fabric.peer("receiver").await;
-    let mut sub = receiver
-        .subscribe("t")
-        .group("g")
-        .start()
-        .await
-        .expect("subscribe");
-    assert!(
-        eventually(Duration::from_secs(10), || !fabric
-            .directory
-            .route("t")
-            .groups
-            .is_empty())
-        .await
-    );
+    let (sender, _receiver, mut sub) = fabric.impatient_pair("impatient-sender", "receiver").await;
     sender
         .publish("t", Message::new("again"))
         .await
@@ -406,29 +417,9 @@ async fn a_published_batch_reaches_every_group_in_order_and_a_bad_one_stores_not
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_taken_in_batches_are_acked_together_and_an_unacked_batch_comes_back() {
     let fabric = Fabric::start().await;
-    let sender = Peer::builder("batch-sender")
-        .directory([fabric.directory.local_addr()])
-        .data_dir(fabric.dir.path().join("batch-sender"))
-        .dev_ca(fabric.dir.path().join("dev-ca"))
-        .ack_timeout(Duration::from_secs(1))
-        .start()
-        .await
-        .expect("sender");
-    let receiver = fabric.peer("batch-receiver").await;
-    let mut sub = receiver
-        .subscribe("t")
-        .group("g")
-        .start()
-        .await
-        .expect("subscribe");
-    assert!(
-        eventually(Duration::from_secs(10), || !fabric
-            .directory
-            .route("t")
-            .groups
-            .is_empty())
-        .await
-    );
+    let (sender, _receiver, mut sub) = fabric
+        .impatient_pair("batch-sender", "batch-receiver")
+        .await;
     const N: usize = 300;
     sender
         .publish_batch("t", (0..N).map(|n| Message::new(n.to_string())))

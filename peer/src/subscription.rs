@@ -227,13 +227,12 @@ impl Delivery {
         let mut ids = Vec::new();
         for mut d in deliveries {
             d.acked = true;
-            if let Some(current) = sub.as_ref().filter(|s| !Arc::ptr_eq(s, &d.sub)) {
-                current.ack_many(&ids);
-                ids.clear();
-                sub = None;
-            }
-            if sub.is_none() {
-                sub = Some(d.sub.clone());
+            if !sub.as_ref().is_some_and(|s| Arc::ptr_eq(s, &d.sub)) {
+                // A new run: acknowledge the previous subscription's.
+                if let Some(previous) = sub.replace(d.sub.clone()) {
+                    previous.ack_many(&ids);
+                    ids.clear();
+                }
             }
             ids.push(d.envelope.id);
         }
@@ -346,23 +345,9 @@ impl<T> QueueReceiver<T> {
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        loop {
-            if let Some(d) = self.current.next() {
-                return Poll::Ready(Some(d));
-            }
-            if self.held > 0 {
-                self.room.add_permits(self.held as usize);
-                self.held = 0;
-            }
-            match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(batch)) => {
-                    self.held = batch.len() as u32;
-                    self.current = batch.into_iter();
-                }
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        let mut next = None;
+        self.poll_many(cx, 1, |item| next = Some(item))
+            .map(|_| next)
     }
 }
 
