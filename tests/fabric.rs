@@ -458,3 +458,58 @@ async fn take_batches(sub: &mut weft_peer::Subscription, n: usize) -> Vec<weft_p
     }
     got
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_messages_unacked_past_the_memory_limit_make_publish_wait_or_fail() {
+    use weft_peer::{Durability, ErrorKind, WhenFull};
+    let fabric = Fabric::start().await;
+    let (_, _receiver, mut sub) = fabric.impatient_pair("unused", "mem-receiver").await;
+    const LIMIT: usize = 50;
+    let sender = Peer::builder("mem-sender")
+        .directory([fabric.directory.local_addr()])
+        .data_dir(fabric.dir.path().join("mem-sender"))
+        .dev_ca(fabric.dir.path().join("dev-ca"))
+        .outbox(|mut c| {
+            c.max_memory_messages = LIMIT as u64;
+            c
+        })
+        .start()
+        .await
+        .expect("peer starts");
+    let publish = |n: usize, when_full| {
+        sender.publish_with(
+            "t",
+            Message::new(n.to_string()),
+            Durability::Memory,
+            when_full,
+        )
+    };
+    for n in 0..LIMIT {
+        publish(n, WhenFull::Fail).await.expect("under the limit");
+    }
+    let held = take_batches(&mut sub, LIMIT).await;
+    let e = publish(LIMIT, WhenFull::Fail)
+        .await
+        .expect_err("every Memory message is still unacked");
+    assert_eq!(e.kind(), ErrorKind::OutboxFull, "{e}");
+    assert!(e.to_string().contains("max_memory_messages"), "{e}");
+    // A disk message is not held in memory: the quota still has room for it.
+    sender
+        .publish_with("t", Message::new("disk"), Durability::Disk, WhenFull::Fail)
+        .await
+        .expect("disk publish");
+
+    let waiting = publish(LIMIT, WhenFull::Wait);
+    tokio::pin!(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut waiting)
+            .await
+            .is_err(),
+        "waits while the limit is full"
+    );
+    weft_peer::Delivery::ack_all(held);
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("goes in once acks free room")
+        .expect("publish");
+}

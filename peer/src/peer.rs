@@ -853,7 +853,11 @@ impl Inner {
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
             // and handing it to the dispatcher.
-            if let Some(seq) = self.outbox.append_memory(&targets, body.clone())? {
+            let appended = self
+                .outbox
+                .append_memory(&targets, body.clone(), outbox_when_full(when_full))
+                .await?;
+            if let Some(seq) = appended {
                 self.hand_off(seq, topic, &[key_hash], &targets, false);
                 return Ok(self.receipt(seq, &targets));
             }
@@ -902,7 +906,11 @@ impl Inner {
         let targets = self.targets(topic).await?;
         if durability == Durability::Memory {
             // As in `publish`: no writer round trip when the quota and lease allow.
-            if let Some(seqs) = self.outbox.append_memory_many(&targets, &bodies)? {
+            let appended = self
+                .outbox
+                .append_memory_many(&targets, &bodies, outbox_when_full(when_full))
+                .await?;
+            if let Some(seqs) = appended {
                 self.hand_off(seqs.start, topic, &key_hashes, &targets, false);
                 return Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect());
             }
@@ -938,17 +946,13 @@ impl Inner {
             Durability::Memory => outbox::Durability::Memory,
             Durability::Disk | Durability::Confirmed => outbox::Durability::Disk,
         };
-        let outbox_when_full = match when_full {
-            WhenFull::Wait => outbox::WhenFull::Wait,
-            WhenFull::Fail => outbox::WhenFull::Fail,
-        };
         let ticket = self
             .outbox
             .submit_batch(
                 targets.to_vec(),
                 bodies,
                 stored_durability,
-                outbox_when_full,
+                outbox_when_full(when_full),
             )
             .await?;
         let mut pending = PendingAppend {
@@ -1140,6 +1144,13 @@ impl Drop for PendingAppend {
 
 /// Adds to `route` the groups of `cached` it lacks (with their cached members), for a
 /// route from a directory node that may still be learning registrations.
+fn outbox_when_full(when_full: WhenFull) -> outbox::WhenFull {
+    match when_full {
+        WhenFull::Wait => outbox::WhenFull::Wait,
+        WhenFull::Fail => outbox::WhenFull::Fail,
+    }
+}
+
 fn keep_cached_groups(route: &mut Route, cached: &Route) {
     let missing: Vec<_> = cached
         .groups

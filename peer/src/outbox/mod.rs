@@ -68,6 +68,13 @@ pub struct OutboxConfig {
     pub max_bytes: u64,
     /// Quota: number of pending messages, `Memory` ones included (default 1,000,000).
     pub max_messages: u64,
+    /// Part of the quota `Memory` messages may take, in messages (default 65,536).
+    /// Their bodies live only in memory, so they are bounded apart from the disk-backed
+    /// quota: a publisher this far ahead of its receivers waits (or fails, as its
+    /// `WhenFull` says), and its memory stays bounded.
+    pub max_memory_messages: u64,
+    /// Part of the quota `Memory` messages may take, in body bytes (default 64 MiB).
+    pub max_memory_bytes: u64,
     /// Most append requests in one group commit (default 4096).
     pub max_batch: usize,
     /// Bytes of bodies of disk messages kept in memory for [`Outbox::read`] (default
@@ -85,13 +92,16 @@ pub struct OutboxConfig {
 
 impl OutboxConfig {
     /// Configuration with the defaults: 64 MiB segments, 1 GiB and 1,000,000 messages
-    /// of quota, batches of 4096 appends, 32 MiB body cache.
+    /// of quota (of which `Memory` messages may take 64 MiB and 65,536 messages),
+    /// batches of 4096 appends, 32 MiB body cache.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         OutboxConfig {
             dir: dir.into(),
             segment_bytes: 64 * 1024 * 1024,
             max_bytes: 1024 * 1024 * 1024,
             max_messages: 1_000_000,
+            max_memory_messages: 65_536,
+            max_memory_bytes: 64 * 1024 * 1024,
             max_batch: 4096,
             cache_bytes: 32 * 1024 * 1024,
             blocking_append: false,
@@ -113,14 +123,16 @@ struct QuotaGuard<'a> {
     shared: &'a Shared,
     messages: u64,
     bytes: u64,
+    durability: Durability,
 }
 
 impl Drop for QuotaGuard<'_> {
     fn drop(&mut self) {
-        self.shared
-            .core()
-            .state
-            .unreserve_many(self.messages, self.bytes);
+        let state = &mut self.shared.core().state;
+        match self.durability {
+            Durability::Memory => state.unreserve_memory_many(self.messages, self.bytes),
+            Durability::Disk => state.unreserve_many(self.messages, self.bytes),
+        }
         self.shared.space.notify_waiters();
     }
 }
@@ -239,6 +251,10 @@ pub struct OutboxStats {
     pub quota_max_messages: u64,
     /// Byte quota.
     pub quota_max_bytes: u64,
+    /// `Memory` messages counted against their limit (part of `quota_used_messages`).
+    pub memory_used_messages: u64,
+    /// Their body bytes (part of `quota_used_bytes`).
+    pub memory_used_bytes: u64,
     /// Group commits that ended in an `fdatasync` since open.
     pub commits: u64,
     /// Messages appended since open.
@@ -266,6 +282,26 @@ pub enum OutboxError {
         /// Byte quota.
         max_bytes: u64,
         /// Size of the rejected body.
+        needed_bytes: u64,
+    },
+    /// The part of the quota `Memory` messages may take is full and the caller asked
+    /// not to wait.
+    #[error(
+        "outbox full of Memory messages: {used_messages}/{max_messages} messages, \
+         {used_bytes}/{max_bytes} bytes held in memory (need {needed_bytes} more bytes); wait \
+         for receivers to ack, raise max_memory_messages/max_memory_bytes, publish with \
+         Disk durability, or append with WhenFull::Wait"
+    )]
+    MemoryFull {
+        /// `Memory` messages held.
+        used_messages: u64,
+        /// Body bytes of `Memory` messages held.
+        used_bytes: u64,
+        /// Limit on `Memory` messages.
+        max_messages: u64,
+        /// Limit on their body bytes.
+        max_bytes: u64,
+        /// Size of the rejected bodies.
         needed_bytes: u64,
     },
     /// A disk operation failed.
@@ -406,6 +442,34 @@ fn unix_ms_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The error for a reservation that did not fit (`needed_bytes` asked for).
+fn full_error(full: state::QuotaFull, needed_bytes: u64) -> OutboxError {
+    let state::QuotaFull {
+        used_messages,
+        used_bytes,
+        max_messages,
+        max_bytes,
+        memory,
+    } = full;
+    if memory {
+        OutboxError::MemoryFull {
+            used_messages,
+            used_bytes,
+            max_messages,
+            max_bytes,
+            needed_bytes,
+        }
+    } else {
+        OutboxError::Full {
+            used_messages,
+            used_bytes,
+            max_messages,
+            max_bytes,
+            needed_bytes,
+        }
+    }
 }
 
 /// Checks a body against the record limit and the byte quota.
@@ -590,12 +654,13 @@ impl Outbox {
         let mut quota = None;
         let messages = bodies.len() as u64;
         if !targets.is_empty() && messages > 0 {
-            self.reserve(messages, size, when_full).await?;
+            self.reserve(messages, size, durability, when_full).await?;
             // Gives the quota back if this future is dropped before the hand-off.
             quota = Some(QuotaGuard {
                 shared,
                 messages,
                 bytes: size,
+                durability,
             });
         }
         let (reply, rx) = oneshot::channel();
@@ -614,26 +679,32 @@ impl Outbox {
         })
     }
 
-    /// Appends a `Memory` message without waiting: returns its sequence number, or
-    /// `Ok(None)` when the caller must use [`append`](Self::append) instead (the quota
-    /// is full, or the sequence lease must be renewed on disk first).
-    pub fn append_memory(
+    /// Appends a `Memory` message without the writer: returns its sequence number, or
+    /// `Ok(None)` when the caller must use [`append`](Self::append) instead (the
+    /// sequence lease must be renewed on disk first). Waits while the quota or the
+    /// memory limit is full, or fails, as `when_full` says.
+    pub async fn append_memory(
         &self,
         targets: &[String],
         body: Bytes,
+        when_full: WhenFull,
     ) -> Result<Option<u64>, OutboxError> {
         Ok(self
-            .append_memory_many(targets, std::slice::from_ref(&body))?
+            .append_memory_many(targets, std::slice::from_ref(&body), when_full)
+            .await?
             .map(|seqs| seqs.start))
     }
 
-    /// Appends `Memory` messages without waiting, all or none: returns their
+    /// Appends `Memory` messages without the writer, all or none: returns their
     /// consecutive sequence numbers, or `Ok(None)` when the caller must use
-    /// [`submit_batch`](Self::submit_batch) instead (quota full, or lease to renew).
-    pub fn append_memory_many(
+    /// [`submit_batch`](Self::submit_batch) instead (lease to renew). Waits while the
+    /// quota or the memory limit is full, or fails, as `when_full` says; dropping the
+    /// future while it waits stores nothing.
+    pub async fn append_memory_many(
         &self,
         targets: &[String],
         bodies: &[Bytes],
+        when_full: WhenFull,
     ) -> Result<Option<std::ops::Range<u64>>, OutboxError> {
         let shared = &self.inner.shared;
         let mut size = 0u64;
@@ -641,35 +712,61 @@ impl Outbox {
             size += check_body(&shared.cfg, body)?;
         }
         let targets = validate_targets(targets)?;
-        if self.inner.tx.is_none() || shared.closed.load(Ordering::Acquire) {
-            return Err(OutboxError::Closed);
-        }
         let count = bodies.len() as u64;
-        let mut core = shared.core();
-        let first = core.next_seq;
-        if first.saturating_add(count) > core.lease_durable {
-            return Ok(None);
-        }
-        if !targets.is_empty() {
-            if core.state.reserve_many(count, size).is_err() {
-                return Ok(None);
+        loop {
+            if self.inner.tx.is_none() || shared.closed.load(Ordering::Acquire) {
+                return Err(OutboxError::Closed);
             }
-            core.state
-                .memory_messages_added(first, &targets, bodies, unix_ms_now());
+            let notified = shared.space.notified();
+            tokio::pin!(notified);
+            {
+                let mut core = shared.core();
+                let first = core.next_seq;
+                if first.saturating_add(count) > core.lease_durable {
+                    return Ok(None);
+                }
+                let reserved = if targets.is_empty() {
+                    Ok(())
+                } else {
+                    core.state.reserve_memory_many(count, size)
+                };
+                match reserved {
+                    Ok(()) => {
+                        if !targets.is_empty() {
+                            core.state.memory_messages_added(
+                                first,
+                                &targets,
+                                bodies,
+                                unix_ms_now(),
+                            );
+                        }
+                        core.next_seq += count;
+                        drop(core);
+                        shared.appended.fetch_add(count, Ordering::Relaxed);
+                        return Ok(Some(first..first + count));
+                    }
+                    Err(full) => {
+                        if when_full == WhenFull::Fail || !core.state.could_fit(count, size, true) {
+                            return Err(full_error(full, size));
+                        }
+                        // Register before releasing the lock so no release is missed.
+                        notified.as_mut().enable();
+                    }
+                }
+            }
+            notified.await;
         }
-        core.next_seq += count;
-        drop(core);
-        shared.appended.fetch_add(count, Ordering::Relaxed);
-        Ok(Some(first..first + count))
     }
 
     async fn reserve(
         &self,
         messages: u64,
         size: u64,
+        durability: Durability,
         when_full: WhenFull,
     ) -> Result<(), OutboxError> {
         let shared = &self.inner.shared;
+        let memory = durability == Durability::Memory;
         loop {
             if shared.closed.load(Ordering::Acquire) {
                 return Err(OutboxError::Closed);
@@ -678,17 +775,16 @@ impl Outbox {
             tokio::pin!(notified);
             {
                 let mut core = shared.core();
-                let never_fits = !core.state.could_fit(messages, size);
-                match core.state.reserve_many(messages, size) {
+                let never_fits = !core.state.could_fit(messages, size, memory);
+                let reserved = if memory {
+                    core.state.reserve_memory_many(messages, size)
+                } else {
+                    core.state.reserve_many(messages, size)
+                };
+                match reserved {
                     Ok(()) => return Ok(()),
                     Err(full) if when_full == WhenFull::Fail || never_fits => {
-                        return Err(OutboxError::Full {
-                            used_messages: full.used_messages,
-                            used_bytes: full.used_bytes,
-                            max_messages: full.max_messages,
-                            max_bytes: full.max_bytes,
-                            needed_bytes: size,
-                        })
+                        return Err(full_error(full, size))
                     }
                     Err(_) => {
                         // Register before releasing the lock so no release is missed.
@@ -867,6 +963,8 @@ impl Outbox {
             quota_used_bytes: qb,
             quota_max_messages: shared.cfg.max_messages,
             quota_max_bytes: shared.cfg.max_bytes,
+            memory_used_messages: core.state.memory_used().0,
+            memory_used_bytes: core.state.memory_used().1,
             commits: shared.commits.load(Ordering::Relaxed),
             appended: shared.appended.load(Ordering::Relaxed),
             cache_bytes: core.cache.bytes(),

@@ -92,7 +92,8 @@ pub(super) fn recover(cfg: &OutboxConfig) -> Result<Recovered, OutboxError> {
     let producer_id = producer_id(dir)?;
     let ids = segment::list(dir).map_err(|e| io_err(dir, e))?;
 
-    let mut state = OutboxState::new(cfg.max_bytes, cfg.max_messages);
+    let mut state = OutboxState::new(cfg.max_bytes, cfg.max_messages)
+        .with_memory_limit(cfg.max_memory_messages, cfg.max_memory_bytes);
     let mut damage = Vec::new();
     let mut actions: Vec<Action> = Vec::new();
     let mut seg_sizes = BTreeMap::new();

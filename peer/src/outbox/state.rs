@@ -54,6 +54,49 @@ pub struct QuotaFull {
     pub max_messages: u64,
     /// Byte quota.
     pub max_bytes: u64,
+    /// The limit hit is the one on `Memory` messages, not the whole quota.
+    pub memory: bool,
+}
+
+/// A limit on a number of messages and their body bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limit {
+    messages: u64,
+    bytes: u64,
+}
+
+/// What counts against a [`Limit`]: reservations and pending messages.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    messages: u64,
+    bytes: u64,
+}
+
+impl Usage {
+    fn fits(&self, limit: Limit, messages: u64, bytes: u64) -> bool {
+        self.messages.saturating_add(messages) <= limit.messages
+            && self.bytes.saturating_add(bytes) <= limit.bytes
+    }
+
+    fn add(&mut self, messages: u64, bytes: u64) {
+        self.messages = self.messages.saturating_add(messages);
+        self.bytes = self.bytes.saturating_add(bytes);
+    }
+
+    fn sub(&mut self, messages: u64, bytes: u64) {
+        self.messages = self.messages.saturating_sub(messages);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+
+    fn full(&self, limit: Limit, memory: bool) -> QuotaFull {
+        QuotaFull {
+            used_messages: self.messages,
+            used_bytes: self.bytes,
+            max_messages: limit.messages,
+            max_bytes: limit.bytes,
+            memory,
+        }
+    }
 }
 
 /// Result of [`OutboxState::settle`].
@@ -151,10 +194,12 @@ pub struct GroupView {
 /// The sans-IO core of the outbox.
 #[derive(Debug)]
 pub struct OutboxState {
-    max_bytes: u64,
-    max_messages: u64,
-    used_bytes: u64,
-    used_messages: u64,
+    quota: Limit,
+    used: Usage,
+    /// The part of the quota `Memory` messages may take: their bodies live only in
+    /// memory, so they are bounded apart from the (disk-backed) whole.
+    memory_limit: Limit,
+    memory_used: Usage,
     entries: SeqWindow<Entry>,
     /// Body bytes of `entries` (reservations excluded).
     pending_bytes: u64,
@@ -168,10 +213,16 @@ impl OutboxState {
     /// A new, empty state with the given quota.
     pub fn new(max_bytes: u64, max_messages: u64) -> Self {
         OutboxState {
-            max_bytes,
-            max_messages,
-            used_bytes: 0,
-            used_messages: 0,
+            quota: Limit {
+                messages: max_messages,
+                bytes: max_bytes,
+            },
+            used: Usage::default(),
+            memory_limit: Limit {
+                messages: u64::MAX,
+                bytes: u64::MAX,
+            },
+            memory_used: Usage::default(),
             entries: SeqWindow::default(),
             pending_bytes: 0,
             groups: Vec::new(),
@@ -188,22 +239,32 @@ impl OutboxState {
         self.reserve_many(1, bytes)
     }
 
+    /// Limits `Memory` messages (reserved or pending) to `messages` and `bytes`, inside
+    /// the quota (unlimited unless set).
+    pub fn with_memory_limit(mut self, messages: u64, bytes: u64) -> Self {
+        self.memory_limit = Limit { messages, bytes };
+        self
+    }
+
     /// Reserves quota for `messages` messages of `bytes` bytes in all, or none of it.
     pub fn reserve_many(&mut self, messages: u64, bytes: u64) -> Result<(), QuotaFull> {
-        let fits_msgs = self.used_messages.saturating_add(messages) <= self.max_messages;
-        let fits_bytes = self.used_bytes.saturating_add(bytes) <= self.max_bytes;
-        if fits_msgs && fits_bytes {
-            self.used_bytes += bytes;
-            self.used_messages += messages;
-            Ok(())
-        } else {
-            Err(QuotaFull {
-                used_messages: self.used_messages,
-                used_bytes: self.used_bytes,
-                max_messages: self.max_messages,
-                max_bytes: self.max_bytes,
-            })
+        if !self.used.fits(self.quota, messages, bytes) {
+            return Err(self.used.full(self.quota, false));
         }
+        self.used.add(messages, bytes);
+        Ok(())
+    }
+
+    /// [`reserve_many`](Self::reserve_many) for `Memory` messages: they must also fit
+    /// the memory limit. Give it back with
+    /// [`unreserve_memory_many`](Self::unreserve_memory_many).
+    pub fn reserve_memory_many(&mut self, messages: u64, bytes: u64) -> Result<(), QuotaFull> {
+        if !self.memory_used.fits(self.memory_limit, messages, bytes) {
+            return Err(self.memory_used.full(self.memory_limit, true));
+        }
+        self.reserve_many(messages, bytes)?;
+        self.memory_used.add(messages, bytes);
+        Ok(())
     }
 
     /// Gives back a reservation that did not become a message.
@@ -213,13 +274,20 @@ impl OutboxState {
 
     /// Gives back a reservation of `messages` messages and `bytes` bytes.
     pub fn unreserve_many(&mut self, messages: u64, bytes: u64) {
-        self.used_bytes = self.used_bytes.saturating_sub(bytes);
-        self.used_messages = self.used_messages.saturating_sub(messages);
+        self.used.sub(messages, bytes);
     }
 
-    /// Whether `messages` messages of `bytes` bytes could ever fit the quota.
-    pub fn could_fit(&self, messages: u64, bytes: u64) -> bool {
-        messages <= self.max_messages && bytes <= self.max_bytes
+    /// Gives back a reservation made with [`reserve_memory_many`](Self::reserve_memory_many).
+    pub fn unreserve_memory_many(&mut self, messages: u64, bytes: u64) {
+        self.unreserve_many(messages, bytes);
+        self.memory_used.sub(messages, bytes);
+    }
+
+    /// Whether `messages` messages of `bytes` bytes could ever fit the quota (and, for
+    /// `memory`, the memory limit).
+    pub fn could_fit(&self, messages: u64, bytes: u64, memory: bool) -> bool {
+        let fits = |l: Limit| messages <= l.messages && bytes <= l.bytes;
+        fits(self.quota) && (!memory || fits(self.memory_limit))
     }
 
     fn intern(&mut self, name: &str) -> u32 {
@@ -265,8 +333,7 @@ impl OutboxState {
         reserved: bool,
     ) {
         if !reserved {
-            self.used_bytes += bytes;
-            self.used_messages += 1;
+            self.used.add(1, bytes);
         }
         if let Some(old) = self.entries.remove(seq) {
             // A duplicate record of the same seq (not produced by this writer): the
@@ -362,8 +429,15 @@ impl OutboxState {
                 s.live = s.live.saturating_sub(1);
             }
         }
-        self.used_bytes = self.used_bytes.saturating_sub(e.bytes);
-        self.used_messages = self.used_messages.saturating_sub(1);
+        self.release(&e);
+    }
+
+    /// Gives back what a message that left took of the quota (and memory limit).
+    fn release(&mut self, e: &Entry) {
+        self.used.sub(1, e.bytes);
+        if e.body.is_some() {
+            self.memory_used.sub(1, e.bytes);
+        }
         self.pending_bytes = self.pending_bytes.saturating_sub(e.bytes);
     }
 
@@ -437,9 +511,7 @@ impl OutboxState {
         if now_empty {
             out.fully_settled = true;
             if let Some(e) = self.entries.remove(seq) {
-                self.pending_bytes = self.pending_bytes.saturating_sub(e.bytes);
-                self.used_bytes = self.used_bytes.saturating_sub(e.bytes);
-                self.used_messages = self.used_messages.saturating_sub(1);
+                self.release(&e);
                 if let Some(l) = e.loc {
                     if let Some(s) = self.segments.get_mut(&l.segment) {
                         s.live = s.live.saturating_sub(1);
@@ -540,7 +612,12 @@ impl OutboxState {
 
     /// `(messages, bytes)` counted against the quota, reservations included.
     pub fn quota_used(&self) -> (u64, u64) {
-        (self.used_messages, self.used_bytes)
+        (self.used.messages, self.used.bytes)
+    }
+
+    /// `(messages, bytes)` counted against the memory limit, reservations included.
+    pub fn memory_used(&self) -> (u64, u64) {
+        (self.memory_used.messages, self.memory_used.bytes)
     }
 
     /// Bytes of pending messages (reservations excluded).
@@ -667,6 +744,31 @@ mod tests {
         assert_eq!(s.quota_used(), (1, 60));
         s.settle(1, "g");
         assert_eq!(s.quota_used(), (0, 0));
+    }
+
+    #[test]
+    fn memory_messages_fit_their_own_limit_inside_the_quota() {
+        let mut s = OutboxState::new(1000, 10).with_memory_limit(2, 100);
+        s.reserve_memory_many(2, 60).unwrap();
+        let e = s.reserve_memory_many(1, 1).unwrap_err();
+        assert!(e.memory);
+        assert_eq!((e.used_messages, e.max_messages), (2, 2));
+        assert!(!s.could_fit(3, 1, true));
+        assert!(s.could_fit(3, 1, false));
+        // Disk messages only count against the quota.
+        s.reserve_many(5, 500).unwrap();
+        let body = Bytes::from(vec![0; 30]);
+        s.memory_messages_added(1, &t(&["g"]), &[body.clone(), body], 0);
+        assert_eq!(s.memory_used(), (2, 60));
+        s.settle(1, "g");
+        assert_eq!(s.memory_used(), (1, 30));
+        s.settle(2, "g");
+        assert_eq!(s.memory_used(), (0, 0));
+        assert_eq!(s.quota_used(), (5, 500));
+        s.reserve_memory_many(2, 100).unwrap();
+        s.unreserve_memory_many(2, 100);
+        assert_eq!(s.memory_used(), (0, 0));
+        assert_eq!(s.quota_used(), (5, 500));
     }
 
     #[test]

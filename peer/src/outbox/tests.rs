@@ -780,3 +780,68 @@ async fn a_batch_reserves_quota_for_all_or_none() {
     assert!(matches!(e, OutboxError::TooLarge { .. }), "{e:?}");
     assert_eq!(o.pending_messages(), 8);
 }
+
+#[tokio::test]
+async fn memory_messages_are_bounded_apart_from_the_quota() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.max_memory_messages = 2;
+    let (o, _) = Outbox::open(c).await.unwrap();
+    let x = || Bytes::from_static(b"x");
+    // Through the writer, then without it once the sequence lease is on disk.
+    let first = o
+        .append(g(&["a"]), x(), Durability::Memory, WhenFull::Fail)
+        .await
+        .unwrap();
+    let second = o
+        .append_memory(&g(&["a"]), x(), WhenFull::Fail)
+        .await
+        .unwrap()
+        .expect("the lease covers it");
+    assert_eq!(second, first + 1);
+    assert_eq!(o.stats().memory_used_messages, 2);
+
+    // Both paths refuse a third Memory message...
+    let e = o
+        .append_memory(&g(&["a"]), x(), WhenFull::Fail)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            OutboxError::MemoryFull {
+                used_messages: 2,
+                max_messages: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("max_memory_messages"), "{e}");
+    let e = o
+        .append(g(&["a"]), x(), Durability::Memory, WhenFull::Fail)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, OutboxError::MemoryFull { .. }), "{e}");
+    // ...a Disk message still fits the quota...
+    append_disk(&o, &["a"], b"d").await;
+
+    // ...and a waiting one goes in once a Memory message is settled.
+    let o2 = o.clone();
+    let waiter = tokio::spawn(async move {
+        o2.append_memory_many(&g(&["a"]), &[x()], WhenFull::Wait)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished());
+    o.settle(first, "a");
+    let seqs = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .expect("appended without the writer");
+    assert_eq!(seqs.end - seqs.start, 1);
+    assert_eq!(o.stats().memory_used_messages, 2);
+    assert_eq!(o.stats().quota_used_messages, 3);
+}
