@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use weft_proto::wire::{Envelope, MessageId};
+use weft_proto::wire::{Envelope, Extras, MessageId};
 
 /// A message to publish: an opaque payload plus optional key, tags and headers.
 ///
@@ -131,11 +131,9 @@ pub(crate) fn decode_stored(id: MessageId, stored: &Bytes) -> Option<Envelope> {
     Some(Envelope {
         id,
         topic: head.topic.as_ref().into(),
-        key: head.key.map(|k| k.into_owned()),
-        tags: head.tags,
-        headers: head.headers,
         publish_time_ms: head.publish_time_ms,
         payload: stored.slice(4 + len..),
+        extras: Extras::boxed(head.key.map(|k| k.into_owned()), head.tags, head.headers),
     })
 }
 
@@ -225,7 +223,7 @@ mod tests {
             let id = MessageId { producer: 1, seq: 2 };
             let env = decode_stored(id, &stored).expect("decodes");
             prop_assert_eq!(&*env.topic, topic.as_str());
-            prop_assert_eq!(env.key, key);
+            prop_assert_eq!(env.key(), key.as_deref());
             prop_assert_eq!(&env.payload[..], &payload[..]);
             prop_assert_eq!(env.publish_time_ms, t);
         }

@@ -1038,7 +1038,7 @@ impl Inner {
                     warn!(%id, "recovered outbox record is not a valid message; skipping");
                     continue;
                 };
-                let key_hash = envelope.key.as_deref().map(message::key_hash);
+                let key_hash = envelope.key().map(message::key_hash);
                 actions.extend(core.on_publish(
                     now,
                     record.seq,

@@ -194,17 +194,17 @@ impl Delivery {
 
     /// Ordering key, if any.
     pub fn key(&self) -> Option<&str> {
-        self.envelope.key.as_deref()
+        self.envelope.key()
     }
 
     /// Tags.
     pub fn tags(&self) -> &[String] {
-        &self.envelope.tags
+        self.envelope.tags()
     }
 
     /// Headers.
     pub fn headers(&self) -> &[(String, String)] {
-        &self.envelope.headers
+        self.envelope.headers()
     }
 
     /// Publish time in milliseconds since the Unix epoch.

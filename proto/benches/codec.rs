@@ -5,7 +5,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 use weft_proto::wire::{
-    encode, Ack, Credit, Deliver, Envelope, Frame, FrameDecoder, MessageId, DEFAULT_MAX_FRAME,
+    encode, Ack, Credit, Deliver, Envelope, Extras, Frame, FrameDecoder, MessageId,
+    DEFAULT_MAX_FRAME,
 };
 
 /// A `Deliver` frame of `count` messages of `size` payload bytes each, with the
@@ -19,9 +20,7 @@ fn deliver(count: usize, size: usize) -> Frame {
                 seq,
             },
             topic: "orders.created".into(),
-            key: Some(format!("user-{}", seq % 64)),
-            tags: vec![],
-            headers: vec![],
+            extras: Extras::boxed(Some(format!("user-{}", seq % 64)), vec![], vec![]),
             publish_time_ms: 1_763_790_000_000 + seq,
             // A slice of one buffer, as a sender holding the outbox bodies would have.
             payload: payload.clone(),

@@ -5,14 +5,14 @@ use bytes::Bytes;
 use std::time::Duration;
 use weft_proto::certs;
 use weft_proto::tls::{self, Credentials};
-use weft_proto::wire::{Envelope, Frame, FrameReader, FrameWriter, MessageId, PreEncoded};
+use weft_proto::wire::{Envelope, Extras, Frame, FrameReader, FrameWriter, MessageId, PreEncoded};
 
 const LIMIT: Duration = Duration::from_secs(10);
 const MAX_FRAME: usize = 4 << 20;
 
 /// The pre-encoded fields of an envelope (what the outbox stores ahead of a payload).
 fn fields(e: &Envelope) -> Vec<u8> {
-    let tuple = (&*e.topic, &e.key, &e.tags, &e.headers, e.publish_time_ms);
+    let tuple = (&*e.topic, e.key(), e.tags(), e.headers(), e.publish_time_ms);
     let mut bytes = rmp_serde::to_vec(&tuple).expect("encodes");
     assert_eq!(bytes.remove(0), 0x95, "a five-element array");
     bytes
@@ -22,9 +22,11 @@ fn envelope(seq: u64, payload_len: usize) -> Envelope {
     Envelope {
         id: MessageId { producer: 7, seq },
         topic: "t".into(),
-        key: seq.is_multiple_of(2).then(|| format!("k{seq}")),
-        tags: Vec::new(),
-        headers: vec![("h".into(), "v".into())],
+        extras: Extras::boxed(
+            seq.is_multiple_of(2).then(|| format!("k{seq}")),
+            Vec::new(),
+            vec![("h".into(), "v".into())],
+        ),
         publish_time_ms: 1_000 + seq,
         payload: Bytes::from(
             (0..payload_len)

@@ -60,9 +60,9 @@ fn header_of(frame: &Frame) -> Result<FrameHeaderRef<'_>, WireError> {
                     Ok(EnvelopeHeaderRef {
                         id: m.id,
                         topic: &m.topic,
-                        key: m.key.as_deref(),
-                        tags: &m.tags,
-                        headers: &m.headers,
+                        key: m.key(),
+                        tags: m.tags(),
+                        headers: m.headers(),
                         publish_time_ms: m.publish_time_ms,
                         payload_len: u32::try_from(m.payload.len()).map_err(|_| {
                             WireError::FrameTooLarge {
@@ -390,11 +390,9 @@ fn decode_general(body: Bytes) -> Result<Frame, WireError> {
                 .map(|h| Envelope {
                     id: h.id,
                     topic: topics.shared(&h.topic),
-                    key: h.key,
-                    tags: h.tags,
-                    headers: h.headers,
                     publish_time_ms: h.publish_time_ms,
                     payload: Bytes::new(),
+                    extras: Extras::boxed(h.key, h.tags, h.headers),
                 })
                 .collect();
             attach_payloads(&body, header_len, &mut messages, &lens)?;
@@ -523,11 +521,9 @@ fn decode_deliver_fast(body: &Bytes) -> Option<Result<Deliver, WireError>> {
         messages.push(Envelope {
             id,
             topic,
-            key,
-            tags,
-            headers,
             publish_time_ms: mp::read_int(&mut rd).ok()?,
             payload: Bytes::new(),
+            extras: Extras::boxed(key, tags, headers),
         });
         lens.push(mp::read_int(&mut rd).ok()?);
     }
@@ -545,6 +541,13 @@ fn decode_deliver_fast(body: &Bytes) -> Option<Result<Deliver, WireError>> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_envelope_stays_small() {
+        // Envelopes are moved from the decoded frame to the delivery queue to the
+        // application's batch; the rare fields are boxed to keep those moves short.
+        assert!(std::mem::size_of::<Envelope>() <= 80);
+    }
 
     fn roundtrip(frame: &Frame) -> Frame {
         let mut out = BytesMut::new();
@@ -571,11 +574,9 @@ mod tests {
                 |(producer, seq, topic, key, tags, headers, t, payload)| Envelope {
                     id: MessageId { producer, seq },
                     topic: topic.into(),
-                    key,
-                    tags,
-                    headers,
                     publish_time_ms: t,
                     payload: Bytes::from(payload),
+                    extras: Extras::boxed(key, tags, headers),
                 },
             )
     }
@@ -619,7 +620,7 @@ mod tests {
             let fields: Vec<Vec<u8>> = messages
                 .iter()
                 .map(|m| {
-                    let tuple = (&*m.topic, &m.key, &m.tags, &m.headers, m.publish_time_ms);
+                    let tuple = (&*m.topic, m.key(), m.tags(), m.headers(), m.publish_time_ms);
                     let mut bytes = rmp_serde::to_vec(&tuple).expect("encodes");
                     prop_assert_eq!(bytes[0], 0x95, "a fixarray of five");
                     bytes.remove(0);
@@ -706,11 +707,9 @@ mod tests {
         let msg = |seq| Envelope {
             id: MessageId { producer: 1, seq },
             topic: "t".into(),
-            key: None,
-            tags: vec![],
-            headers: vec![],
             publish_time_ms: 0,
             payload: Bytes::from(vec![seq as u8; 100]),
+            extras: None,
         };
         let mut out = BytesMut::new();
         for seq in 0..2 {
@@ -771,11 +770,9 @@ mod tests {
         let msg = |seq, topic: &str| Envelope {
             id: MessageId { producer: 1, seq },
             topic: topic.into(),
-            key: None,
-            tags: vec![],
-            headers: vec![],
             publish_time_ms: 0,
             payload: Bytes::from_static(b"x"),
+            extras: None,
         };
         let frame = Frame::Deliver(Deliver {
             group: "g".into(),
@@ -885,11 +882,9 @@ mod tests {
                     seq: 1,
                 },
                 topic: "t".into(),
-                key: None,
-                tags: vec![],
-                headers: vec![],
                 publish_time_ms: 0,
                 payload: Bytes::from(vec![0u8; 2048]),
+                extras: None,
             }],
         });
         let mut out = BytesMut::from(&b"keep"[..]);
@@ -911,11 +906,9 @@ mod tests {
                     seq: 1,
                 },
                 topic: "t".into(),
-                key: None,
-                tags: vec![],
-                headers: vec![],
                 publish_time_ms: 0,
                 payload: Bytes::from_static(b"abc"),
+                extras: None,
             }],
         });
         let mut out = BytesMut::new();
