@@ -167,7 +167,7 @@ async fn send_batch(
             unsendable.push(link_seq);
             continue;
         };
-        let Some((fields, payload)) = stored_parts(stored) else {
+        let Some((fields, payload)) = stored_parts(stored, &key.topic) else {
             tracing::error!(%id, "outbox record is not a valid message; settling it for this group to avoid a redelivery loop");
             unsendable.push(link_seq);
             continue;

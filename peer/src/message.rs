@@ -140,9 +140,10 @@ pub(crate) fn decode_stored(id: MessageId, stored: &Bytes) -> Option<Envelope> {
 /// Splits an outbox record into what a `Deliver` frame carries: the envelope fields
 /// after the id, already MessagePack-encoded (the stored head without its array
 /// marker), and the payload. The head is checked to hold exactly the fields of a
-/// [`StoredHead`], so a bad record is never spliced into a frame (the receiver would
-/// refuse the whole frame, again on every retry). `None` if it is not valid.
-pub(crate) fn stored_parts(stored: &[u8]) -> Option<(&[u8], &[u8])> {
+/// [`StoredHead`], with `topic` as its topic, so a bad record is never spliced into a
+/// frame (the receiver would refuse the whole frame, again on every retry). `None` if
+/// it is not valid.
+pub(crate) fn stored_parts<'a>(stored: &'a [u8], topic: &str) -> Option<(&'a [u8], &'a [u8])> {
     let len = u32::from_be_bytes(stored.get(..4)?.try_into().ok()?) as usize;
     let head = stored.get(4..4usize.checked_add(len)?)?;
     let mut rest = head;
@@ -150,31 +151,57 @@ pub(crate) fn stored_parts(stored: &[u8]) -> Option<(&[u8], &[u8])> {
         return None;
     }
     let fields = rest;
-    check_stored_fields(rest)?;
+    check_stored_fields(strip_topic(rest, topic)?)?;
     Some((fields, &stored[4 + len..]))
 }
 
-/// Checks, without allocating, that `rest` is exactly topic, key, tags, headers and
-/// publish time as [`StoredHead`] encodes them.
+/// `rest` after its first field, if that is the string `topic`. Comparing the bytes
+/// with a known topic also proves them UTF-8, without validating them per message.
+fn strip_topic<'a>(rest: &'a [u8], topic: &str) -> Option<&'a [u8]> {
+    let (marker, rest) = rest.split_first()?;
+    let (len, rest) = match *marker {
+        m @ 0xa0..=0xbf => (usize::from(m & 0x1f), rest),
+        0xd9 => (usize::from(*rest.first()?), rest.get(1..)?),
+        0xda => (
+            usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)),
+            rest.get(2..)?,
+        ),
+        0xdb => (
+            u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize,
+            rest.get(4..)?,
+        ),
+        _ => return None,
+    };
+    (rest.get(..len)? == topic.as_bytes()).then(|| &rest[len..])
+}
+
+/// Checks, without allocating, that `rest` is exactly key, tags, headers and publish
+/// time as [`StoredHead`] encodes them after the topic.
 fn check_stored_fields(rest: &[u8]) -> Option<()> {
     use rmp::decode as mp;
     fn str_at(buf: &[u8]) -> Option<&[u8]> {
         mp::read_str_from_slice(buf).ok().map(|(_, rest)| rest)
     }
-    let mut rest = str_at(rest)?; // topic
-    rest = match rest.first() {
-        Some(0xc0) => &rest[1..], // no key
-        _ => str_at(rest)?,
-    };
-    for _ in 0..mp::read_array_len(&mut rest).ok()? {
-        rest = str_at(rest)?; // a tag
-    }
-    for _ in 0..mp::read_array_len(&mut rest).ok()? {
-        if mp::read_array_len(&mut rest).ok()? != 2 {
-            return None;
+    let mut rest = match rest {
+        // No key, tags or headers: the usual case, without the general walk.
+        [0xc0, 0x90, 0x90, time @ ..] => time,
+        _ => {
+            let mut rest = match rest.first() {
+                Some(0xc0) => &rest[1..], // no key
+                _ => str_at(rest)?,
+            };
+            for _ in 0..mp::read_array_len(&mut rest).ok()? {
+                rest = str_at(rest)?; // a tag
+            }
+            for _ in 0..mp::read_array_len(&mut rest).ok()? {
+                if mp::read_array_len(&mut rest).ok()? != 2 {
+                    return None;
+                }
+                rest = str_at(str_at(rest)?)?; // a header's name and value
+            }
+            rest
         }
-        rest = str_at(str_at(rest)?)?; // a header's name and value
-    }
+    };
     let _: u64 = mp::read_int(&mut rest).ok()?;
     rest.is_empty().then_some(())
 }
@@ -210,8 +237,9 @@ mod tests {
         bad.extend_from_slice(&stored[4..4 + len]);
         bad.push(0xc0); // a stray nil inside the announced head
         bad.extend_from_slice(b"p");
-        assert!(stored_parts(&bad).is_none());
-        assert!(stored_parts(&stored).is_some());
+        assert!(stored_parts(&bad, "t").is_none());
+        assert!(stored_parts(&stored, "t").is_some());
+        assert!(stored_parts(&stored, "u").is_none(), "another topic");
     }
 
     proptest! {
@@ -254,7 +282,7 @@ mod tests {
             if let Some(k) = &key { m = m.key(k.clone()); }
             let stored = encode_stored(&topic, &m, t);
             let id = MessageId { producer: 3, seq: 9 };
-            let (fields, body) = stored_parts(&stored).expect("valid");
+            let (fields, body) = stored_parts(&stored, &topic).expect("valid");
             let mut frame = bytes::BytesMut::new();
             let pre = [weft_proto::wire::PreEncoded { id, fields, payload: stored.slice_ref(body) }];
             weft_proto::wire::encode_deliver("g", 1, &pre, &mut frame, 1 << 20).expect("encodes");
@@ -266,9 +294,21 @@ mod tests {
             prop_assert_eq!(&d.messages[0], &decode_stored(id, &stored).expect("decodes"));
         }
 
+        /// Topics of every string width are recognised, and only the link's own topic.
+        #[test]
+        fn stored_parts_takes_a_record_of_its_topic_only(topic in "[a-z.]{1,300}", key in proptest::option::of("[a-z]{1,5}")) {
+            let mut m = Message::new("p");
+            m.key = key;
+            let stored = encode_stored(&topic, &m, 7);
+            prop_assert!(stored_parts(&stored, &topic).is_some());
+            let longer = format!("{topic}x");
+            prop_assert!(stored_parts(&stored, &longer).is_none());
+            prop_assert!(stored_parts(&stored, &topic[1..]).is_none());
+        }
+
         #[test]
         fn stored_parts_refuses_garbage_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let _ = stored_parts(&bytes);
+            let _ = stored_parts(&bytes, "t");
         }
 
         #[test]
