@@ -437,6 +437,57 @@ impl TopicCache {
             _ => self.0.insert(topic.into()).clone(),
         }
     }
+
+    /// [`shared`](Self::shared) for raw bytes: equal to the last topic, they need no
+    /// UTF-8 check; otherwise `None` unless they are UTF-8.
+    fn shared_raw(&mut self, raw: &[u8]) -> Option<std::sync::Arc<str>> {
+        match &self.0 {
+            Some(last) if last.as_bytes() == raw => Some(last.clone()),
+            _ => Some(self.0.insert(std::str::from_utf8(raw).ok()?.into()).clone()),
+        }
+    }
+}
+
+/// Reads an unsigned integer as [`put_uint`] (and `rmp`'s `write_uint`) writes it.
+fn get_uint(rd: &mut &[u8]) -> Option<u64> {
+    let (&marker, rest) = rd.split_first()?;
+    let width = match marker {
+        0..=0x7f => {
+            *rd = rest;
+            return Some(u64::from(marker));
+        }
+        0xcc => 1,
+        0xcd => 2,
+        0xce => 4,
+        0xcf => 8,
+        _ => return None,
+    };
+    let (bytes, rest) = rest.split_at_checked(width)?;
+    *rd = rest;
+    let mut be = [0u8; 8];
+    be[8 - width..].copy_from_slice(bytes);
+    Some(u64::from_be_bytes(be))
+}
+
+/// Reads a MessagePack string's bytes (not checked to be UTF-8).
+fn str_bytes<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (&marker, rest) = rd.split_first()?;
+    let (len, rest) = match marker {
+        0xa0..=0xbf => (usize::from(marker & 0x1f), rest),
+        0xd9 => (usize::from(*rest.first()?), rest.get(1..)?),
+        0xda => (
+            usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)),
+            rest.get(2..)?,
+        ),
+        0xdb => (
+            u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize,
+            rest.get(4..)?,
+        ),
+        _ => return None,
+    };
+    let (bytes, rest) = rest.split_at_checked(len)?;
+    *rd = rest;
+    Some(bytes)
 }
 
 /// Sets each message's payload to its slice of the payload area after the header
@@ -493,39 +544,51 @@ fn decode_deliver_fast(body: &Bytes) -> Option<Result<Deliver, WireError>> {
     let mut lens = Vec::with_capacity(count.min(rd.len()));
     let mut topics = TopicCache::default();
     for _ in 0..count {
-        if mp::read_array_len(&mut rd).ok()? != 7 || mp::read_array_len(&mut rd).ok()? != 2 {
+        // [id, topic, key, tags, headers, publish time, payload length], id = [producer, seq]
+        let [0x97, 0x92, after @ ..] = rd else {
             return None;
-        }
-        let id = MessageId {
-            producer: mp::read_int(&mut rd).ok()?,
-            seq: mp::read_int(&mut rd).ok()?,
         };
-        let topic = topics.shared(str_of(&mut rd)?);
-        let key = match rd.first() {
-            Some(0xc0) => {
-                rd = &rd[1..];
+        rd = after;
+        let id = MessageId {
+            producer: get_uint(&mut rd)?,
+            seq: get_uint(&mut rd)?,
+        };
+        let topic = topics.shared_raw(str_bytes(&mut rd)?)?;
+        let extras = match rd {
+            // No key, tags or headers: the usual case.
+            [0xc0, 0x90, 0x90, after @ ..] => {
+                rd = after;
                 None
             }
-            _ => Some(string(&mut rd)?),
-        };
-        let tags = (0..mp::read_array_len(&mut rd).ok()?)
-            .map(|_| string(&mut rd))
-            .collect::<Option<Vec<_>>>()?;
-        let mut headers = Vec::new();
-        for _ in 0..mp::read_array_len(&mut rd).ok()? {
-            if mp::read_array_len(&mut rd).ok()? != 2 {
-                return None;
+            _ => {
+                let key = match rd.first() {
+                    Some(0xc0) => {
+                        rd = &rd[1..];
+                        None
+                    }
+                    _ => Some(string(&mut rd)?),
+                };
+                let tags = (0..mp::read_array_len(&mut rd).ok()?)
+                    .map(|_| string(&mut rd))
+                    .collect::<Option<Vec<_>>>()?;
+                let mut headers = Vec::new();
+                for _ in 0..mp::read_array_len(&mut rd).ok()? {
+                    if mp::read_array_len(&mut rd).ok()? != 2 {
+                        return None;
+                    }
+                    headers.push((string(&mut rd)?, string(&mut rd)?));
+                }
+                Extras::boxed(key, tags, headers)
             }
-            headers.push((string(&mut rd)?, string(&mut rd)?));
-        }
+        };
         messages.push(Envelope {
             id,
             topic,
-            publish_time_ms: mp::read_int(&mut rd).ok()?,
+            publish_time_ms: get_uint(&mut rd)?,
             payload: Bytes::new(),
-            extras: Extras::boxed(key, tags, headers),
+            extras,
         });
-        lens.push(mp::read_int(&mut rd).ok()?);
+        lens.push(u32::try_from(get_uint(&mut rd)?).ok()?);
     }
     let header_len = body.len() - rd.len();
     Some(
@@ -762,6 +825,10 @@ mod tests {
             let mut theirs = Vec::new();
             rmp::encode::write_uint(&mut theirs, v).expect("vec");
             assert_eq!(&ours[..n], &theirs[..], "{v:#x}");
+            let mut rd = &theirs[..];
+            assert_eq!(get_uint(&mut rd), Some(v), "{v:#x}");
+            assert!(rd.is_empty());
+            assert_eq!(get_uint(&mut &theirs[..n - 1]), None, "truncated {v:#x}");
         }
     }
 
