@@ -32,12 +32,18 @@ impl Dedup {
 
     /// Whether `id` was acknowledged before.
     pub(crate) fn is_acked(&self, id: MessageId) -> bool {
-        self.producers.get(&id.producer).is_some_and(|ranges| {
-            ranges
+        let Some(ranges) = self.producers.get(&id.producer) else {
+            return false;
+        };
+        match ranges.last_key_value() {
+            // Above every acknowledged number: a first delivery, the usual case.
+            Some((_, end)) if *end < id.seq => false,
+            None => false,
+            Some(_) => ranges
                 .range(..=id.seq)
                 .next_back()
-                .is_some_and(|(_, end)| *end >= id.seq)
-        })
+                .is_some_and(|(_, end)| *end >= id.seq),
+        }
     }
 
     /// Records `id` as acknowledged.
