@@ -157,22 +157,8 @@ pub(crate) fn stored_parts<'a>(stored: &'a [u8], topic: &str) -> Option<(&'a [u8
 
 /// `rest` after its first field, if that is the string `topic`. Comparing the bytes
 /// with a known topic also proves them UTF-8, without validating them per message.
-fn strip_topic<'a>(rest: &'a [u8], topic: &str) -> Option<&'a [u8]> {
-    let (marker, rest) = rest.split_first()?;
-    let (len, rest) = match *marker {
-        m @ 0xa0..=0xbf => (usize::from(m & 0x1f), rest),
-        0xd9 => (usize::from(*rest.first()?), rest.get(1..)?),
-        0xda => (
-            usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)),
-            rest.get(2..)?,
-        ),
-        0xdb => (
-            u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize,
-            rest.get(4..)?,
-        ),
-        _ => return None,
-    };
-    (rest.get(..len)? == topic.as_bytes()).then(|| &rest[len..])
+fn strip_topic<'a>(mut rest: &'a [u8], topic: &str) -> Option<&'a [u8]> {
+    (weft_proto::wire::str_bytes(&mut rest)? == topic.as_bytes()).then_some(rest)
 }
 
 /// Checks, without allocating, that `rest` is exactly key, tags, headers and publish

@@ -485,9 +485,10 @@ impl Peer {
     /// `Disk` publishing fast.
     ///
     /// All or nothing: a message that fails its checks (size, metadata) fails the whole
-    /// batch before anything is stored. The outbox quota is reserved for the whole
-    /// batch at once; a batch larger than the whole quota fails with
-    /// [`ErrorKind::OutboxFull`].
+    /// batch before anything is stored. The outbox quota (and, for `Memory` messages,
+    /// the part of it they may take: `OutboxConfig::max_memory_messages` and
+    /// `max_memory_bytes`) is reserved for the whole batch at once; a batch larger than
+    /// either fails with [`ErrorKind::OutboxFull`].
     pub async fn publish_batch(
         &self,
         topic: &str,

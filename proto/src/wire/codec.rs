@@ -469,8 +469,10 @@ fn get_uint(rd: &mut &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(be))
 }
 
-/// Reads a MessagePack string's bytes (not checked to be UTF-8).
-fn str_bytes<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
+/// Reads a MessagePack string's bytes from the front of `rd` and advances past it; the
+/// bytes are not checked to be UTF-8 (compare them with a known string instead).
+/// `None` if `rd` does not start with a whole string.
+pub fn str_bytes<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     let (&marker, rest) = rd.split_first()?;
     let (len, rest) = match marker {
         0xa0..=0xbf => (usize::from(marker & 0x1f), rest),

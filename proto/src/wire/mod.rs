@@ -10,7 +10,7 @@ mod error;
 mod frames;
 mod io;
 
-pub use codec::{encode, encode_deliver, encode_deliver_head, FrameDecoder, PreEncoded};
+pub use codec::{encode, encode_deliver, encode_deliver_head, str_bytes, FrameDecoder, PreEncoded};
 pub use error::WireError;
 pub use frames::*;
 pub use io::{accept_handshake, open_handshake, FrameReader, FrameWriter};
