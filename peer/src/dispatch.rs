@@ -131,7 +131,7 @@ impl Link {
     }
 }
 
-/// Per-group backlog, as reported by [`Dispatcher::backlog`].
+/// Per-group backlog, as reported by [`Peer::backlog`](crate::Peer::backlog).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupBacklog {
     /// Topic.
