@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use weft_directory::Directory;
 use weft_peer::{Message, Peer};
-use weft_tests::{eventually, init_logs};
+use weft_tests::{eventually, group_listed, init_logs};
 
 struct Fabric {
     dir: tempfile::TempDir,
@@ -28,19 +28,21 @@ impl Fabric {
     }
 
     async fn peer(&self, name: &str) -> Peer {
-        self.peer_with_ack_timeout(name, Duration::from_secs(5))
-            .await
+        self.peer_with(name, |b| b).await
     }
 
-    async fn peer_with_ack_timeout(&self, name: &str, ack_timeout: Duration) -> Peer {
-        Peer::builder(name)
+    /// A peer of this fabric (5 s ack timeout), its builder adjusted by `adjust`.
+    async fn peer_with(
+        &self,
+        name: &str,
+        adjust: impl FnOnce(weft_peer::PeerBuilder) -> weft_peer::PeerBuilder,
+    ) -> Peer {
+        let builder = Peer::builder(name)
             .directory([self.directory.local_addr()])
             .data_dir(self.dir.path().join(name))
             .dev_ca(self.dir.path().join("dev-ca"))
-            .ack_timeout(ack_timeout)
-            .start()
-            .await
-            .expect("peer starts")
+            .ack_timeout(Duration::from_secs(5));
+        adjust(builder).start().await.expect("peer starts")
     }
 
     /// A sender that redelivers after 1 s without an ack, and a receiver subscribed to
@@ -51,24 +53,23 @@ impl Fabric {
         receiver: &str,
     ) -> (Peer, Peer, weft_peer::Subscription) {
         let sender = self
-            .peer_with_ack_timeout(sender, Duration::from_secs(1))
+            .peer_with(sender, |b| b.ack_timeout(Duration::from_secs(1)))
             .await;
-        let receiver = self.peer(receiver).await;
+        let (receiver, sub) = self.subscribed(receiver).await;
+        (sender, receiver, sub)
+    }
+
+    /// A peer subscribed to topic "t" in group "g", listed in the route.
+    async fn subscribed(&self, name: &str) -> (Peer, weft_peer::Subscription) {
+        let receiver = self.peer(name).await;
         let sub = receiver
             .subscribe("t")
             .group("g")
             .start()
             .await
             .expect("subscribe");
-        assert!(
-            eventually(Duration::from_secs(10), || !self
-                .directory
-                .route("t")
-                .groups
-                .is_empty())
-            .await
-        );
-        (sender, receiver, sub)
+        assert!(group_listed(&self.directory, "t").await);
+        (receiver, sub)
     }
 }
 
@@ -463,19 +464,16 @@ async fn take_batches(sub: &mut weft_peer::Subscription, n: usize) -> Vec<weft_p
 async fn memory_messages_unacked_past_the_memory_limit_make_publish_wait_or_fail() {
     use weft_peer::{Durability, ErrorKind, WhenFull};
     let fabric = Fabric::start().await;
-    let (_, _receiver, mut sub) = fabric.impatient_pair("unused", "mem-receiver").await;
+    let (_receiver, mut sub) = fabric.subscribed("mem-receiver").await;
     const LIMIT: usize = 50;
-    let sender = Peer::builder("mem-sender")
-        .directory([fabric.directory.local_addr()])
-        .data_dir(fabric.dir.path().join("mem-sender"))
-        .dev_ca(fabric.dir.path().join("dev-ca"))
-        .outbox(|mut c| {
-            c.max_memory_messages = LIMIT as u64;
-            c
+    let sender = fabric
+        .peer_with("mem-sender", |b| {
+            b.outbox(|mut c| {
+                c.max_memory_messages = LIMIT as u64;
+                c
+            })
         })
-        .start()
-        .await
-        .expect("peer starts");
+        .await;
     let publish = |n: usize, when_full| {
         sender.publish_with(
             "t",

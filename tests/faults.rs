@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_directory::Directory;
 use weft_peer::Peer;
-use weft_tests::{binary, eventually, init_logs};
+use weft_tests::{binary, eventually, group_listed, init_logs};
 
 /// (member, key) → numbers in delivery order.
 type Log = Arc<Mutex<HashMap<(String, String), Vec<u64>>>>;
@@ -221,13 +221,7 @@ async fn partition_between_sender_and_receiver_heals_without_loss_or_reorder() {
         .await
         .expect("subscribe");
     consume("receiver".into(), sub, log.clone());
-    assert!(
-        eventually(Duration::from_secs(10), || !directory
-            .route("events")
-            .groups
-            .is_empty())
-        .await
-    );
+    assert!(group_listed(&directory, "events").await);
     let count = |log: &Log| {
         log.lock()
             .expect("lock")
@@ -318,13 +312,7 @@ async fn receiver_restart_keeps_dropping_messages_it_already_acked() {
         .start()
         .await
         .expect("subscribe");
-    assert!(
-        eventually(Duration::from_secs(10), || !directory
-            .route("t")
-            .groups
-            .is_empty())
-        .await
-    );
+    assert!(group_listed(&directory, "t").await);
     const N: usize = 20;
     for i in 0..N {
         sender

@@ -165,8 +165,9 @@ fn strip_topic<'a>(mut rest: &'a [u8], topic: &str) -> Option<&'a [u8]> {
 /// time as [`StoredHead`] encodes them after the topic.
 fn check_stored_fields(rest: &[u8]) -> Option<()> {
     use rmp::decode as mp;
-    fn str_at(buf: &[u8]) -> Option<&[u8]> {
-        mp::read_str_from_slice(buf).ok().map(|(_, rest)| rest)
+    fn str_at(mut buf: &[u8]) -> Option<&[u8]> {
+        std::str::from_utf8(weft_proto::wire::str_bytes(&mut buf)?).ok()?;
+        Some(buf)
     }
     let mut rest = match rest {
         // No key, tags or headers: the usual case, without the general walk.

@@ -17,6 +17,15 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
     }
 }
 
+/// Waits up to 10 s until `directory`'s route of `topic` lists a group; returns whether
+/// it did.
+pub async fn group_listed(directory: &weft_directory::Directory, topic: &str) -> bool {
+    eventually(Duration::from_secs(10), || {
+        !directory.route(topic).groups.is_empty()
+    })
+    .await
+}
+
 /// Installs a test log subscriber once (RUST_LOG controls it).
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()

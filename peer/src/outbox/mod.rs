@@ -713,49 +713,28 @@ impl Outbox {
         }
         let targets = validate_targets(targets)?;
         let count = bodies.len() as u64;
-        loop {
-            if self.inner.tx.is_none() || shared.closed.load(Ordering::Acquire) {
-                return Err(OutboxError::Closed);
-            }
-            let notified = shared.space.notified();
-            tokio::pin!(notified);
-            {
-                let mut core = shared.core();
+        if self.inner.tx.is_none() {
+            return Err(OutboxError::Closed);
+        }
+        let appended = self
+            .when_room(count, size, when_full, |core| {
                 let first = core.next_seq;
                 if first.saturating_add(count) > core.lease_durable {
                     return Ok(None);
                 }
-                let reserved = if targets.is_empty() {
-                    Ok(())
-                } else {
-                    core.state.reserve_memory_many(count, size)
-                };
-                match reserved {
-                    Ok(()) => {
-                        if !targets.is_empty() {
-                            core.state.memory_messages_added(
-                                first,
-                                &targets,
-                                bodies,
-                                unix_ms_now(),
-                            );
-                        }
-                        core.next_seq += count;
-                        drop(core);
-                        shared.appended.fetch_add(count, Ordering::Relaxed);
-                        return Ok(Some(first..first + count));
-                    }
-                    Err(full) => {
-                        if when_full == WhenFull::Fail || !core.state.could_fit(count, size, true) {
-                            return Err(full_error(full, size));
-                        }
-                        // Register before releasing the lock so no release is missed.
-                        notified.as_mut().enable();
-                    }
+                if !targets.is_empty() {
+                    core.state.reserve_memory_many(count, size)?;
+                    core.state
+                        .memory_messages_added(first, &targets, bodies, unix_ms_now());
                 }
-            }
-            notified.await;
+                core.next_seq += count;
+                Ok(Some(first..first + count))
+            })
+            .await?;
+        if appended.is_some() {
+            shared.appended.fetch_add(count, Ordering::Relaxed);
         }
+        Ok(appended)
     }
 
     async fn reserve(
@@ -765,8 +744,24 @@ impl Outbox {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<(), OutboxError> {
+        self.when_room(messages, size, when_full, |core| match durability {
+            Durability::Memory => core.state.reserve_memory_many(messages, size),
+            Durability::Disk => core.state.reserve_many(messages, size),
+        })
+        .await
+    }
+
+    /// Runs `attempt` under the core lock until it does not find the quota (or the
+    /// memory limit) full; while it does, waits for settlements to free room, or fails
+    /// as `when_full` says (and at once if `messages` of `size` bytes could never fit).
+    async fn when_room<T>(
+        &self,
+        messages: u64,
+        size: u64,
+        when_full: WhenFull,
+        mut attempt: impl FnMut(&mut Core) -> Result<T, state::QuotaFull>,
+    ) -> Result<T, OutboxError> {
         let shared = &self.inner.shared;
-        let memory = durability == Durability::Memory;
         loop {
             if shared.closed.load(Ordering::Acquire) {
                 return Err(OutboxError::Closed);
@@ -775,19 +770,16 @@ impl Outbox {
             tokio::pin!(notified);
             {
                 let mut core = shared.core();
-                let never_fits = !core.state.could_fit(messages, size, memory);
-                let reserved = if memory {
-                    core.state.reserve_memory_many(messages, size)
-                } else {
-                    core.state.reserve_many(messages, size)
-                };
-                match reserved {
-                    Ok(()) => return Ok(()),
-                    Err(full) if when_full == WhenFull::Fail || never_fits => {
+                match attempt(&mut core) {
+                    Ok(done) => return Ok(done),
+                    Err(full)
+                        if when_full == WhenFull::Fail
+                            || !core.state.could_fit(messages, size, full.memory) =>
+                    {
                         return Err(full_error(full, size))
                     }
+                    // Register before releasing the lock so no release is missed.
                     Err(_) => {
-                        // Register before releasing the lock so no release is missed.
                         notified.as_mut().enable();
                     }
                 }
@@ -940,6 +932,7 @@ impl Outbox {
         let now = unix_ms_now();
         let core = shared.core();
         let (qm, qb) = core.state.quota_used();
+        let (memory_messages, memory_bytes) = core.state.memory_used();
         let mut groups: Vec<GroupStats> = core
             .state
             .group_stats()
@@ -963,8 +956,8 @@ impl Outbox {
             quota_used_bytes: qb,
             quota_max_messages: shared.cfg.max_messages,
             quota_max_bytes: shared.cfg.max_bytes,
-            memory_used_messages: core.state.memory_used().0,
-            memory_used_bytes: core.state.memory_used().1,
+            memory_used_messages: memory_messages,
+            memory_used_bytes: memory_bytes,
             commits: shared.commits.load(Ordering::Relaxed),
             appended: shared.appended.load(Ordering::Relaxed),
             cache_bytes: core.cache.bytes(),

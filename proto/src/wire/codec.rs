@@ -523,9 +523,7 @@ fn attach_payloads(
 fn decode_deliver_fast(body: &Bytes) -> Option<Result<Deliver, WireError>> {
     use rmp::decode as mp;
     fn str_of<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
-        let (s, rest) = mp::read_str_from_slice(*rd).ok()?;
-        *rd = rest;
-        Some(s)
+        std::str::from_utf8(str_bytes(rd)?).ok()
     }
     fn string(rd: &mut &[u8]) -> Option<String> {
         str_of(rd).map(str::to_owned)
