@@ -524,7 +524,9 @@ impl Dispatcher {
         if queue.blocked || queue.waiting.is_empty() {
             return;
         }
-        let mut assigned: Vec<(usize, Seq, Entry)> = Vec::new();
+        let room = free.iter().map(|f| *f as usize).sum::<usize>();
+        let mut assigned: Vec<(usize, Seq, Entry)> =
+            Vec::with_capacity(room.min(queue.waiting.len()));
         let fences = &mut queue.fences;
         queue.waiting.scan(SCAN_LIMIT, |seq, entry| {
             if free.iter().all(|f| *f == 0) {
@@ -559,9 +561,13 @@ impl Dispatcher {
             let Some(link) = links.get_mut(key) else {
                 continue;
             };
+            let mine = || assigned.iter().filter(|a| a.0 == target);
+            let count = mine().count();
+            link.outgoing.reserve(count);
+            link.inflight.reserve(count);
             // A link with outgoing messages was woken already and takes them all.
             let mut woken = false;
-            for &(_, seq, mut entry) in assigned.iter().filter(|a| a.0 == target) {
+            for &(_, seq, mut entry) in mine() {
                 entry.deliveries += 1;
                 let link_seq = link.next_link_seq;
                 link.next_link_seq += 1;

@@ -1,7 +1,7 @@
 //! Accepting data streams from senders and feeding them to local subscriptions.
 
 use crate::peer::Inner;
-use crate::subscription::{lock, InboundLink, Places, Progress, SubShared};
+use crate::subscription::{lock, OpenLink, Places, Progress, SubShared};
 use smallvec::SmallVec;
 use std::sync::Arc;
 use tracing::{debug, warn};
@@ -79,7 +79,7 @@ async fn serve_stream(
     writer
         .send(&Frame::Credit(Credit { window: sub.credit }))
         .await?;
-    let link = Arc::new(InboundLink::default());
+    let link = sub.open_link();
     loop {
         tokio::select! {
             frame = reader.next() => match frame {
@@ -112,8 +112,8 @@ async fn serve_stream(
                 }
                 Ok(None) => return Ok(()),
             },
-            () = link.wake.notified() => {
-                let ack = lock(&link.acks).take_ack();
+            () = link.link.wake.notified() => {
+                let ack = lock(&link.link.acks).take_ack();
                 if let Some(ack) = ack {
                     writer.send(&Frame::Ack(ack)).await?;
                 }
@@ -155,9 +155,10 @@ fn check_batch(open: &wire::Open, batch: &wire::Deliver) -> Result<(), (ErrorCod
 /// the frame's own vector (waiting while the queue is full).
 async fn receive(
     sub: &Arc<SubShared>,
-    link: &Arc<InboundLink>,
+    open: &OpenLink,
     batch: wire::Deliver,
 ) -> Result<(), (ErrorCode, String)> {
+    let (link, link_id) = (&open.link, open.id);
     let count = batch.messages.len() as u64;
     let Some(wake) = lock(&link.acks).received(batch.first_link_seq, count) else {
         return Err((
@@ -180,6 +181,7 @@ async fn receive(
                 fresh.push(false);
                 continue;
             }
+            let links = &state.links;
             let progress = state
                 .in_progress
                 .entry(envelope.id)
@@ -190,14 +192,15 @@ async fn receive(
             // Usually empty (a first delivery); skipping the drain then was measurable.
             if !progress.places.is_empty() {
                 for (old_link, old_seq) in progress.places.drain(..) {
-                    if Arc::ptr_eq(&old_link, link) {
+                    if old_link == link_id {
                         duplicates.push(old_seq);
-                    } else {
-                        old_link.done(old_seq);
+                    } else if let Some(old) = links.get(&old_link) {
+                        // Superseded on another stream (which may have closed since).
+                        old.done(old_seq);
                     }
                 }
             }
-            progress.places.push((link.clone(), link_seq));
+            progress.places.push((link_id, link_seq));
             fresh.push(std::mem::replace(&mut progress.abandoned, false));
         }
     }

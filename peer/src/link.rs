@@ -153,7 +153,7 @@ async fn send_batch(
 ) -> Result<()> {
     let seqs: Vec<u64> = outgoing.iter().map(|(_, seq)| *seq).collect();
     let bodies = inner.outbox.read_many(&seqs).await?;
-    let mut run: Vec<PreEncoded<'_>> = Vec::new();
+    let mut run: Vec<PreEncoded<'_>> = Vec::with_capacity(outgoing.len().min(MAX_BATCH_MESSAGES));
     let mut first = 0u64;
     let mut bytes = 0usize;
     let mut unsendable = Vec::new();

@@ -625,11 +625,7 @@ impl SubscribeBuilder {
             topic: self.topic.clone(),
             group: group.clone(),
             credit: self.credit,
-            state: Mutex::new(SubState {
-                dedup,
-                dirty: false,
-                in_progress: Default::default(),
-            }),
+            state: Mutex::new(SubState::new(dedup)),
             queue,
         });
         {

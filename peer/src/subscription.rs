@@ -5,6 +5,7 @@ use crate::dedup::{Dedup, LinkAcks};
 use crate::seq_map::SeqKeyedMap;
 use bytes::Bytes;
 use futures::Stream;
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -48,9 +49,14 @@ impl InboundLink {
     }
 }
 
+/// Names an inbound stream within its subscription (see [`SubState::links`]).
+pub(crate) type LinkId = u64;
+
 /// Where a message's acknowledgement is owed: (stream, link sequence). Almost always
 /// one place (a retransmission supersedes the earlier ones), so it is kept inline.
-pub(crate) type Places = SmallVec<[(Arc<InboundLink>, u64); 1]>;
+/// Streams are named by id, not by `Arc`: a reference count per message, taken on the
+/// stream's thread and dropped on the application's, was a contended atomic per message.
+pub(crate) type Places = SmallVec<[(LinkId, u64); 1]>;
 
 /// Dedup and in-progress deliveries of one subscription.
 #[derive(Debug)]
@@ -62,6 +68,23 @@ pub(crate) struct SubState {
     /// (Hashed for locality: the ids in progress are mostly runs of consecutive
     /// sequence numbers, see `seq_map`.)
     pub(crate) in_progress: SeqKeyedMap<MessageId, Progress>,
+    /// The subscription's open inbound streams, by the id their places use.
+    pub(crate) links: FxHashMap<LinkId, Arc<InboundLink>>,
+    /// The id of the next stream to open.
+    pub(crate) next_link: LinkId,
+}
+
+impl SubState {
+    /// Fresh state around loaded `dedup`.
+    pub(crate) fn new(dedup: Dedup) -> Self {
+        Self {
+            dedup,
+            dirty: false,
+            in_progress: SeqKeyedMap::default(),
+            links: FxHashMap::default(),
+            next_link: 1,
+        }
+    }
 }
 
 /// A message handed to the application and not acknowledged yet.
@@ -110,6 +133,21 @@ impl SubShared {
         }
     }
 
+    /// Opens a stream feeding this subscription; it stays known (for the places of its
+    /// messages) until the returned guard drops.
+    pub(crate) fn open_link(self: &Arc<Self>) -> OpenLink {
+        let link = Arc::new(InboundLink::default());
+        let mut state = lock(&self.state);
+        let id = state.next_link;
+        state.next_link += 1;
+        state.links.insert(id, link.clone());
+        OpenLink {
+            id,
+            link,
+            sub: self.clone(),
+        }
+    }
+
     fn ack(&self, id: MessageId) {
         self.ack_many(std::slice::from_ref(&id));
     }
@@ -117,7 +155,9 @@ impl SubShared {
     /// Acknowledges `ids` under one lock of the subscription state, then marks their
     /// places done under one lock per run of places on the same stream.
     fn ack_many(&self, ids: &[MessageId]) {
-        let mut places: Vec<(Arc<InboundLink>, u64)> = Vec::with_capacity(ids.len());
+        let mut places: Vec<(LinkId, u64)> = Vec::with_capacity(ids.len());
+        // The streams of those places (usually one).
+        let mut links: SmallVec<[(LinkId, Arc<InboundLink>); 2]> = SmallVec::new();
         {
             let mut state = lock(&self.state);
             for &id in ids {
@@ -127,16 +167,40 @@ impl SubShared {
                 }
             }
             state.dirty = true;
+            for &(id, _) in &places {
+                if !links.iter().any(|(l, _)| *l == id) {
+                    if let Some(link) = state.links.get(&id) {
+                        links.push((id, link.clone()));
+                    }
+                }
+            }
         }
         let mut rest = places.as_slice();
-        while let Some((link, _)) = rest.first() {
+        while let Some(&(id, _)) = rest.first() {
             let run = rest
                 .iter()
-                .position(|(other, _)| !Arc::ptr_eq(other, link))
+                .position(|(other, _)| *other != id)
                 .unwrap_or(rest.len());
-            link.done_all(rest[..run].iter().map(|(_, link_seq)| *link_seq));
+            if let Some((_, link)) = links.iter().find(|(l, _)| *l == id) {
+                link.done_all(rest[..run].iter().map(|(_, link_seq)| *link_seq));
+            }
             rest = &rest[run..];
         }
+    }
+}
+
+/// An inbound stream registered with its subscription (see
+/// [`SubShared::open_link`]); dropping it forgets the stream.
+#[derive(Debug)]
+pub(crate) struct OpenLink {
+    pub(crate) id: LinkId,
+    pub(crate) link: Arc<InboundLink>,
+    sub: Arc<SubShared>,
+}
+
+impl Drop for OpenLink {
+    fn drop(&mut self) {
+        lock(&self.sub.state).links.remove(&self.id);
     }
 }
 
@@ -440,6 +504,56 @@ mod tests {
 
     async fn next<T>(rx: &mut QueueReceiver<T>) -> Option<T> {
         std::future::poll_fn(|cx| rx.poll_next(cx)).await
+    }
+
+    fn shared() -> Arc<SubShared> {
+        let (queue, _rx) = delivery_queue(8);
+        Arc::new(SubShared {
+            dedup_path: std::path::PathBuf::from("unused"),
+            topic: "t".into(),
+            group: "g".into(),
+            credit: 8,
+            state: Mutex::new(SubState::new(Dedup::new(16))),
+            queue,
+        })
+    }
+
+    fn in_progress(sub: &SubShared, seq: u64, places: &[(LinkId, u64)]) -> MessageId {
+        let id = MessageId { producer: 7, seq };
+        let progress = Progress {
+            places: places.iter().copied().collect(),
+            abandoned: false,
+        };
+        lock(&sub.state).in_progress.insert(id, progress);
+        id
+    }
+
+    fn acked(link: &OpenLink) -> Option<(u64, Vec<u64>)> {
+        lock(&link.link.acks)
+            .take_ack()
+            .map(|ack| (ack.upto, ack.extra))
+    }
+
+    #[test]
+    fn acks_reach_the_stream_each_place_names_and_skip_closed_ones() {
+        let sub = shared();
+        let (a, b) = (sub.open_link(), sub.open_link());
+        assert_ne!(a.id, b.id);
+        for l in [&a, &b] {
+            lock(&l.link.acks).received(1, 3);
+        }
+        let m1 = in_progress(&sub, 1, &[(a.id, 1)]);
+        let m2 = in_progress(&sub, 2, &[(b.id, 2), (a.id, 2)]);
+        let m3 = in_progress(&sub, 3, &[(b.id, 3)]);
+        sub.ack_many(&[m1, m2]);
+        assert_eq!(acked(&a), Some((2, vec![])));
+        assert_eq!(acked(&b), Some((0, vec![2])));
+        let closed = b.id;
+        drop(b);
+        assert!(!lock(&sub.state).links.contains_key(&closed), "forgotten");
+        sub.ack_many(&[m3]); // its only place is gone: nothing to do, no panic
+        assert!(lock(&sub.state).in_progress.is_empty());
+        assert_eq!(acked(&a), None);
     }
 
     #[tokio::test]

@@ -135,6 +135,11 @@ impl InFlightWindow {
         self.slots.len()
     }
 
+    /// Makes room for `additional` more messages.
+    pub(super) fn reserve(&mut self, additional: usize) {
+        self.slots.reserve(additional);
+    }
+
     /// Records a message sent as `link_seq`, which must follow the last one recorded.
     pub(super) fn push(&mut self, link_seq: u64, f: InFlight) {
         debug_assert!(self.slots.back().is_none_or(|(last, _)| *last < link_seq));
@@ -143,12 +148,9 @@ impl InFlightWindow {
 
     /// Removes and returns the messages acknowledged by `upto` (cumulative) and `extra`.
     pub(super) fn ack(&mut self, upto: u64, extra: &[u64]) -> Vec<InFlight> {
-        let mut acked = Vec::new();
-        while self.slots.front().is_some_and(|(s, _)| *s <= upto) {
-            if let Some((_, f)) = self.slots.pop_front() {
-                acked.push(f);
-            }
-        }
+        let cumulative = self.slots.partition_point(|(s, _)| *s <= upto);
+        let mut acked = Vec::with_capacity(cumulative + extra.len());
+        acked.extend(self.slots.drain(..cumulative).map(|(_, f)| f));
         for link_seq in extra {
             if let Ok(i) = self.slots.binary_search_by_key(link_seq, |(s, _)| *s) {
                 if let Some((_, f)) = self.slots.remove(i) {

@@ -211,19 +211,33 @@ fn write_deliver_header(
 /// `rmp::encode::write_uint` does) at the start of `buf` (at least 9 bytes); returns
 /// the bytes written.
 fn put_uint(buf: &mut [u8], v: u64) -> usize {
-    let (marker, width) = match v {
+    // One fixed-width store per arm: a copy of a computed width became a `memcpy`
+    // call, measurable on this path.
+    match v {
         0..=0x7f => {
             buf[0] = v as u8;
-            return 1;
+            1
         }
-        0x80..=0xff => (0xcc, 1),
-        0x100..=0xffff => (0xcd, 2),
-        0x1_0000..=0xffff_ffff => (0xce, 4),
-        _ => (0xcf, 8),
-    };
-    buf[0] = marker;
-    buf[1..=width].copy_from_slice(&v.to_be_bytes()[8 - width..]);
-    1 + width
+        0x80..=0xff => {
+            buf[..2].copy_from_slice(&[0xcc, v as u8]);
+            2
+        }
+        0x100..=0xffff => {
+            buf[0] = 0xcd;
+            buf[1..3].copy_from_slice(&(v as u16).to_be_bytes());
+            3
+        }
+        0x1_0000..=0xffff_ffff => {
+            buf[0] = 0xce;
+            buf[1..5].copy_from_slice(&(v as u32).to_be_bytes());
+            5
+        }
+        _ => {
+            buf[0] = 0xcf;
+            buf[1..9].copy_from_slice(&v.to_be_bytes());
+            9
+        }
+    }
 }
 
 /// Writing into memory cannot fail; this keeps the error path honest all the same.
@@ -451,22 +465,29 @@ impl TopicCache {
 /// Reads an unsigned integer as [`put_uint`] (and `rmp`'s `write_uint`) writes it.
 fn get_uint(rd: &mut &[u8]) -> Option<u64> {
     let (&marker, rest) = rd.split_first()?;
-    let width = match marker {
-        0..=0x7f => {
-            *rd = rest;
-            return Some(u64::from(marker));
+    // Fixed-width reads per arm (see `put_uint`).
+    let (v, rest) = match marker {
+        0..=0x7f => (u64::from(marker), rest),
+        0xcc => {
+            let (b, rest) = rest.split_first_chunk::<1>()?;
+            (u64::from(b[0]), rest)
         }
-        0xcc => 1,
-        0xcd => 2,
-        0xce => 4,
-        0xcf => 8,
+        0xcd => {
+            let (b, rest) = rest.split_first_chunk::<2>()?;
+            (u64::from(u16::from_be_bytes(*b)), rest)
+        }
+        0xce => {
+            let (b, rest) = rest.split_first_chunk::<4>()?;
+            (u64::from(u32::from_be_bytes(*b)), rest)
+        }
+        0xcf => {
+            let (b, rest) = rest.split_first_chunk::<8>()?;
+            (u64::from_be_bytes(*b), rest)
+        }
         _ => return None,
     };
-    let (bytes, rest) = rest.split_at_checked(width)?;
     *rd = rest;
-    let mut be = [0u8; 8];
-    be[8 - width..].copy_from_slice(bytes);
-    Some(u64::from_be_bytes(be))
+    Some(v)
 }
 
 /// Reads a MessagePack string's bytes from the front of `rd` and advances past it; the
