@@ -1139,8 +1139,7 @@ impl Drop for PendingAppend {
     }
 }
 
-/// Adds to `route` the groups of `cached` it lacks (with their cached members), for a
-/// route from a directory node that may still be learning registrations.
+/// The outbox's own `WhenFull` for the public one.
 fn outbox_when_full(when_full: WhenFull) -> outbox::WhenFull {
     match when_full {
         WhenFull::Wait => outbox::WhenFull::Wait,
@@ -1148,6 +1147,8 @@ fn outbox_when_full(when_full: WhenFull) -> outbox::WhenFull {
     }
 }
 
+/// Adds to `route` the groups of `cached` it lacks (with their cached members), for a
+/// route from a directory node that may still be learning registrations.
 fn keep_cached_groups(route: &mut Route, cached: &Route) {
     let missing: Vec<_> = cached
         .groups

@@ -388,7 +388,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     for (thread, publisher) in &publishers {
         let publisher = publisher.clone();
         let (size, keys) = (args.size, args.keys);
-        let batch = args.batch.max(1) as u64;
+        let batch = batch as u64;
         let batches_in_flight = (args.window as u64).div_ceil(batch).max(1) as usize;
         let message = move |i: u64, payload: Bytes| {
             let m = Message::new(payload);
@@ -463,7 +463,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
             args.groups,
             args.members,
             args.publishers,
-            args.batch.max(1)
+            batch
         ),
     };
     report.print(args.json);

@@ -128,11 +128,10 @@ struct QuotaGuard<'a> {
 
 impl Drop for QuotaGuard<'_> {
     fn drop(&mut self) {
-        let state = &mut self.shared.core().state;
-        match self.durability {
-            Durability::Memory => state.unreserve_memory_many(self.messages, self.bytes),
-            Durability::Disk => state.unreserve_many(self.messages, self.bytes),
-        }
+        self.shared
+            .core()
+            .state
+            .unreserve_as(self.durability, self.messages, self.bytes);
         self.shared.space.notify_waiters();
     }
 }
@@ -744,9 +743,8 @@ impl Outbox {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<(), OutboxError> {
-        self.when_room(messages, size, when_full, |core| match durability {
-            Durability::Memory => core.state.reserve_memory_many(messages, size),
-            Durability::Disk => core.state.reserve_many(messages, size),
+        self.when_room(messages, size, when_full, |core| {
+            core.state.reserve_as(durability, messages, size)
         })
         .await
     }

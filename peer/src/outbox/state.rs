@@ -18,6 +18,7 @@
 //! segments holding settles for that segment's other messages; they go once it settles
 //! (ack, TTL or dead letter). There is no compaction that copies such messages forward.
 
+use super::Durability;
 use crate::seq_window::SeqWindow;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -143,6 +144,18 @@ struct Segment {
     sealed: bool,
     /// Older segments this one holds settle records for.
     refs: BTreeSet<u64>,
+}
+
+impl Group {
+    /// Drops settled seqs from the front of `order` (this group is `gid`).
+    fn trim_order(&mut self, gid: u32, entries: &SeqWindow<Entry>) {
+        while let Some(front) = self.order.front() {
+            if entries.get(front).is_some_and(|e| e.groups.contains(&gid)) {
+                break;
+            }
+            self.order.pop_front();
+        }
+    }
 }
 
 /// Sequence numbers in increasing order, kept as runs of consecutive numbers (a group's
@@ -275,6 +288,28 @@ impl OutboxState {
     /// Gives back a reservation of `messages` messages and `bytes` bytes.
     pub fn unreserve_many(&mut self, messages: u64, bytes: u64) {
         self.used.sub(messages, bytes);
+    }
+
+    /// [`reserve_memory_many`](Self::reserve_memory_many) or
+    /// [`reserve_many`](Self::reserve_many), as `durability` says.
+    pub fn reserve_as(
+        &mut self,
+        durability: Durability,
+        messages: u64,
+        bytes: u64,
+    ) -> Result<(), QuotaFull> {
+        match durability {
+            Durability::Memory => self.reserve_memory_many(messages, bytes),
+            Durability::Disk => self.reserve_many(messages, bytes),
+        }
+    }
+
+    /// Gives back a reservation made with [`reserve_as`](Self::reserve_as).
+    pub fn unreserve_as(&mut self, durability: Durability, messages: u64, bytes: u64) {
+        match durability {
+            Durability::Memory => self.unreserve_memory_many(messages, bytes),
+            Durability::Disk => self.unreserve_many(messages, bytes),
+        }
     }
 
     /// Gives back a reservation made with [`reserve_memory_many`](Self::reserve_memory_many).
@@ -453,15 +488,7 @@ impl OutboxState {
     fn trim_orders(&mut self) {
         let entries = &self.entries;
         for (id, g) in self.groups.iter_mut().enumerate() {
-            while let Some(front) = g.order.front() {
-                let pending = entries
-                    .get(front)
-                    .is_some_and(|e| e.groups.contains(&(id as u32)));
-                if pending {
-                    break;
-                }
-                g.order.pop_front();
-            }
+            g.trim_order(id as u32, entries);
             if g.pending == 0 {
                 g.order.clear();
             }
@@ -497,17 +524,7 @@ impl OutboxState {
         let now_empty = e.groups.is_empty();
         let g = &mut self.groups[gid as usize];
         g.pending = g.pending.saturating_sub(1);
-        // Trim this group's order queue from the front.
-        while let Some(front) = g.order.front() {
-            let pending = self
-                .entries
-                .get(front)
-                .is_some_and(|e| e.groups.contains(&gid));
-            if pending {
-                break;
-            }
-            g.order.pop_front();
-        }
+        g.trim_order(gid, &self.entries);
         if now_empty {
             out.fully_settled = true;
             if let Some(e) = self.entries.remove(seq) {

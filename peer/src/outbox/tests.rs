@@ -827,17 +827,12 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
     append_disk(&o, &["a"], b"d").await;
 
     // ...and a waiting one goes in once a Memory message is settled.
-    let o2 = o.clone();
-    let waiter = tokio::spawn(async move {
-        o2.append_memory_many(&g(&["a"]), &[x()], WhenFull::Wait)
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!waiter.is_finished());
+    let (targets, bodies) = (g(&["a"]), [x()]);
+    let mut waiter = Box::pin(o.append_memory_many(&targets, &bodies, WhenFull::Wait));
+    assert!(futures::poll!(&mut waiter).is_pending(), "full: it waits");
     o.settle(first, "a");
     let seqs = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
-        .unwrap()
         .unwrap()
         .unwrap()
         .expect("appended without the writer");

@@ -50,11 +50,7 @@ impl Append {
     fn unreserve(&self, state: &mut super::state::OutboxState) {
         if !self.targets.is_empty() {
             let bytes = self.bodies.iter().map(|b| b.len() as u64).sum();
-            let messages = self.bodies.len() as u64;
-            match self.durability {
-                Durability::Memory => state.unreserve_memory_many(messages, bytes),
-                Durability::Disk => state.unreserve_many(messages, bytes),
-            }
+            state.unreserve_as(self.durability, self.bodies.len() as u64, bytes);
         }
     }
 }
