@@ -3,7 +3,7 @@
 use super::error::WireError;
 use super::frames::*;
 use super::LENGTH_PREFIX;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 /// Borrowed mirror of [`FrameHeader`]: same variant names and field order, so it encodes
@@ -264,122 +264,31 @@ fn finish_frame(out: &mut BytesMut, start: usize, max_frame: usize) -> Result<()
     Ok(())
 }
 
-/// Cuts a byte stream into frames. Feed it bytes as they arrive with [`extend`] and take
-/// complete frames with [`next_frame`].
-///
-/// [`extend`]: FrameDecoder::extend
-/// [`next_frame`]: FrameDecoder::next_frame
-#[derive(Debug)]
-pub struct FrameDecoder {
-    /// Bytes of a frame that arrived in pieces (copied together).
-    buf: BytesMut,
-    /// The unread rest of a chunk handed over with [`extend_bytes`] while `buf` was
-    /// empty: whole frames are cut from it without a copy. Only one of `buf` and
-    /// `chunk` is non-empty at a time.
-    ///
-    /// [`extend_bytes`]: FrameDecoder::extend_bytes
-    chunk: Bytes,
-    max_frame: usize,
-}
-
-impl FrameDecoder {
-    /// A decoder refusing frames above `max_frame` bytes.
-    pub fn new(max_frame: usize) -> Self {
-        Self {
-            buf: BytesMut::new(),
-            chunk: Bytes::new(),
-            max_frame,
-        }
-    }
-
-    /// Appends received bytes.
-    pub fn extend(&mut self, bytes: &[u8]) {
-        self.spill_chunk();
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// Appends a received chunk, keeping it shared: frames that lie whole inside it
-    /// become slices of it instead of copies (a large payload is then never copied on
-    /// the receiving side).
-    pub fn extend_bytes(&mut self, bytes: Bytes) {
-        if self.buf.is_empty() && self.chunk.is_empty() {
-            self.chunk = bytes;
-        } else {
-            self.extend(&bytes);
-        }
-    }
-
-    /// Moves the rest of a shared chunk into `buf` (a frame continues past it).
-    fn spill_chunk(&mut self) {
-        if !self.chunk.is_empty() {
-            self.buf.extend_from_slice(&self.chunk);
-            self.chunk = Bytes::new();
-        }
-    }
-
-    /// Bytes received but not yet returned as frames.
-    pub fn buffered(&self) -> usize {
-        self.buf.len() + self.chunk.len()
-    }
-
-    /// The length of the frame body starting at `bytes`, if its length prefix is there;
-    /// an error if it exceeds the limit.
-    fn frame_size(&self, bytes: &[u8]) -> Result<Option<usize>, WireError> {
-        let Some(prefix) = bytes.get(..LENGTH_PREFIX) else {
-            return Ok(None);
-        };
-        let mut be = [0u8; LENGTH_PREFIX];
-        be.copy_from_slice(prefix);
-        let size = u32::from_be_bytes(be) as usize;
-        if size > self.max_frame {
-            return Err(WireError::FrameTooLarge {
-                size,
-                limit: self.max_frame,
-            });
-        }
-        Ok(Some(size))
-    }
-
-    /// The next complete frame, `Ok(None)` if more bytes are needed. An error means the
-    /// stream is unusable and must be closed.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        if !self.chunk.is_empty() {
-            if let Some(size) = self.frame_size(&self.chunk)? {
-                if self.chunk.len() >= LENGTH_PREFIX + size {
-                    self.chunk.advance(LENGTH_PREFIX);
-                    let body = self.chunk.split_to(size);
-                    return decode_body(body).map(Some);
-                }
-            }
-            self.spill_chunk();
-        }
-        let Some(size) = self.frame_size(&self.buf)? else {
-            return Ok(None);
-        };
-        if self.buf.len() < LENGTH_PREFIX + size {
-            self.buf.reserve(LENGTH_PREFIX + size - self.buf.len());
-            return Ok(None);
-        }
-        self.buf.advance(LENGTH_PREFIX);
-        let body = self.buf.split_to(size).freeze();
-        decode_body(body).map(Some)
-    }
-
-    /// Call at end of stream: an error if a frame was left unfinished.
-    pub fn finish(&self) -> Result<(), WireError> {
-        match self.buffered() {
-            0 => Ok(()),
-            buffered => Err(WireError::Truncated { buffered }),
-        }
-    }
-}
-
 /// Decodes one frame body (without its length prefix).
-fn decode_body(body: Bytes) -> Result<Frame, WireError> {
+pub(super) fn decode_body(body: Bytes) -> Result<Frame, WireError> {
     if let Some(deliver) = decode_deliver_fast(&body) {
         return deliver.map(Frame::Deliver);
     }
     decode_general(body)
+}
+
+/// Decodes one frame body that arrived in several `pieces` (in order, together the
+/// whole body). A `Deliver` frame whose header lies in the first piece gets each
+/// payload as a slice of the piece holding it, copied only when it straddles two: a
+/// frame of large payloads is not copied together on the receiving side. Anything else
+/// is copied into one buffer and decoded as usual.
+pub(super) fn decode_pieces(pieces: &[Bytes]) -> Result<Frame, WireError> {
+    if let Some(first) = pieces.first() {
+        if let Some((mut deliver, lens, header_len)) = deliver_header_fast(first) {
+            attach_payloads_from(pieces, header_len, &mut deliver.messages, &lens)?;
+            return Ok(Frame::Deliver(deliver));
+        }
+    }
+    let mut body = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for piece in pieces {
+        body.extend_from_slice(piece);
+    }
+    decode_body(body.freeze())
 }
 
 /// Decodes any frame body with serde (every frame but the usual `Deliver` layout, and
@@ -537,11 +446,100 @@ fn attach_payloads(
     Ok(())
 }
 
+/// [`attach_payloads`] for a body in `pieces`: a payload lying inside one piece is a
+/// slice of it, one straddling pieces is copied together.
+fn attach_payloads_from(
+    pieces: &[Bytes],
+    header_len: usize,
+    messages: &mut [Envelope],
+    lens: &[u32],
+) -> Result<(), WireError> {
+    let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
+    let size: usize = pieces.iter().map(Bytes::len).sum();
+    let trailing = size - header_len.min(size);
+    if total != trailing as u64 {
+        return Err(WireError::Malformed(format!(
+            "Deliver announces {total} payload bytes but carries {trailing}"
+        )));
+    }
+    let mut cursor = PieceCursor {
+        pieces,
+        index: 0,
+        offset: 0,
+    };
+    cursor.skip(header_len);
+    for (m, &len) in messages.iter_mut().zip(lens) {
+        m.payload = cursor.take(len as usize);
+    }
+    Ok(())
+}
+
+/// A read position in a body held as pieces; callers never read past the end (the
+/// lengths were checked against the body's size).
+struct PieceCursor<'a> {
+    pieces: &'a [Bytes],
+    index: usize,
+    offset: usize,
+}
+
+impl PieceCursor<'_> {
+    /// Moves past the exhausted pieces to where the next byte is.
+    fn settle(&mut self) {
+        while self
+            .pieces
+            .get(self.index)
+            .is_some_and(|p| self.offset >= p.len())
+        {
+            self.offset -= self.pieces[self.index].len();
+            self.index += 1;
+        }
+    }
+
+    fn skip(&mut self, n: usize) {
+        self.offset += n;
+        self.settle();
+    }
+
+    /// The next `n` bytes: a slice of one piece, or a copy when they straddle pieces.
+    fn take(&mut self, n: usize) -> Bytes {
+        if n == 0 {
+            return Bytes::new();
+        }
+        let Some(piece) = self.pieces.get(self.index) else {
+            return Bytes::new();
+        };
+        if self.offset + n <= piece.len() {
+            let slice = piece.slice(self.offset..self.offset + n);
+            self.skip(n);
+            return slice;
+        }
+        let mut copy = Vec::with_capacity(n);
+        while copy.len() < n {
+            let Some(piece) = self.pieces.get(self.index) else {
+                break;
+            };
+            let here = (n - copy.len()).min(piece.len() - self.offset);
+            copy.extend_from_slice(&piece[self.offset..self.offset + here]);
+            self.skip(here);
+        }
+        Bytes::from(copy)
+    }
+}
+
 /// Decodes a `Deliver` frame laid out as [`encode`] writes it (the hot path: no serde
 /// machinery, envelopes built in place, one topic string per run of equal topics).
 /// `None` for anything else, which then goes through the general decoder (and its
 /// error messages).
 fn decode_deliver_fast(body: &Bytes) -> Option<Result<Deliver, WireError>> {
+    let (mut deliver, lens, header_len) = deliver_header_fast(body)?;
+    Some(attach_payloads(body, header_len, &mut deliver.messages, &lens).map(|()| deliver))
+}
+
+/// The header of a `Deliver` frame laid out as [`encode`] writes it, from the front of
+/// `body` (which may end anywhere after the header): the frame with empty payloads,
+/// each message's payload length, and the header's length. `None` if `body` does not
+/// start with such a header.
+fn deliver_header_fast(body: &[u8]) -> Option<(Deliver, Vec<u32>, usize)> {
     use rmp::decode as mp;
     fn str_of<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
         std::str::from_utf8(str_bytes(rd)?).ok()
@@ -549,7 +547,7 @@ fn decode_deliver_fast(body: &Bytes) -> Option<Result<Deliver, WireError>> {
     fn string(rd: &mut &[u8]) -> Option<String> {
         str_of(rd).map(str::to_owned)
     }
-    let mut rd = &body[..];
+    let mut rd = body;
     if mp::read_map_len(&mut rd).ok()? != 1 || str_of(&mut rd)? != "Deliver" {
         return None;
     }
@@ -612,18 +610,18 @@ fn decode_deliver_fast(body: &Bytes) -> Option<Result<Deliver, WireError>> {
         lens.push(u32::try_from(get_uint(&mut rd)?).ok()?);
     }
     let header_len = body.len() - rd.len();
-    Some(
-        attach_payloads(body, header_len, &mut messages, &lens).map(|()| Deliver {
-            group,
-            first_link_seq,
-            messages,
-        }),
-    )
+    let deliver = Deliver {
+        group,
+        first_link_seq,
+        messages,
+    };
+    Some((deliver, lens, header_len))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::FrameDecoder;
     use proptest::prelude::*;
 
     #[test]
@@ -792,7 +790,8 @@ mod tests {
             id: MessageId { producer: 1, seq },
             topic: "t".into(),
             publish_time_ms: 0,
-            payload: Bytes::from(vec![seq as u8; 100]),
+            // Chunks this large are kept shared (short ones are copied together).
+            payload: Bytes::from(vec![seq as u8; 5000]),
             extras: None,
         };
         let mut out = BytesMut::new();
@@ -822,7 +821,7 @@ mod tests {
         let Some(Frame::Deliver(second)) = dec.next_frame().expect("decodes") else {
             panic!("second frame completed")
         };
-        assert_eq!(second.messages[0].payload, Bytes::from(vec![1u8; 100]));
+        assert_eq!(second.messages[0].payload, Bytes::from(vec![1u8; 5000]));
         dec.finish().expect("nothing left");
     }
 
@@ -912,23 +911,6 @@ mod tests {
         for f in frames {
             assert_eq!(roundtrip(&f), f);
         }
-    }
-
-    #[test]
-    fn oversized_frame_rejected_before_allocation() {
-        let mut dec = FrameDecoder::new(1024);
-        dec.extend(&(u32::MAX).to_be_bytes());
-        match dec.next_frame() {
-            Err(WireError::FrameTooLarge { size, limit }) => {
-                assert_eq!(size, u32::MAX as usize);
-                assert_eq!(limit, 1024);
-            }
-            other => panic!("expected FrameTooLarge, got {other:?}"),
-        }
-        assert!(
-            dec.buf.capacity() < 4096,
-            "must not allocate the announced size"
-        );
     }
 
     #[test]

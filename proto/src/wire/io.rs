@@ -1,6 +1,7 @@
 //! Reading and writing frames on QUIC streams, and the opening handshake.
 
-use super::codec::{encode, encode_deliver_head, FrameDecoder, PreEncoded};
+use super::codec::{encode, encode_deliver_head, PreEncoded};
+use super::decoder::FrameDecoder;
 use super::error::WireError;
 use super::frames::*;
 use super::{LENGTH_PREFIX, PROTOCOL_VERSION};

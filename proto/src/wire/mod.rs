@@ -6,11 +6,13 @@
 //! it, so that a receiver hands out payloads as slices of the frame without copying.
 
 mod codec;
+mod decoder;
 mod error;
 mod frames;
 mod io;
 
-pub use codec::{encode, encode_deliver, encode_deliver_head, str_bytes, FrameDecoder, PreEncoded};
+pub use codec::{encode, encode_deliver, encode_deliver_head, str_bytes, PreEncoded};
+pub use decoder::FrameDecoder;
 pub use error::WireError;
 pub use frames::*;
 pub use io::{accept_handshake, open_handshake, FrameReader, FrameWriter};
