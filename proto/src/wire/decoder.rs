@@ -7,10 +7,11 @@ use super::LENGTH_PREFIX;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 
-/// Received pieces shorter than this are copied together instead of kept shared, so
-/// that a sender cutting its stream into tiny pieces costs the decoder at most one
-/// piece per this many buffered bytes (and the buffered bytes are bounded by the frame
-/// limit).
+/// Received pieces shorter than this are copied together instead of kept shared when
+/// something is buffered already, so that a sender cutting its stream into tiny pieces
+/// costs the decoder at most one piece per this many buffered bytes (and the buffered
+/// bytes are bounded by the frame limit). A short piece reaching an empty decoder is
+/// kept: it usually holds whole frames (one message at a time), cut without a copy.
 const SHARE_MIN: usize = 4 * 1024;
 
 /// Cuts a byte stream into frames. Feed it bytes as they arrive with [`extend`] or
@@ -52,10 +53,10 @@ impl FrameDecoder {
         self.buffered += bytes.len();
     }
 
-    /// Appends a received chunk, keeping it shared unless it is short (see the type's
-    /// documentation).
+    /// Appends a received chunk, keeping it shared unless it is short and joins bytes
+    /// already buffered (see [`SHARE_MIN`]).
     pub fn extend_bytes(&mut self, bytes: Bytes) {
-        if bytes.len() < SHARE_MIN {
+        if bytes.len() < SHARE_MIN && self.buffered > 0 {
             return self.extend(&bytes);
         }
         self.seal_small();
@@ -137,14 +138,16 @@ impl FrameDecoder {
         }
         self.seal_small();
         self.take(LENGTH_PREFIX, drop);
-        let mut body = Vec::with_capacity(1);
-        self.take(size, |piece| body.push(piece));
-        match body.len() {
-            0 => decode_body(Bytes::new()),
-            1 => decode_body(body.pop().unwrap_or_default()),
-            _ => decode_pieces(&body),
+        let whole = self.pieces.front().is_none_or(|front| front.len() >= size);
+        if whole {
+            // The usual case: the frame lies in one piece, which it is a slice of.
+            let mut body = Bytes::new();
+            self.take(size, |piece| body = piece);
+            return decode_body(body).map(Some);
         }
-        .map(Some)
+        let mut pieces = Vec::new();
+        self.take(size, |piece| pieces.push(piece));
+        decode_pieces(&pieces).map(Some)
     }
 
     /// Call at end of stream: an error if a frame was left unfinished.
@@ -278,7 +281,7 @@ mod tests {
         for piece in bytes.chunks(7) {
             dec.extend_bytes(Bytes::copy_from_slice(piece));
             assert!(
-                dec.pieces.is_empty(),
+                dec.pieces.len() <= 1,
                 "short pieces are not kept one by one"
             );
         }
@@ -301,6 +304,23 @@ mod tests {
             dec.small.capacity() < 4096,
             "must not allocate the announced size"
         );
+    }
+
+    #[test]
+    fn a_short_chunk_of_whole_frames_is_not_copied() {
+        let (frames, bytes) = deliver_frames(&[vec![100], vec![200]]);
+        let mut dec = FrameDecoder::new(1 << 24);
+        dec.extend_bytes(bytes.clone());
+        for frame in &frames {
+            let Some(Frame::Deliver(got)) = dec.next_frame().expect("decodes") else {
+                panic!("a Deliver frame")
+            };
+            assert_eq!(&Frame::Deliver(got.clone()), frame);
+            assert!(bytes
+                .as_ptr_range()
+                .contains(&got.messages[0].payload.as_ptr()));
+        }
+        dec.finish().expect("nothing left");
     }
 
     #[test]
