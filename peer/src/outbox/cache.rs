@@ -43,7 +43,7 @@ impl BodyCache {
                 self.bytes -= b.len();
             }
         }
-        // Settled entries leave `order` stale; compact it now and then.
+        // Entries removed out of order leave `order` stale; compact it now and then.
         if self.order.len() > 2 * self.map.len() + 1024 {
             let map = &self.map;
             self.order.retain(|s| map.contains_key(s));
@@ -59,6 +59,12 @@ impl BodyCache {
     pub fn remove(&mut self, seq: u64) {
         if let Some(b) = self.map.remove(&seq) {
             self.bytes -= b.len();
+        }
+        // Messages mostly settle in the order they were cached: then `order` is kept
+        // exact from its front, without the compaction's scan (which was an eighth
+        // of the writer thread's time in `weft bench --durability disk`).
+        if self.order.front() == Some(&seq) {
+            self.order.pop_front();
         }
     }
 
@@ -85,5 +91,27 @@ mod tests {
         assert_eq!(c.bytes(), 4);
         c.insert(4, Bytes::from(vec![0u8; 11]));
         assert!(c.get(4).is_none());
+    }
+
+    #[test]
+    fn settling_in_order_keeps_the_order_exact_and_out_of_order_is_compacted() {
+        let mut c = BodyCache::new(1 << 20);
+        for seq in 0..10_000 {
+            c.insert(seq, Bytes::from_static(b"body"));
+            if seq >= 10 {
+                c.remove(seq - 10);
+            }
+            assert!(c.order.len() <= 11, "in-order settles leave nothing stale");
+        }
+        // Settled from the newest end: stale entries until the compaction.
+        for seq in (0..10_000).rev() {
+            c.remove(seq);
+        }
+        for seq in 10_000..12_000 {
+            c.insert(seq, Bytes::from_static(b"body"));
+            assert!(c.order.len() <= 2 * c.map.len() + 1024 + 1);
+        }
+        assert_eq!(c.bytes(), 2_000 * 4);
+        assert!(c.get(11_999).is_some());
     }
 }
