@@ -280,7 +280,7 @@ pub(super) fn decode_body(body: Bytes) -> Result<Frame, WireError> {
 pub(super) fn decode_pieces(pieces: &[Bytes]) -> Result<Frame, WireError> {
     if let Some(first) = pieces.first() {
         if let Some((mut deliver, lens, header_len)) = deliver_header_fast(first) {
-            attach_payloads_from(pieces, header_len, &mut deliver.messages, &lens)?;
+            attach_payloads(pieces, header_len, &mut deliver.messages, &lens)?;
             return Ok(Frame::Deliver(deliver));
         }
     }
@@ -318,7 +318,12 @@ fn decode_general(body: Bytes) -> Result<Frame, WireError> {
                     extras: Extras::boxed(h.key, h.tags, h.headers),
                 })
                 .collect();
-            attach_payloads(&body, header_len, &mut messages, &lens)?;
+            attach_payloads(
+                std::slice::from_ref(&body),
+                header_len,
+                &mut messages,
+                &lens,
+            )?;
             Frame::Deliver(Deliver {
                 group,
                 first_link_seq,
@@ -422,33 +427,11 @@ pub fn str_bytes<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     Some(bytes)
 }
 
-/// Sets each message's payload to its slice of the payload area after the header
-/// (`lens[i]` bytes for message `i`, in order); the lengths must add up to that area.
+/// Sets each message's payload to its part of the payload area after the header
+/// (`lens[i]` bytes for message `i`, in order) of a body held as `pieces`; the lengths
+/// must add up to that area. A payload lying inside one piece is a slice of it, one
+/// straddling pieces is copied together.
 fn attach_payloads(
-    body: &Bytes,
-    header_len: usize,
-    messages: &mut [Envelope],
-    lens: &[u32],
-) -> Result<(), WireError> {
-    let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
-    let trailing = body.len() - header_len;
-    if total != trailing as u64 {
-        return Err(WireError::Malformed(format!(
-            "Deliver announces {total} payload bytes but carries {trailing}"
-        )));
-    }
-    let mut offset = header_len;
-    for (m, &len) in messages.iter_mut().zip(lens) {
-        let end = offset + len as usize;
-        m.payload = body.slice(offset..end);
-        offset = end;
-    }
-    Ok(())
-}
-
-/// [`attach_payloads`] for a body in `pieces`: a payload lying inside one piece is a
-/// slice of it, one straddling pieces is copied together.
-fn attach_payloads_from(
     pieces: &[Bytes],
     header_len: usize,
     messages: &mut [Envelope],
@@ -532,6 +515,7 @@ impl PieceCursor<'_> {
 /// error messages).
 fn decode_deliver_fast(body: &Bytes) -> Option<Result<Deliver, WireError>> {
     let (mut deliver, lens, header_len) = deliver_header_fast(body)?;
+    let body = std::slice::from_ref(body);
     Some(attach_payloads(body, header_len, &mut deliver.messages, &lens).map(|()| deliver))
 }
 
