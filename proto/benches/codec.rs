@@ -75,6 +75,37 @@ fn deliver_batches(c: &mut Criterion) {
     }
     // Throughput in messages per second.
     encode_and_decode(c, "deliver", &cases);
+    decode_in_chunks(c, &cases);
+}
+
+/// Largest chunk a QUIC stream hands over on loopback (one 65,000-byte packet's data).
+const LOOPBACK_CHUNK: usize = 64_000;
+
+/// Decodes each frame handed over as shared chunks, as a QUIC stream delivers it: a
+/// frame cut across chunks keeps its payloads as slices of them (`decode` above
+/// copies the frame in, the path of `FrameDecoder::extend`).
+fn decode_in_chunks(c: &mut Criterion, cases: &[(String, Frame, u64)]) {
+    let mut g = c.benchmark_group("deliver");
+    for (name, frame, elements) in cases {
+        g.throughput(Throughput::Elements(*elements));
+        let bytes = encoded(frame).freeze();
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        g.bench_with_input(
+            BenchmarkId::new("decode_chunks", name),
+            &bytes,
+            |b, bytes| {
+                b.iter(|| {
+                    for start in (0..bytes.len()).step_by(LOOPBACK_CHUNK) {
+                        let end = (start + LOOPBACK_CHUNK).min(bytes.len());
+                        decoder.extend_bytes(bytes.slice(start..end));
+                    }
+                    let frame = decoder.next_frame().expect("decode").expect("complete");
+                    black_box(frame)
+                })
+            },
+        );
+    }
+    g.finish();
 }
 
 fn control_frames(c: &mut Criterion) {
