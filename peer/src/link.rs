@@ -3,7 +3,7 @@
 
 use crate::dispatch::{LinkEpoch, LinkKey};
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::stored_parts;
+use crate::message::RecordSplitter;
 use crate::peer::Inner;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -157,6 +157,7 @@ async fn send_batch(
     let mut first = 0u64;
     let mut bytes = 0usize;
     let mut unsendable = Vec::new();
+    let records = RecordSplitter::new(&key.topic);
     for ((link_seq, seq), stored) in outgoing.into_iter().zip(&bodies) {
         let id = MessageId {
             producer: inner.producer_id,
@@ -167,7 +168,7 @@ async fn send_batch(
             unsendable.push(link_seq);
             continue;
         };
-        let Some((fields, payload)) = stored_parts(stored, &key.topic) else {
+        let Some((fields, payload)) = records.split(stored) else {
             tracing::error!(%id, "outbox record is not a valid message; settling it for this group to avoid a redelivery loop");
             unsendable.push(link_seq);
             continue;

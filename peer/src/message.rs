@@ -94,6 +94,40 @@ pub(crate) fn append_stored(
     start..buf.len()
 }
 
+/// Encodes the messages of one publish for the outbox. A message without key, tags or
+/// headers (the usual case) has the same stored head as every other such message of
+/// the publish, so that head is written once and copied in front of each payload
+/// (writing it field by field per message was 6 % of a 128-byte throughput profile).
+pub(crate) struct StoredEncoder<'a> {
+    topic: &'a str,
+    publish_time_ms: u64,
+    /// Length prefix and head of a message without key, tags or headers.
+    plain: Vec<u8>,
+}
+
+impl<'a> StoredEncoder<'a> {
+    pub(crate) fn new(topic: &'a str, publish_time_ms: u64) -> Self {
+        let mut plain = Vec::with_capacity(stored_size_estimate(topic, &Message::default()));
+        append_stored(&mut plain, topic, &Message::default(), publish_time_ms);
+        Self {
+            topic,
+            publish_time_ms,
+            plain,
+        }
+    }
+
+    /// Appends `msg` to `buf` exactly as [`append_stored`] does; returns where it is.
+    pub(crate) fn append(&self, buf: &mut Vec<u8>, msg: &Message) -> std::ops::Range<usize> {
+        if msg.key.is_some() || !msg.tags.is_empty() || !msg.headers.is_empty() {
+            return append_stored(buf, self.topic, msg, self.publish_time_ms);
+        }
+        let start = buf.len();
+        buf.extend_from_slice(&self.plain);
+        buf.extend_from_slice(&msg.payload);
+        start..buf.len()
+    }
+}
+
 /// Writes what `rmp_serde` writes for a [`StoredHead`] (a five-element array), by hand:
 /// this runs once per published message.
 fn write_stored_head(w: &mut Vec<u8>, topic: &str, msg: &Message, publish_time_ms: u64) {
@@ -153,6 +187,55 @@ pub(crate) fn stored_parts<'a>(stored: &'a [u8], topic: &str) -> Option<(&'a [u8
     let fields = rest;
     check_stored_fields(strip_topic(rest, topic)?)?;
     Some((fields, &stored[4 + len..]))
+}
+
+/// [`stored_parts`] for the records of one topic, faster for the usual record (no key,
+/// tags or headers): its head is compared with the one expected instead of parsed.
+pub(crate) struct RecordSplitter {
+    topic: String,
+    /// The head's array marker and topic, as [`write_stored_head`] writes them.
+    prefix: Vec<u8>,
+}
+
+impl RecordSplitter {
+    pub(crate) fn new(topic: &str) -> Self {
+        let mut prefix = Vec::with_capacity(topic.len() + 6);
+        let _ = rmp::encode::write_array_len(&mut prefix, 5);
+        let _ = rmp::encode::write_str(&mut prefix, topic);
+        Self {
+            topic: topic.to_owned(),
+            prefix,
+        }
+    }
+
+    /// What [`stored_parts`] returns for `stored` and this topic.
+    pub(crate) fn split<'a>(&self, stored: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
+        let plain = stored
+            .get(..4)
+            .and_then(|len| Some(u32::from_be_bytes(len.try_into().ok()?) as usize))
+            .and_then(|len| Some((stored.get(4..4usize.checked_add(len)?)?, 4 + len)));
+        if let Some((head, end)) = plain {
+            if let Some([0xc0, 0x90, 0x90, time @ ..]) = head.strip_prefix(self.prefix.as_slice()) {
+                if uint_len(time) == Some(time.len()) {
+                    return Some((&head[1..], &stored[end..]));
+                }
+            }
+        }
+        stored_parts(stored, &self.topic)
+    }
+}
+
+/// The length of the MessagePack unsigned integer at the start of `buf`, from its
+/// marker alone (`None` if it is not one).
+fn uint_len(buf: &[u8]) -> Option<usize> {
+    match buf.first()? {
+        0..=0x7f => Some(1),
+        0xcc => Some(2),
+        0xcd => Some(3),
+        0xce => Some(5),
+        0xcf => Some(9),
+        _ => None,
+    }
 }
 
 /// `rest` after its first field, if that is the string `topic`. Comparing the bytes
@@ -291,6 +374,37 @@ mod tests {
             let longer = format!("{topic}x");
             prop_assert!(stored_parts(&stored, &longer).is_none());
             prop_assert!(stored_parts(&stored, &topic[1..]).is_none());
+        }
+
+        /// The splitter's fast path agrees with `stored_parts` on every record.
+        #[test]
+        fn splitter_matches_stored_parts(topic in "[a-z.]{1,40}", other in "[a-z.]{1,40}", key in proptest::option::of("[a-z]{1,5}"), payload in proptest::collection::vec(any::<u8>(), 0..50), t in any::<u64>(), cut in 0usize..80, flip in 0usize..80, byte in any::<u8>()) {
+            let mut m = Message::new(payload);
+            m.key = key;
+            let stored = encode_stored(&topic, &m, t).to_vec();
+            let splitter = RecordSplitter::new(&topic);
+            prop_assert_eq!(splitter.split(&stored), stored_parts(&stored, &topic));
+            prop_assert!(splitter.split(&stored).is_some());
+            prop_assert_eq!(RecordSplitter::new(&other).split(&stored), stored_parts(&stored, &other));
+            let mut damaged = stored.clone();
+            if flip < damaged.len() {
+                damaged[flip] = byte;
+            }
+            damaged.truncate(cut.max(1));
+            prop_assert_eq!(splitter.split(&damaged), stored_parts(&damaged, &topic));
+        }
+
+        #[test]
+        fn encoder_writes_what_append_stored_writes(topic in "[a-z.]{1,40}", key in proptest::option::of("[a-z]{1,5}"), tag in any::<bool>(), payload in proptest::collection::vec(any::<u8>(), 0..50), t in any::<u64>()) {
+            let mut m = Message::new(payload);
+            m.key = key;
+            if tag {
+                m = m.tag("x");
+            }
+            let encoder = StoredEncoder::new(&topic, t);
+            let mut buf = vec![7u8];
+            let at = encoder.append(&mut buf, &m);
+            prop_assert_eq!(&buf[at], &encode_stored(&topic, &m, t)[..]);
         }
 
         #[test]

@@ -805,16 +805,13 @@ impl Inner {
 
     /// Checks `message` and appends it as stored in the outbox to `buf` (see
     /// [`message::append_stored`]); returns where it is and the hash of its key.
+    /// `encoder` holds the topic (checked by the caller) and the publish time.
     fn prepare(
         &self,
-        topic: &str,
+        encoder: &message::StoredEncoder<'_>,
         message: &Message,
-        publish_time_ms: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(std::ops::Range<usize>, Option<u64>)> {
-        if topic.is_empty() {
-            return Err(Error::new(ErrorKind::Config, "topic must not be empty"));
-        }
         if message.payload.len() > self.config.max_message {
             return Err(Error::new(
                 ErrorKind::TooLarge,
@@ -825,7 +822,7 @@ impl Inner {
                 ),
             ));
         }
-        let record = message::append_stored(buf, topic, message, publish_time_ms);
+        let record = encoder.append(buf, message);
         let metadata = record.len() - message.payload.len();
         if metadata > MESSAGE_METADATA_LIMIT {
             return Err(Error::new(
@@ -843,8 +840,10 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<Receipt> {
+        check_topic(topic)?;
         let mut buf = Vec::with_capacity(message::stored_size_estimate(topic, &message));
-        let (_, key_hash) = self.prepare(topic, &message, message::now_ms(), &mut buf)?;
+        let encoder = message::StoredEncoder::new(topic, message::now_ms());
+        let (_, key_hash) = self.prepare(&encoder, &message, &mut buf)?;
         let body = Bytes::from(buf);
         let targets = self.targets(topic).await?;
         if durability == Durability::Memory {
@@ -881,6 +880,7 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<Vec<Receipt>> {
+        check_topic(topic)?;
         let mut records = Vec::with_capacity(messages.len());
         let mut key_hashes = Vec::with_capacity(messages.len());
         // One allocation and one clock reading for the whole batch.
@@ -889,9 +889,9 @@ impl Inner {
             .map(|m| message::stored_size_estimate(topic, m))
             .sum();
         let mut buf = Vec::with_capacity(size);
-        let now_ms = message::now_ms();
+        let encoder = message::StoredEncoder::new(topic, message::now_ms());
         for message in &messages {
-            let (record, key_hash) = self.prepare(topic, message, now_ms, &mut buf)?;
+            let (record, key_hash) = self.prepare(&encoder, message, &mut buf)?;
             records.push(record);
             key_hashes.push(key_hash);
         }
@@ -1137,6 +1137,13 @@ impl Drop for PendingAppend {
             });
         }
     }
+}
+
+fn check_topic(topic: &str) -> Result<()> {
+    if topic.is_empty() {
+        return Err(Error::new(ErrorKind::Config, "topic must not be empty"));
+    }
+    Ok(())
 }
 
 /// The outbox's own `WhenFull` for the public one.

@@ -804,23 +804,31 @@ impl Outbox {
                 return;
             };
             let group_name: Arc<str> = group.into();
-            for &seq in seqs {
-                let out = core.state.settle_group(seq, gid);
+            let Core {
+                state,
+                settles,
+                cache,
+                deletions,
+                ..
+            } = &mut *core;
+            state.settle_group_many(seqs, gid, |seq, out| {
                 if !out.applied {
-                    continue;
+                    return;
                 }
+                freed |= out.fully_settled;
+                // Only messages written to disk have a segment, a cached body and a
+                // settle record to write.
                 if let Some(seg) = out.segment {
-                    core.settles.push((seq, group_name.clone(), seg));
-                }
-                if out.fully_settled {
-                    core.cache.remove(seq);
-                    freed = true;
+                    settles.push((seq, group_name.clone(), seg));
+                    if out.fully_settled {
+                        cache.remove(seq);
+                    }
                 }
                 for a in out.actions {
                     let state::Action::DeleteSegment(id) = a;
-                    core.deletions.push(id);
+                    deletions.push(id);
                 }
-            }
+            });
             let work = !core.settles.is_empty() || !core.deletions.is_empty();
             let wake = work && !core.wake_queued;
             if wake {

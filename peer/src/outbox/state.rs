@@ -511,6 +511,30 @@ impl OutboxState {
 
     /// [`settle`](Self::settle) for a group id from [`group_id`](Self::group_id).
     pub fn settle_group(&mut self, seq: u64, gid: u32) -> SettleOutcome {
+        let out = self.settle_untrimmed(seq, gid);
+        self.groups[gid as usize].trim_order(gid, &self.entries);
+        out
+    }
+
+    /// [`settle_group`](Self::settle_group) for each of `seqs`, handing each outcome to
+    /// `outcome`; the group's order of pending messages is trimmed once, at the end,
+    /// instead of after each message.
+    pub fn settle_group_many(
+        &mut self,
+        seqs: &[u64],
+        gid: u32,
+        mut outcome: impl FnMut(u64, SettleOutcome),
+    ) {
+        for &seq in seqs {
+            outcome(seq, self.settle_untrimmed(seq, gid));
+        }
+        if let Some(g) = self.groups.get_mut(gid as usize) {
+            g.trim_order(gid, &self.entries);
+        }
+    }
+
+    /// Settles `seq` for group `gid`, leaving the group's order to be trimmed.
+    fn settle_untrimmed(&mut self, seq: u64, gid: u32) -> SettleOutcome {
         let mut out = SettleOutcome::default();
         let Some(e) = self.entries.get_mut(seq) else {
             return out;
@@ -524,7 +548,6 @@ impl OutboxState {
         let now_empty = e.groups.is_empty();
         let g = &mut self.groups[gid as usize];
         g.pending = g.pending.saturating_sub(1);
-        g.trim_order(gid, &self.entries);
         if now_empty {
             out.fully_settled = true;
             if let Some(e) = self.entries.remove(seq) {
