@@ -110,6 +110,7 @@ async fn serve(
         .core()
         .on_link_up(crate::clock::now(), key, epoch, window);
     inner.execute(actions);
+    let records = RecordSplitter::new(&key.topic);
     loop {
         if control.is_closed() {
             let _ = writer.finish().await;
@@ -118,7 +119,7 @@ async fn serve(
         tokio::select! {
             () = control.wake.notified() => {
                 let outgoing = inner.core().take_outgoing(key, epoch);
-                send_batch(inner, key, epoch, &mut writer, outgoing).await?;
+                send_batch(inner, key, epoch, &mut writer, &records, outgoing).await?;
             }
             frame = reader.next() => match frame.map_err(wire_err)? {
                 Some(Frame::Ack(ack)) => {
@@ -149,6 +150,7 @@ async fn send_batch(
     key: &LinkKey,
     epoch: LinkEpoch,
     writer: &mut FrameWriter,
+    records: &RecordSplitter,
     outgoing: Vec<(u64, u64)>,
 ) -> Result<()> {
     let seqs: Vec<u64> = outgoing.iter().map(|(_, seq)| *seq).collect();
@@ -157,7 +159,6 @@ async fn send_batch(
     let mut first = 0u64;
     let mut bytes = 0usize;
     let mut unsendable = Vec::new();
-    let records = RecordSplitter::new(&key.topic);
     for ((link_seq, seq), stored) in outgoing.into_iter().zip(&bodies) {
         let id = MessageId {
             producer: inner.producer_id,

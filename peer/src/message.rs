@@ -178,15 +178,21 @@ pub(crate) fn decode_stored(id: MessageId, stored: &Bytes) -> Option<Envelope> {
 /// frame (the receiver would refuse the whole frame, again on every retry). `None` if
 /// it is not valid.
 pub(crate) fn stored_parts<'a>(stored: &'a [u8], topic: &str) -> Option<(&'a [u8], &'a [u8])> {
-    let len = u32::from_be_bytes(stored.get(..4)?.try_into().ok()?) as usize;
-    let head = stored.get(4..4usize.checked_add(len)?)?;
+    let (head, end) = record_head(stored)?;
     let mut rest = head;
     if rmp::decode::read_array_len(&mut rest).ok()? != 5 {
         return None;
     }
     let fields = rest;
     check_stored_fields(strip_topic(rest, topic)?)?;
-    Some((fields, &stored[4 + len..]))
+    Some((fields, &stored[end..]))
+}
+
+/// A stored record's head (after its `u32` length) and where the payload starts.
+fn record_head(stored: &[u8]) -> Option<(&[u8], usize)> {
+    let len = u32::from_be_bytes(stored.get(..4)?.try_into().ok()?) as usize;
+    let end = 4usize.checked_add(len)?;
+    Some((stored.get(4..end)?, end))
 }
 
 /// [`stored_parts`] for the records of one topic, faster for the usual record (no key,
@@ -210,11 +216,7 @@ impl RecordSplitter {
 
     /// What [`stored_parts`] returns for `stored` and this topic.
     pub(crate) fn split<'a>(&self, stored: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
-        let plain = stored
-            .get(..4)
-            .and_then(|len| Some(u32::from_be_bytes(len.try_into().ok()?) as usize))
-            .and_then(|len| Some((stored.get(4..4usize.checked_add(len)?)?, 4 + len)));
-        if let Some((head, end)) = plain {
+        if let Some((head, end)) = record_head(stored) {
             if let Some([0xc0, 0x90, 0x90, time @ ..]) = head.strip_prefix(self.prefix.as_slice()) {
                 if uint_len(time) == Some(time.len()) {
                     return Some((&head[1..], &stored[end..]));
