@@ -12,8 +12,8 @@ use tokio::sync::Notify;
 use tracing::{debug, info};
 use weft_proto::wire::{self, Frame, FrameReader, FrameWriter, MessageId, Open, PreEncoded};
 
-/// Most messages per `Deliver` frame.
-pub const MAX_BATCH_MESSAGES: usize = 1024;
+/// Most messages per `Deliver` frame (the receiver refuses more).
+pub const MAX_BATCH_MESSAGES: usize = wire::MAX_DELIVER_MESSAGES;
 /// Payload bytes after which a `Deliver` frame is cut (well below the frame limit).
 const BATCH_BYTES: usize = 512 * 1024;
 /// Reconnect backoff bounds for a member that cannot be reached.

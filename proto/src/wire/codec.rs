@@ -2,7 +2,7 @@
 
 use super::error::WireError;
 use super::frames::*;
-use super::LENGTH_PREFIX;
+use super::{LENGTH_PREFIX, MAX_DELIVER_MESSAGES};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
@@ -14,11 +14,6 @@ enum FrameHeaderRef<'a> {
     Welcome(&'a Welcome),
     Reject(&'a Reject),
     Open(&'a Open),
-    Deliver {
-        group: &'a str,
-        first_link_seq: u64,
-        messages: Vec<EnvelopeHeaderRef<'a>>,
-    },
     Ack(&'a Ack),
     Credit(&'a Credit),
     Request {
@@ -32,48 +27,14 @@ enum FrameHeaderRef<'a> {
     RouteChanged(&'a Route),
 }
 
-/// Borrowed mirror of [`EnvelopeHeader`].
-#[derive(Serialize)]
-struct EnvelopeHeaderRef<'a> {
-    id: MessageId,
-    topic: &'a str,
-    key: Option<&'a str>,
-    tags: &'a [String],
-    headers: &'a [(String, String)],
-    publish_time_ms: u64,
-    payload_len: u32,
-}
-
-fn header_of(frame: &Frame) -> Result<FrameHeaderRef<'_>, WireError> {
-    Ok(match frame {
+/// The header of every frame but `Deliver` (see [`encode_envelopes`]).
+fn header_of(frame: &Frame) -> Option<FrameHeaderRef<'_>> {
+    Some(match frame {
         Frame::Hello(h) => FrameHeaderRef::Hello(h),
         Frame::Welcome(w) => FrameHeaderRef::Welcome(w),
         Frame::Reject(r) => FrameHeaderRef::Reject(r),
         Frame::Open(o) => FrameHeaderRef::Open(o),
-        Frame::Deliver(d) => FrameHeaderRef::Deliver {
-            group: &d.group,
-            first_link_seq: d.first_link_seq,
-            messages: d
-                .messages
-                .iter()
-                .map(|m| {
-                    Ok(EnvelopeHeaderRef {
-                        id: m.id,
-                        topic: &m.topic,
-                        key: m.key(),
-                        tags: m.tags(),
-                        headers: m.headers(),
-                        publish_time_ms: m.publish_time_ms,
-                        payload_len: u32::try_from(m.payload.len()).map_err(|_| {
-                            WireError::FrameTooLarge {
-                                size: m.payload.len(),
-                                limit: u32::MAX as usize,
-                            }
-                        })?,
-                    })
-                })
-                .collect::<Result<_, WireError>>()?,
-        },
+        Frame::Deliver(_) => return None,
         Frame::Ack(a) => FrameHeaderRef::Ack(a),
         Frame::Credit(c) => FrameHeaderRef::Credit(c),
         Frame::Request { id, body } => FrameHeaderRef::Request { id: *id, body },
@@ -85,9 +46,17 @@ fn header_of(frame: &Frame) -> Result<FrameHeaderRef<'_>, WireError> {
 /// Appends `frame`, length prefix included, to `out`. Fails (leaving `out` as it was)
 /// if the frame would exceed `max_frame` bytes.
 pub fn encode(frame: &Frame, out: &mut BytesMut, max_frame: usize) -> Result<(), WireError> {
+    let Some(header) = header_of(frame) else {
+        return match frame {
+            Frame::Deliver(d) => encode_envelopes(d, out, max_frame),
+            _ => Err(WireError::Malformed(format!(
+                "no header for {}",
+                frame.kind()
+            ))),
+        };
+    };
     let start = out.len();
     out.put_u32(0);
-    let header = header_of(frame)?;
     let written = rmp_serde::encode::write(&mut (&mut *out).writer(), &header);
     if let Err(e) = written {
         out.truncate(start);
@@ -96,12 +65,52 @@ pub fn encode(frame: &Frame, out: &mut BytesMut, max_frame: usize) -> Result<(),
             frame.kind()
         )));
     }
-    if let Frame::Deliver(d) = frame {
-        for m in &d.messages {
-            out.extend_from_slice(&m.payload);
+    finish_frame(out, start, max_frame)
+}
+
+/// Encodes a `Deliver` frame of envelopes through the same writer as pre-encoded
+/// messages, so that both paths emit the same bytes (continuation entries included).
+fn encode_envelopes(d: &Deliver, out: &mut BytesMut, max_frame: usize) -> Result<(), WireError> {
+    let fields: Vec<Vec<u8>> = d.messages.iter().map(envelope_fields).collect();
+    let messages: Vec<PreEncoded<'_>> = d
+        .messages
+        .iter()
+        .zip(&fields)
+        .map(|(m, fields)| PreEncoded {
+            id: m.id,
+            fields,
+            payload: m.payload.clone(),
+        })
+        .collect();
+    encode_deliver(&d.group, d.first_link_seq, &messages, out, max_frame)
+}
+
+/// An envelope's fields after the id as [`PreEncoded::fields`] holds them.
+fn envelope_fields(m: &Envelope) -> Vec<u8> {
+    use rmp::encode as mp;
+    let mut w = Vec::with_capacity(32 + m.topic.len());
+    // Writing into a `Vec` cannot fail: the results carry nothing worth handling.
+    let _ = mp::write_str(&mut w, &m.topic);
+    match m.key() {
+        Some(key) => {
+            let _ = mp::write_str(&mut w, key);
+        }
+        None => {
+            let _ = mp::write_nil(&mut w);
         }
     }
-    finish_frame(out, start, max_frame)
+    let _ = mp::write_array_len(&mut w, m.tags().len() as u32);
+    for tag in m.tags() {
+        let _ = mp::write_str(&mut w, tag);
+    }
+    let _ = mp::write_array_len(&mut w, m.headers().len() as u32);
+    for (name, value) in m.headers() {
+        let _ = mp::write_array_len(&mut w, 2);
+        let _ = mp::write_str(&mut w, name);
+        let _ = mp::write_str(&mut w, value);
+    }
+    let _ = mp::write_uint(&mut w, m.publish_time_ms);
+    w
 }
 
 /// One message of a `Deliver` frame whose envelope fields were encoded once, when the
@@ -189,8 +198,18 @@ fn write_deliver_header(
     mp::write_uint(&mut w, first_link_seq).map_err(malformed)?;
     mp::write_array_len(&mut w, count).map_err(malformed)?;
     let out = w.into_inner();
+    let mut previous: Option<&PreEncoded<'_>> = None;
     for m in messages {
         let payload_len = u32::try_from(m.payload.len()).map_err(|_| too_large(m.payload.len()))?;
+        let mut tail = [0u8; 9];
+        if previous.is_some_and(|p| continues(p, m)) {
+            // A continuation entry: the payload length alone.
+            let n = put_uint(&mut tail, u64::from(payload_len));
+            out.extend_from_slice(&tail[..n]);
+            previous = Some(m);
+            continue;
+        }
+        previous = Some(m);
         // Per message, by hand (this is the hottest encoding path): a 7-field array,
         // the id as a 2-array, the stored fields, the payload length.
         let mut head = [0u8; 2 + 9 + 9];
@@ -200,11 +219,33 @@ fn write_deliver_header(
         n += put_uint(&mut head[n..], m.id.seq);
         out.extend_from_slice(&head[..n]);
         out.extend_from_slice(m.fields);
-        let mut tail = [0u8; 9];
         let n = put_uint(&mut tail, u64::from(payload_len));
         out.extend_from_slice(&tail[..n]);
     }
     Ok(())
+}
+
+/// Whether `m` can be sent as a continuation of `previous` ([`DeliverEntry::Next`]):
+/// the next id of the same producer, and the same fields.
+fn continues(previous: &PreEncoded<'_>, m: &PreEncoded<'_>) -> bool {
+    m.id.producer == previous.id.producer
+        && previous.id.seq.checked_add(1) == Some(m.id.seq)
+        && m.fields == previous.fields
+}
+
+/// The message a continuation entry stands for: the id after `previous`'s, and its
+/// fields. `None` at the end of the sequence numbers.
+fn next_envelope(previous: &Envelope) -> Option<Envelope> {
+    Some(Envelope {
+        id: MessageId {
+            producer: previous.id.producer,
+            seq: previous.id.seq.checked_add(1)?,
+        },
+        topic: previous.topic.clone(),
+        publish_time_ms: previous.publish_time_ms,
+        payload: Bytes::new(),
+        extras: previous.extras.clone(),
+    })
 }
 
 /// Writes `v` as MessagePack's smallest unsigned integer encoding (as
@@ -307,17 +348,32 @@ fn decode_general(body: Bytes) -> Result<Frame, WireError> {
             messages,
         } => {
             let mut topics = TopicCache::default();
-            let lens: Vec<u32> = messages.iter().map(|h| h.payload_len).collect();
-            let mut messages: Vec<Envelope> = messages
-                .into_iter()
-                .map(|h| Envelope {
-                    id: h.id,
-                    topic: topics.shared(&h.topic),
-                    publish_time_ms: h.publish_time_ms,
-                    payload: Bytes::new(),
-                    extras: Extras::boxed(h.key, h.tags, h.headers),
-                })
-                .collect();
+            let mut lens = Vec::with_capacity(messages.len());
+            let mut envelopes: Vec<Envelope> = Vec::with_capacity(messages.len());
+            for entry in messages {
+                let envelope = match entry {
+                    DeliverEntry::Full(h) => {
+                        lens.push(h.payload_len);
+                        Envelope {
+                            id: h.id,
+                            topic: topics.shared(&h.topic),
+                            publish_time_ms: h.publish_time_ms,
+                            payload: Bytes::new(),
+                            extras: Extras::boxed(h.key, h.tags, h.headers),
+                        }
+                    }
+                    DeliverEntry::Next(len) => {
+                        lens.push(len);
+                        envelopes.last().and_then(next_envelope).ok_or_else(|| {
+                            WireError::Malformed(
+                                "Deliver continuation entry without a message before it, or past the last sequence number".into(),
+                            )
+                        })?
+                    }
+                };
+                envelopes.push(envelope);
+            }
+            let mut messages = envelopes;
             attach_payloads(
                 std::slice::from_ref(&body),
                 header_len,
@@ -541,15 +597,22 @@ fn deliver_header_fast(body: &[u8]) -> Option<(Deliver, Vec<u32>, usize)> {
     let group = string(&mut rd)?;
     let first_link_seq: u64 = mp::read_int(&mut rd).ok()?;
     let count = mp::read_array_len(&mut rd).ok()? as usize;
-    // Every message takes more than one byte: a count beyond the bytes left is a lie,
-    // and must not size an allocation.
-    let mut messages = Vec::with_capacity(count.min(rd.len()));
-    let mut lens = Vec::with_capacity(count.min(rd.len()));
+    // Beyond the limit the general decoder gives the error.
+    if count > MAX_DELIVER_MESSAGES {
+        return None;
+    }
+    let mut messages: Vec<Envelope> = Vec::with_capacity(count);
+    let mut lens = Vec::with_capacity(count);
     let mut topics = TopicCache::default();
     for _ in 0..count {
         // [id, topic, key, tags, headers, publish time, payload length], id = [producer, seq]
         let [0x97, 0x92, after @ ..] = rd else {
-            return None;
+            // A continuation entry: the payload length alone.
+            let len = u32::try_from(get_uint(&mut rd)?).ok()?;
+            let next = next_envelope(messages.last()?)?;
+            messages.push(next);
+            lens.push(len);
+            continue;
         };
         rd = after;
         let id = MessageId {
@@ -647,7 +710,59 @@ mod tests {
             )
     }
 
+    /// Messages as one publish batch makes them: consecutive ids and the same fields
+    /// as `base`, except where `breaks` gives a message its own time or skips an id.
+    fn batch_of(base: &Envelope, payloads: &[Vec<u8>], breaks: &[(bool, bool)]) -> Vec<Envelope> {
+        let mut seq = base.id.seq;
+        let mut messages = Vec::new();
+        for (i, payload) in payloads.iter().enumerate() {
+            let (new_time, skip) = breaks.get(i).copied().unwrap_or_default();
+            seq = seq.wrapping_add(1 + u64::from(skip));
+            messages.push(Envelope {
+                id: MessageId { producer: base.id.producer, seq },
+                publish_time_ms: base.publish_time_ms.wrapping_add(u64::from(new_time)),
+                payload: Bytes::from(payload.clone()),
+                ..base.clone()
+            });
+        }
+        messages
+    }
+
+    /// The entries of an encoded `Deliver` frame as the general decoder reads them.
+    fn entries_of(out: &[u8]) -> Vec<DeliverEntry> {
+        let mut rd = &out[LENGTH_PREFIX..];
+        match rmp_serde::decode::from_read::<_, FrameHeader>(&mut rd) {
+            Ok(FrameHeader::Deliver { messages, .. }) => messages,
+            other => panic!("not a Deliver header: {other:?}"),
+        }
+    }
+
+    fn deliver_of(messages: Vec<Envelope>) -> Frame {
+        Frame::Deliver(Deliver { group: "g".into(), first_link_seq: 1, messages })
+    }
+
     proptest! {
+        /// A publish batch's messages after the first travel as continuation entries,
+        /// and both decoders give back the same messages.
+        #[test]
+        fn batch_runs_travel_as_continuations(base in envelope(), payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..30), breaks in proptest::collection::vec(any::<(bool, bool)>(), 0..30)) {
+            let messages = batch_of(&base, &payloads, &breaks);
+            let frame = deliver_of(messages.clone());
+            prop_assert_eq!(roundtrip(&frame), frame.clone());
+            let mut out = BytesMut::new();
+            encode(&frame, &mut out, 1 << 24).expect("encodes");
+            let body = out.clone().freeze().slice(LENGTH_PREFIX..);
+            let fast = decode_deliver_fast(&body).expect("fast path taken").expect("decodes");
+            prop_assert_eq!(Frame::Deliver(fast), decode_general(body).expect("decodes"));
+            for (i, entry) in entries_of(&out).iter().enumerate() {
+                let continues = i > 0
+                    && messages[i].id.seq == messages[i - 1].id.seq.wrapping_add(1)
+                    && messages[i].id.seq != 0
+                    && messages[i].publish_time_ms == messages[i - 1].publish_time_ms;
+                prop_assert_eq!(matches!(entry, DeliverEntry::Next(_)), continues, "entry {}", i);
+            }
+        }
+
         #[test]
         fn deliver_roundtrips(group in "[a-z]{1,10}", first in any::<u64>(), messages in proptest::collection::vec(envelope(), 0..20)) {
             let frame = Frame::Deliver(Deliver { group, first_link_seq: first, messages });
@@ -947,6 +1062,64 @@ mod tests {
             Err(WireError::FrameTooLarge { .. })
         ));
         assert_eq!(&out[..], b"keep");
+    }
+
+    /// A frame whose entries are all continuations of each other, as bytes.
+    fn continuation_frame(first: &[u8], entries: usize) -> BytesMut {
+        let mut header = Vec::new();
+        rmp::encode::write_map_len(&mut header, 1).expect("writes");
+        rmp::encode::write_str(&mut header, "Deliver").expect("writes");
+        rmp::encode::write_array_len(&mut header, 3).expect("writes");
+        rmp::encode::write_str(&mut header, "g").expect("writes");
+        rmp::encode::write_uint(&mut header, 1).expect("writes");
+        rmp::encode::write_array_len(&mut header, entries as u32).expect("writes");
+        header.extend_from_slice(first);
+        header.resize(header.len() + entries - usize::from(!first.is_empty()), 0); // zero-length payloads
+        let mut out = BytesMut::new();
+        out.put_u32(header.len() as u32);
+        out.extend_from_slice(&header);
+        out
+    }
+
+    fn decode_one(frame: &[u8]) -> Result<Option<Frame>, WireError> {
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.extend(frame);
+        dec.next_frame()
+    }
+
+    #[test]
+    fn continuations_need_a_message_before_them_and_a_next_id() {
+        assert!(matches!(decode_one(&continuation_frame(&[], 3)), Err(WireError::Malformed(_))));
+        let mut last = Envelope {
+            id: MessageId { producer: 1, seq: u64::MAX },
+            topic: "t".into(),
+            publish_time_ms: 0,
+            payload: Bytes::new(),
+            extras: None,
+        };
+        let fields = envelope_fields(&last);
+        let mut full = vec![0x97, 0x92, 0x01, 0xcf];
+        full.extend_from_slice(&u64::MAX.to_be_bytes());
+        full.extend_from_slice(&fields);
+        full.push(0x00);
+        let err = decode_one(&continuation_frame(&full, 2)).expect_err("past the last seq");
+        assert!(err.to_string().contains("continuation"), "{err}");
+        last.id.seq -= 1;
+        full[4..12].copy_from_slice(&last.id.seq.to_be_bytes());
+        let Some(Frame::Deliver(d)) = decode_one(&continuation_frame(&full, 2)).expect("decodes") else {
+            panic!("a Deliver frame");
+        };
+        assert_eq!(d.messages[1].id.seq, u64::MAX);
+        assert_eq!(d.messages[1].topic, last.topic);
+    }
+
+    #[test]
+    fn a_frame_of_more_messages_than_the_limit_is_refused() {
+        let full = [0x97, 0x92, 0x01, 0x01, 0xa1, b't', 0xc0, 0x90, 0x90, 0x00, 0x00];
+        let at_limit = decode_one(&continuation_frame(&full, MAX_DELIVER_MESSAGES)).expect("at the limit");
+        assert!(matches!(at_limit, Some(Frame::Deliver(d)) if d.messages.len() == MAX_DELIVER_MESSAGES));
+        let err = decode_one(&continuation_frame(&full, MAX_DELIVER_MESSAGES + 1)).expect_err("over");
+        assert!(err.to_string().contains("more than"), "{err}");
     }
 
     #[test]

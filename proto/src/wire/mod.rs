@@ -18,10 +18,14 @@ pub use frames::*;
 pub use io::{accept_handshake, open_handshake, FrameReader, FrameWriter};
 
 /// Version of the wire protocol carried in [`Hello`]; peers refuse other versions.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default largest frame accepted or sent (4 MiB). Checked before any allocation.
 pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
+
+/// Most messages in one `Deliver` frame; a frame announcing more is malformed. Bounds
+/// what a frame of tiny continuation entries can make a receiver allocate.
+pub const MAX_DELIVER_MESSAGES: usize = 1024;
 
 /// Bytes in the length prefix of every frame.
 pub const LENGTH_PREFIX: usize = 4;
