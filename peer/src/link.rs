@@ -5,6 +5,7 @@ use crate::dispatch::{LinkEpoch, LinkKey};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::RecordSplitter;
 use crate::peer::Inner;
+use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,6 +146,8 @@ async fn serve(
 /// Reads the bodies of `outgoing` from the outbox and writes them as `Deliver` frames,
 /// one frame per run of consecutive link sequence numbers (cut by count and size).
 /// Each message's envelope fields are copied as stored, not decoded and encoded again.
+/// `Memory` messages are encoded under the outbox lock, without a reference to each
+/// body; others are read first.
 async fn send_batch(
     inner: &Arc<Inner>,
     key: &LinkKey,
@@ -154,16 +157,47 @@ async fn send_batch(
     outgoing: Vec<(u64, u64)>,
 ) -> Result<()> {
     let seqs: Vec<u64> = outgoing.iter().map(|(_, seq)| *seq).collect();
-    let bodies = inner.outbox.read_many(&seqs).await?;
+    let producer = inner.producer_id;
+    let encoded = inner.outbox.with_memory_bodies(&seqs, |bodies| {
+        encode_batch(producer, key, writer, records, &outgoing, bodies)
+    });
+    let unsendable = match encoded {
+        Some(unsendable) => unsendable?,
+        None => {
+            let bodies = inner.outbox.read_many(&seqs).await?;
+            let bodies = bodies.iter().map(Option::as_ref);
+            encode_batch(producer, key, writer, records, &outgoing, bodies)?
+        }
+    };
+    if !unsendable.is_empty() {
+        let actions = inner
+            .core()
+            .on_ack(crate::clock::now(), key, epoch, 0, &unsendable);
+        inner.execute(actions);
+    }
+    writer
+        .flush()
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Protocol, "data stream", e))
+}
+
+/// Queues `outgoing` (`(link_seq, seq)`, with their stored records in `bodies`) on
+/// `writer` as `Deliver` frames; returns the link sequences with nothing to send
+/// (settled everywhere already, or not a valid record), to be settled for this link.
+fn encode_batch<'a>(
+    producer: u64,
+    key: &LinkKey,
+    writer: &mut FrameWriter,
+    records: &RecordSplitter,
+    outgoing: &[(u64, u64)],
+    bodies: impl Iterator<Item = Option<&'a Bytes>>,
+) -> Result<Vec<u64>> {
     let mut run: Vec<PreEncoded<'_>> = Vec::with_capacity(outgoing.len().min(MAX_BATCH_MESSAGES));
     let mut first = 0u64;
     let mut bytes = 0usize;
     let mut unsendable = Vec::new();
-    for ((link_seq, seq), stored) in outgoing.into_iter().zip(&bodies) {
-        let id = MessageId {
-            producer: inner.producer_id,
-            seq,
-        };
+    for (&(link_seq, seq), stored) in outgoing.iter().zip(bodies) {
+        let id = MessageId { producer, seq };
         let Some(stored) = stored else {
             // Already settled everywhere: nothing to send.
             unsendable.push(link_seq);
@@ -189,22 +223,14 @@ async fn send_batch(
         run.push(PreEncoded {
             id,
             fields,
-            payload: stored.slice_ref(payload),
+            payload,
+            owner: stored,
         });
     }
     if !run.is_empty() {
         queue(writer, key, first, &run)?;
     }
-    if !unsendable.is_empty() {
-        let actions = inner
-            .core()
-            .on_ack(crate::clock::now(), key, epoch, 0, &unsendable);
-        inner.execute(actions);
-    }
-    writer
-        .flush()
-        .await
-        .map_err(|e| Error::with_source(ErrorKind::Protocol, "data stream", e))
+    Ok(unsendable)
 }
 
 fn queue(

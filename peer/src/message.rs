@@ -356,7 +356,7 @@ mod tests {
             let id = MessageId { producer: 3, seq: 9 };
             let (fields, body) = stored_parts(&stored, &topic).expect("valid");
             let mut frame = bytes::BytesMut::new();
-            let pre = [weft_proto::wire::PreEncoded { id, fields, payload: stored.slice_ref(body) }];
+            let pre = [weft_proto::wire::PreEncoded { id, fields, payload: body, owner: &stored }];
             weft_proto::wire::encode_deliver("g", 1, &pre, &mut frame, 1 << 20).expect("encodes");
             let mut decoder = weft_proto::wire::FrameDecoder::new(1 << 20);
             decoder.extend(&frame);

@@ -844,25 +844,25 @@ impl Inner {
         let mut buf = Vec::with_capacity(message::stored_size_estimate(topic, &message));
         let encoder = message::StoredEncoder::new(topic, message::now_ms());
         let (_, key_hash) = self.prepare(&encoder, &message, &mut buf)?;
-        let body = Bytes::from(buf);
+        let mut bodies = vec![Bytes::from(buf)];
         let targets = self.targets(topic).await?;
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
             // and handing it to the dispatcher.
             let appended = self
                 .outbox
-                .append_memory(&targets, body.clone(), outbox_when_full(when_full))
+                .append_memory_many(&targets, &mut bodies, outbox_when_full(when_full))
                 .await?;
-            if let Some(seq) = appended {
-                self.hand_off(seq, topic, &[key_hash], &targets, false);
-                return Ok(self.receipt(seq, &targets));
+            if let Some(seqs) = appended {
+                self.hand_off(seqs.start, topic, &[key_hash], &targets, false);
+                return Ok(self.receipt(seqs.start, &targets));
             }
         }
         let seqs = self
             .store(
                 topic,
                 &targets,
-                vec![body],
+                bodies,
                 vec![key_hash],
                 durability,
                 when_full,
@@ -896,7 +896,7 @@ impl Inner {
             key_hashes.push(key_hash);
         }
         let buf = Bytes::from(buf);
-        let bodies: Vec<Bytes> = records.into_iter().map(|r| buf.slice(r)).collect();
+        let mut bodies: Vec<Bytes> = records.into_iter().map(|r| buf.slice(r)).collect();
         if messages.is_empty() {
             return Ok(Vec::new());
         }
@@ -905,7 +905,7 @@ impl Inner {
             // As in `publish`: no writer round trip when the quota and lease allow.
             let appended = self
                 .outbox
-                .append_memory_many(&targets, &bodies, outbox_when_full(when_full))
+                .append_memory_many(&targets, &mut bodies, outbox_when_full(when_full))
                 .await?;
             if let Some(seqs) = appended {
                 self.hand_off(seqs.start, topic, &key_hashes, &targets, false);

@@ -63,6 +63,13 @@ impl<V> SeqWindow<V> {
 
     /// Inserts `value` under `seq`, returning the value it replaces.
     pub(crate) fn insert(&mut self, seq: u64, value: V) -> Option<V> {
+        if self.in_ring > 0 && seq.checked_sub(self.base) == Some(self.slots.len() as u64) {
+            // The usual case: the next key after the last. No slot empties, so the ring
+            // needs no compaction.
+            self.slots.push_back(Some(value));
+            self.in_ring += 1;
+            return None;
+        }
         if seq < self.base {
             return self.spill.insert(seq, value);
         }

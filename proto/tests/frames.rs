@@ -87,7 +87,8 @@ async fn mixed_payload_sizes_arrive_intact_through_shared_chunks() {
             .map(|(e, f)| PreEncoded {
                 id: e.id,
                 fields: f,
-                payload: e.payload.clone(),
+                payload: &e.payload,
+                owner: &e.payload,
             })
             .collect();
         writer.queue_deliver("g", first, &pre).expect("queue");
@@ -129,7 +130,8 @@ async fn an_oversized_frame_with_large_payloads_is_refused_before_anything_is_qu
     let pre = [PreEncoded {
         id: e.id,
         fields: &f,
-        payload: e.payload.clone(),
+        payload: &e.payload,
+        owner: &e.payload,
     }];
     assert!(writer.queue_deliver("g", 1, &pre).is_err());
     assert_eq!(

@@ -486,8 +486,14 @@ async fn receive_batches(
     while sub.recv_many(&mut batch, RECEIVE_BATCH).await > 0 {
         let now = epoch.elapsed().as_nanos() as u64;
         if let Ok(mut h) = latency.lock() {
-            for d in &batch {
-                let _ = h.record(now.saturating_sub(sent_ns(d.payload())).max(1));
+            // The messages of one publish batch carry one send time: one record per run.
+            let mut sent = batch.iter().map(|d| sent_ns(d.payload())).peekable();
+            while let Some(t) = sent.next() {
+                let mut n = 1;
+                while sent.next_if_eq(&t).is_some() {
+                    n += 1;
+                }
+                let _ = h.record_n(now.saturating_sub(t).max(1), n);
             }
         }
         delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);

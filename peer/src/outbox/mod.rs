@@ -419,6 +419,22 @@ impl Drop for Inner {
     }
 }
 
+/// The bodies [`Outbox::with_memory_bodies`] hands out, in the order of its `seqs`.
+#[derive(Debug)]
+pub struct MemoryBodies<'a> {
+    state: &'a OutboxState,
+    seqs: std::slice::Iter<'a, u64>,
+}
+
+impl<'a> Iterator for MemoryBodies<'a> {
+    type Item = Option<&'a Bytes>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let &seq = self.seqs.next()?;
+        Some(self.state.memory_body(seq))
+    }
+}
+
 /// The outbox. Cheap to clone; all clones share one writer.
 #[derive(Clone)]
 pub struct Outbox {
@@ -689,7 +705,7 @@ impl Outbox {
         when_full: WhenFull,
     ) -> Result<Option<u64>, OutboxError> {
         Ok(self
-            .append_memory_many(targets, std::slice::from_ref(&body), when_full)
+            .append_memory_many(targets, &mut vec![body], when_full)
             .await?
             .map(|seqs| seqs.start))
     }
@@ -698,16 +714,17 @@ impl Outbox {
     /// consecutive sequence numbers, or `Ok(None)` when the caller must use
     /// [`submit_batch`](Self::submit_batch) instead (lease to renew). Waits while the
     /// quota or the memory limit is full, or fails, as `when_full` says; dropping the
-    /// future while it waits stores nothing.
+    /// future while it waits stores nothing. Appended bodies are moved out of
+    /// `bodies` (left empty); otherwise it is left as it was.
     pub async fn append_memory_many(
         &self,
         targets: &[String],
-        bodies: &[Bytes],
+        bodies: &mut Vec<Bytes>,
         when_full: WhenFull,
     ) -> Result<Option<std::ops::Range<u64>>, OutboxError> {
         let shared = &self.inner.shared;
         let mut size = 0u64;
-        for body in bodies {
+        for body in bodies.iter() {
             size += check_body(&shared.cfg, body)?;
         }
         let targets = validate_targets(targets)?;
@@ -723,8 +740,14 @@ impl Outbox {
                 }
                 if !targets.is_empty() {
                     core.state.reserve_memory_many(count, size)?;
-                    core.state
-                        .memory_messages_added(first, &targets, bodies, unix_ms_now());
+                    core.state.memory_messages_added(
+                        first,
+                        &targets,
+                        bodies.drain(..),
+                        unix_ms_now(),
+                    );
+                } else {
+                    bodies.clear();
                 }
                 core.next_seq += count;
                 Ok(Some(first..first + count))
@@ -851,6 +874,30 @@ impl Outbox {
                 }
             }
         }
+    }
+
+    /// Runs `f` under the outbox lock on the bodies of `seqs`, in order, if every one
+    /// is a pending `Memory` message; `None` (without running `f`) otherwise, and then
+    /// [`read_many`](Self::read_many) gets them. Unlike `read_many` it takes no
+    /// reference count per body: the bodies of one publish share one, and taking and
+    /// dropping it per message on the sending thread was measurable. `f` runs under
+    /// the lock: it must be short and must not call into the outbox.
+    pub fn with_memory_bodies<R>(
+        &self,
+        seqs: &[u64],
+        f: impl FnOnce(MemoryBodies<'_>) -> R,
+    ) -> Option<R> {
+        let core = self.inner.shared.core();
+        if !seqs
+            .iter()
+            .all(|&seq| core.state.memory_body(seq).is_some())
+        {
+            return None;
+        }
+        Some(f(MemoryBodies {
+            state: &core.state,
+            seqs: seqs.iter(),
+        }))
     }
 
     /// The bodies of `seqs`, in order (`None` for settled ones): those in memory under

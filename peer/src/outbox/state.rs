@@ -381,7 +381,7 @@ impl OutboxState {
         self.insert(
             seq,
             Entry {
-                groups: groups.clone(),
+                groups: GroupSet::from_slice(groups),
                 loc,
                 bytes,
                 unix_ms,
@@ -398,16 +398,18 @@ impl OutboxState {
         body: Bytes,
         unix_ms: u64,
     ) {
-        self.memory_messages_added(seq, targets, std::slice::from_ref(&body), unix_ms);
+        self.memory_messages_added(seq, targets, std::iter::once(body), unix_ms);
     }
 
     /// `Memory` messages `first..` (reserved quota, sequence numbers never used
-    /// before) were added for the same targets; the state keeps their bodies.
+    /// before) were added for the same targets; the state keeps their bodies (moved
+    /// in: each body's reference count is shared by the messages of its publish, and
+    /// every count taken and dropped per message was measurable).
     pub fn memory_messages_added(
         &mut self,
         first: u64,
         targets: &[String],
-        bodies: &[Bytes],
+        bodies: impl ExactSizeIterator<Item = Bytes>,
         unix_ms: u64,
     ) {
         let groups = self.group_set(targets);
@@ -416,11 +418,12 @@ impl OutboxState {
             self.insert(
                 seq,
                 Entry {
-                    groups: groups.clone(),
+                    // A copy of the ids (`clone` went element by element).
+                    groups: GroupSet::from_slice(&groups),
                     loc: None,
                     bytes: body.len() as u64,
                     unix_ms,
-                    body: Some(body.clone()),
+                    body: Some(body),
                 },
             );
         }
@@ -798,7 +801,7 @@ mod tests {
         // Disk messages only count against the quota.
         s.reserve_many(5, 500).unwrap();
         let body = Bytes::from(vec![0; 30]);
-        s.memory_messages_added(1, &t(&["g"]), &[body.clone(), body], 0);
+        s.memory_messages_added(1, &t(&["g"]), [body.clone(), body].into_iter(), 0);
         assert_eq!(s.memory_used(), (2, 60));
         s.settle(1, "g");
         assert_eq!(s.memory_used(), (1, 30));

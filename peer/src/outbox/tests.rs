@@ -827,8 +827,8 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
     append_disk(&o, &["a"], b"d").await;
 
     // ...and a waiting one goes in once a Memory message is settled.
-    let (targets, bodies) = (g(&["a"]), [x()]);
-    let mut waiter = Box::pin(o.append_memory_many(&targets, &bodies, WhenFull::Wait));
+    let (targets, mut bodies) = (g(&["a"]), vec![x()]);
+    let mut waiter = Box::pin(o.append_memory_many(&targets, &mut bodies, WhenFull::Wait));
     assert!(futures::poll!(&mut waiter).is_pending(), "full: it waits");
     o.settle(first, "a");
     let seqs = tokio::time::timeout(Duration::from_secs(5), waiter)

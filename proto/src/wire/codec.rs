@@ -16,14 +16,8 @@ enum FrameHeaderRef<'a> {
     Open(&'a Open),
     Ack(&'a Ack),
     Credit(&'a Credit),
-    Request {
-        id: u64,
-        body: &'a DirRequest,
-    },
-    Response {
-        id: u64,
-        body: &'a DirResponse,
-    },
+    Request { id: u64, body: &'a DirRequest },
+    Response { id: u64, body: &'a DirResponse },
     RouteChanged(&'a Route),
 }
 
@@ -79,7 +73,8 @@ fn encode_envelopes(d: &Deliver, out: &mut BytesMut, max_frame: usize) -> Result
         .map(|(m, fields)| PreEncoded {
             id: m.id,
             fields,
-            payload: m.payload.clone(),
+            payload: &m.payload,
+            owner: &m.payload,
         })
         .collect();
     encode_deliver(&d.group, d.first_link_seq, &messages, out, max_frame)
@@ -125,8 +120,25 @@ pub struct PreEncoded<'a> {
     /// (what `rmp_serde` writes for those fields of [`Envelope`]). The caller vouches
     /// for it; the receiver decodes and checks it like any frame.
     pub fields: &'a [u8],
-    /// Payload (shared, so that a large one can be sent without a copy).
-    pub payload: Bytes,
+    /// Payload, borrowed: a small one is copied into the frame, so it needs no
+    /// reference count of its own.
+    pub payload: &'a [u8],
+    /// The buffer `payload` lies in: a large payload is sent as a slice of it, without
+    /// a copy (a payload elsewhere is copied).
+    pub owner: &'a Bytes,
+}
+
+impl PreEncoded<'_> {
+    /// The payload as shared bytes: a slice of `owner`, or a copy if it is not in it.
+    pub fn shared_payload(&self) -> Bytes {
+        let start = (self.payload.as_ptr() as usize).wrapping_sub(self.owner.as_ptr() as usize);
+        match start.checked_add(self.payload.len()) {
+            Some(end) if start <= self.owner.len() && end <= self.owner.len() => {
+                self.owner.slice(start..end)
+            }
+            _ => Bytes::copy_from_slice(self.payload),
+        }
+    }
 }
 
 /// Appends a `Deliver` frame of pre-encoded messages to `out`: the same bytes
@@ -141,7 +153,7 @@ pub fn encode_deliver(
 ) -> Result<(), WireError> {
     encode_deliver_head(group, first_link_seq, messages, out, max_frame)?;
     for m in messages {
-        out.extend_from_slice(&m.payload);
+        out.extend_from_slice(m.payload);
     }
     Ok(())
 }
@@ -719,7 +731,10 @@ mod tests {
             let (new_time, skip) = breaks.get(i).copied().unwrap_or_default();
             seq = seq.wrapping_add(1 + u64::from(skip));
             messages.push(Envelope {
-                id: MessageId { producer: base.id.producer, seq },
+                id: MessageId {
+                    producer: base.id.producer,
+                    seq,
+                },
                 publish_time_ms: base.publish_time_ms.wrapping_add(u64::from(new_time)),
                 payload: Bytes::from(payload.clone()),
                 ..base.clone()
@@ -738,7 +753,11 @@ mod tests {
     }
 
     fn deliver_of(messages: Vec<Envelope>) -> Frame {
-        Frame::Deliver(Deliver { group: "g".into(), first_link_seq: 1, messages })
+        Frame::Deliver(Deliver {
+            group: "g".into(),
+            first_link_seq: 1,
+            messages,
+        })
     }
 
     proptest! {
@@ -811,7 +830,7 @@ mod tests {
             let pre: Vec<PreEncoded<'_>> = messages
                 .iter()
                 .zip(&fields)
-                .map(|(m, f)| PreEncoded { id: m.id, fields: f, payload: m.payload.clone() })
+                .map(|(m, f)| PreEncoded { id: m.id, fields: f, payload: &m.payload, owner: &m.payload })
                 .collect();
             let mut spliced = BytesMut::new();
             encode_deliver(&group, first, &pre, &mut spliced, 1 << 24).expect("encodes");
@@ -1013,6 +1032,41 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_inside_its_owner_is_shared_and_one_outside_is_copied() {
+        let owner = Bytes::from(vec![7u8; 64]);
+        let id = MessageId {
+            producer: 1,
+            seq: 1,
+        };
+        let inside = PreEncoded {
+            id,
+            fields: &[],
+            payload: &owner[8..40],
+            owner: &owner,
+        };
+        let shared = inside.shared_payload();
+        assert_eq!(shared.as_ptr(), owner[8..].as_ptr(), "a slice, not a copy");
+        assert_eq!(shared.len(), 32);
+        let elsewhere = vec![7u8; 32];
+        let outside = PreEncoded {
+            id,
+            fields: &[],
+            payload: &elsewhere,
+            owner: &owner,
+        };
+        let copied = outside.shared_payload();
+        assert_eq!(&copied[..], &elsewhere[..]);
+        assert_ne!(copied.as_ptr(), elsewhere.as_ptr());
+        let straddling = PreEncoded {
+            id,
+            fields: &[],
+            payload: &owner[..],
+            owner: &owner.slice(1..),
+        };
+        assert_eq!(straddling.shared_payload().len(), 64);
+    }
+
+    #[test]
     fn oversized_pre_encoded_deliver_is_refused_and_leaves_the_buffer() {
         let payload = Bytes::from(vec![0u8; 100]);
         let fields = rmp_serde::to_vec(&(
@@ -1029,7 +1083,8 @@ mod tests {
                 seq: 1,
             },
             fields: &fields[1..],
-            payload: payload.clone(),
+            payload: &payload,
+            owner: &payload,
         }];
         let mut out = BytesMut::from(&b"kept"[..]);
         let err = encode_deliver("g", 1, &pre, &mut out, 64).expect_err("too large");
@@ -1089,9 +1144,15 @@ mod tests {
 
     #[test]
     fn continuations_need_a_message_before_them_and_a_next_id() {
-        assert!(matches!(decode_one(&continuation_frame(&[], 3)), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode_one(&continuation_frame(&[], 3)),
+            Err(WireError::Malformed(_))
+        ));
         let mut last = Envelope {
-            id: MessageId { producer: 1, seq: u64::MAX },
+            id: MessageId {
+                producer: 1,
+                seq: u64::MAX,
+            },
             topic: "t".into(),
             publish_time_ms: 0,
             payload: Bytes::new(),
@@ -1106,7 +1167,8 @@ mod tests {
         assert!(err.to_string().contains("continuation"), "{err}");
         last.id.seq -= 1;
         full[4..12].copy_from_slice(&last.id.seq.to_be_bytes());
-        let Some(Frame::Deliver(d)) = decode_one(&continuation_frame(&full, 2)).expect("decodes") else {
+        let Some(Frame::Deliver(d)) = decode_one(&continuation_frame(&full, 2)).expect("decodes")
+        else {
             panic!("a Deliver frame");
         };
         assert_eq!(d.messages[1].id.seq, u64::MAX);
@@ -1115,10 +1177,16 @@ mod tests {
 
     #[test]
     fn a_frame_of_more_messages_than_the_limit_is_refused() {
-        let full = [0x97, 0x92, 0x01, 0x01, 0xa1, b't', 0xc0, 0x90, 0x90, 0x00, 0x00];
-        let at_limit = decode_one(&continuation_frame(&full, MAX_DELIVER_MESSAGES)).expect("at the limit");
-        assert!(matches!(at_limit, Some(Frame::Deliver(d)) if d.messages.len() == MAX_DELIVER_MESSAGES));
-        let err = decode_one(&continuation_frame(&full, MAX_DELIVER_MESSAGES + 1)).expect_err("over");
+        let full = [
+            0x97, 0x92, 0x01, 0x01, 0xa1, b't', 0xc0, 0x90, 0x90, 0x00, 0x00,
+        ];
+        let at_limit =
+            decode_one(&continuation_frame(&full, MAX_DELIVER_MESSAGES)).expect("at the limit");
+        assert!(
+            matches!(at_limit, Some(Frame::Deliver(d)) if d.messages.len() == MAX_DELIVER_MESSAGES)
+        );
+        let err =
+            decode_one(&continuation_frame(&full, MAX_DELIVER_MESSAGES + 1)).expect_err("over");
         assert!(err.to_string().contains("more than"), "{err}");
     }
 

@@ -403,7 +403,10 @@ fn bounded_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Deliver
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             write!(f, "at most {} message entries", super::MAX_DELIVER_MESSAGES)
         }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
             let limit = super::MAX_DELIVER_MESSAGES;
             let mut entries = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(limit));
             while let Some(entry) = seq.next_element()? {

@@ -138,12 +138,12 @@ impl FrameWriter {
         )?;
         for m in messages {
             if m.payload.len() < ZERO_COPY_MIN {
-                self.buf.extend_from_slice(&m.payload);
+                self.buf.extend_from_slice(m.payload);
             } else {
                 if !self.buf.is_empty() {
                     self.chunks.push(self.buf.split().freeze());
                 }
-                self.chunks.push(m.payload.clone());
+                self.chunks.push(m.shared_payload());
             }
         }
         Ok(())
