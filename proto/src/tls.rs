@@ -277,8 +277,17 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// rustls' `ring` provider with AES-128-GCM first. Both ends of every Weft connection
+/// are Weft, so this order decides the suite: AES-128-GCM (the first choice of Go's TLS
+/// and of browsers, and what QUIC itself uses for Initial packets) runs 10 AES rounds
+/// where AES-256-GCM runs 14, and bulk encryption is the largest CPU cost of large
+/// messages (docs/benchmarks.md). AES-256-GCM and ChaCha20-Poly1305 stay available.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -779,4 +788,25 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<String, TlsError> {
         .first()
         .ok_or_else(|| missing("the peer's certificate chain is empty"))?;
     first_dns_san(leaf).map_err(|reason| TlsError::NoPeerIdentity { addr, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::CipherSuite;
+
+    #[test]
+    fn aes_128_gcm_is_preferred_and_every_ring_suite_stays_available() {
+        let suites: Vec<CipherSuite> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(suites.first(), Some(&CipherSuite::TLS13_AES_128_GCM_SHA256));
+        let mut all: Vec<CipherSuite> = rustls::crypto::ring::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        let mut ours = suites.clone();
+        all.sort_by_key(|s| u16::from(*s));
+        ours.sort_by_key(|s| u16::from(*s));
+        assert_eq!(ours, all);
+    }
 }
