@@ -456,6 +456,34 @@ async fn concurrent_appends_group_commit() {
     println!("1600 appends in {} commits", st.commits);
 }
 
+/// One task driving many appends at once, through a writer channel of two slots: the
+/// appends that find it full wait for a slot instead of failing, and every one lands.
+#[tokio::test]
+async fn appends_wait_for_a_full_writer_channel() {
+    use futures::StreamExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.max_batch = 1;
+    let (o, _) = Outbox::open(c).await.unwrap();
+    let seqs: Vec<u64> = futures::stream::iter(0..300)
+        .map(|i| {
+            let o = o.clone();
+            async move {
+                let body = Bytes::from(format!("m{i}"));
+                o.append(vec!["g".into()], body, Durability::Disk, WhenFull::Wait)
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(300)
+        .collect()
+        .await;
+    let unique: HashSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(unique.len(), 300);
+    assert_eq!(o.stats().appended, 300);
+    assert_eq!(o.pending_messages(), 300);
+}
+
 #[tokio::test]
 async fn second_open_is_locked_out() {
     let tmp = tempfile::tempdir().unwrap();
