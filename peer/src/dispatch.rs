@@ -8,6 +8,7 @@
 
 use crate::seq_map::SeqMap;
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 use std::time::{Duration, Instant};
 use weft_proto::wire::Route;
 
@@ -199,7 +200,7 @@ impl Dispatcher {
         let mut actions = Vec::new();
         let seqs = first..first + key_hashes.len() as u64;
         if confirm {
-            for seq in seqs.clone() {
+            for seq in seqs {
                 if targets.is_empty() {
                     actions.push(Action::Confirmed(seq));
                 } else {
@@ -209,14 +210,14 @@ impl Dispatcher {
         }
         for group in targets {
             let queue = self.queue_entry(topic, group);
-            let run = seqs.clone().zip(key_hashes).map(|(seq, &key_hash)| {
+            let run = key_hashes.iter().enumerate().map(|(i, &key_hash)| {
                 let entry = Entry {
                     key_hash,
                     deliveries: 0,
                 };
-                (seq, entry)
+                (first + i as u64, entry)
             });
-            queue.waiting.push_run(run.collect());
+            queue.waiting.push_run(run);
             if !queue.blocked {
                 self.pump(now, topic, group, &mut actions);
             }
@@ -506,20 +507,17 @@ impl Dispatcher {
             return;
         };
         let links = &mut self.links;
-        let epochs: Vec<LinkEpoch> = queue
-            .links
-            .iter()
-            .filter_map(|k| links.get(k).filter(|l| l.up).map(|l| l.epoch))
-            .collect();
-        let live: Vec<&LinkKey> = queue
-            .links
-            .iter()
-            .filter(|k| links.get(*k).is_some_and(|l| l.up))
-            .collect();
-        let mut free: Vec<u32> = live
-            .iter()
-            .map(|k| links.get(*k).map_or(0, Link::free))
-            .collect();
+        // Per member: a pump runs per publish, and members are few (no allocation).
+        let mut live: PerMember<&LinkKey> = SmallVec::new();
+        let mut epochs: PerMember<LinkEpoch> = SmallVec::new();
+        let mut free: PerMember<u32> = SmallVec::new();
+        for key in &queue.links {
+            if let Some(link) = links.get(key).filter(|l| l.up) {
+                live.push(key);
+                epochs.push(link.epoch);
+                free.push(link.free());
+            }
+        }
         queue.blocked = free.iter().all(|f| *f == 0);
         if queue.blocked || queue.waiting.is_empty() {
             return;
@@ -588,6 +586,9 @@ impl Dispatcher {
         }
     }
 }
+
+/// One value per up member of a group, inline for the usual few.
+type PerMember<T> = SmallVec<[T; 4]>;
 
 /// Rendezvous (highest random weight) hashing: the member a key maps to changes only
 /// when that member leaves.

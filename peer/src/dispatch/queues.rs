@@ -29,16 +29,25 @@ impl WaitQueue {
     /// replaced. A run that belongs
     /// before some waiting messages (publishes racing each other to the dispatcher) is
     /// moved in as a block, not inserted one message at a time.
-    pub(super) fn push_run(&mut self, run: Vec<(Seq, Entry)>) {
-        let (Some(&(first, _)), Some(&(last, _))) = (run.first(), run.last()) else {
+    pub(super) fn push_run<I>(&mut self, run: I)
+    where
+        I: IntoIterator<Item = (Seq, Entry)>,
+        I::IntoIter: DoubleEndedIterator + Clone,
+    {
+        let run = run.into_iter();
+        let (Some((first, _)), Some((last, _))) = (run.clone().next(), run.clone().next_back())
+        else {
             return;
         };
-        let at = self.items.partition_point(|&(s, _)| s < first);
-        if at == self.items.len() {
+        // The usual case: after every waiting message, without collecting the run.
+        if self.items.back().is_none_or(|&(s, _)| s < first) {
             self.items.extend(run);
-        } else if self.items[at].0 <= last {
+            return;
+        }
+        let at = self.items.partition_point(|&(s, _)| s < first);
+        if self.items[at].0 <= last {
             // Interleaved with waiting messages: merge.
-            self.requeue(run);
+            self.requeue(run.collect());
         } else {
             let tail = self.items.split_off(at);
             self.items.extend(run);
@@ -196,7 +205,7 @@ mod tests {
     #[test]
     fn scan_takes_skips_and_stops_keeping_order() {
         let mut q = WaitQueue::default();
-        q.push_run((1..=6).map(|s| (s, entry(0))).collect());
+        q.push_run((1..=6).map(|s| (s, entry(0))).collect::<Vec<_>>());
         q.scan(10, |seq, _| match seq {
             2 | 4 => Offer::Skip,
             5 => Offer::Stop,

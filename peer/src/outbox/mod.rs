@@ -55,6 +55,11 @@ use self::writer::Req;
 
 /// Sequence numbers reserved by one `SeqLease` record.
 pub const LEASE_BLOCK: u64 = 65_536;
+/// Unused leased numbers below which the lease is renewed ahead of need: the writer
+/// renews it with its next commit (a `Memory` append that crosses this mark asks for
+/// one), so the `Memory` fast path keeps running while the renewal is synced instead
+/// of sending every publish through the writer until it is.
+pub const LEASE_RENEW_AHEAD: u64 = LEASE_BLOCK / 2;
 
 /// Outbox configuration. Every field has a documented default, see [`OutboxConfig::new`].
 #[derive(Debug, Clone)]
@@ -385,6 +390,9 @@ struct Core {
     deletions: Vec<u64>,
     /// A wake-up is queued for the writer.
     wake_queued: bool,
+    /// A `Memory` append asked the writer to renew the lease ahead of need; cleared
+    /// when a renewal is durable (or the request could not be queued).
+    renewal_queued: bool,
     /// Size of each segment file.
     seg_sizes: std::collections::BTreeMap<u64, u64>,
     /// Next sequence number to hand out.
@@ -554,6 +562,7 @@ impl Outbox {
                 settles: Vec::new(),
                 deletions: Vec::new(),
                 wake_queued: false,
+                renewal_queued: false,
                 seg_sizes: rec.seg_sizes,
                 next_seq: rec.next_seq,
                 lease_durable: rec.lease_upto,
@@ -742,12 +751,16 @@ impl Outbox {
         if self.inner.tx.is_none() {
             return Err(OutboxError::Closed);
         }
+        let mut renew = false;
         let appended = self
             .when_room(count, size, when_full, |core| {
                 let first = core.next_seq;
                 if first.saturating_add(count) > core.lease_durable {
                     return Ok(None);
                 }
+                renew =
+                    !core.renewal_queued && first + count + LEASE_RENEW_AHEAD > core.lease_durable;
+                core.renewal_queued |= renew;
                 if !targets.is_empty() {
                     core.state.reserve_memory_many(count, size)?;
                     core.state.memory_messages_added(
@@ -766,7 +779,24 @@ impl Outbox {
         if appended.is_some() {
             shared.appended.fetch_add(count, Ordering::Relaxed);
         }
+        if renew {
+            self.request_renewal();
+        }
         Ok(appended)
+    }
+
+    /// Wakes the writer, whose next commit renews the lease (it is within
+    /// [`LEASE_RENEW_AHEAD`] of running out). A full channel means appends are queued,
+    /// and their commit renews it; the next `Memory` append past the mark asks again.
+    fn request_renewal(&self) {
+        let queued = self
+            .inner
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(Req::Wake).is_ok());
+        if !queued {
+            self.inner.shared.core().renewal_queued = false;
+        }
     }
 
     async fn reserve(

@@ -868,3 +868,56 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
     assert_eq!(o.stats().memory_used_messages, 2);
     assert_eq!(o.stats().quota_used_messages, 3);
 }
+
+/// Appends `n` Memory messages for `a` in batches of 1,024, settling each batch;
+/// returns how many batches found the lease used up (and were refused the fast path)
+/// and the last seq taken.
+async fn memory_batches(o: &Outbox, n: u64) -> (u64, u64) {
+    let targets = g(&["a"]);
+    let (mut refused, mut last) = (0, 0);
+    for _ in 0..n / 1024 {
+        let mut bodies: Vec<Bytes> = (0..1024).map(|_| Bytes::from_static(b"m")).collect();
+        match o
+            .append_memory_many(&targets, &mut bodies, WhenFull::Fail)
+            .await
+            .unwrap()
+        {
+            Some(seqs) => {
+                last = seqs.end - 1;
+                // Delivered at once: the memory limit never fills.
+                o.settle_many(&seqs.collect::<Vec<u64>>(), "a");
+            }
+            None => refused += 1,
+        }
+    }
+    (refused, last)
+}
+
+#[tokio::test]
+async fn the_sequence_lease_is_renewed_before_memory_appends_run_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, _) = Outbox::open(cfg(tmp.path())).await.unwrap();
+    let commits = o.stats().commits;
+    // Past the renewal mark, still inside the first lease: the fast path asks the
+    // writer to renew, and the renewal's commit is made durable.
+    let (refused, _) = memory_batches(&o, LEASE_BLOCK - LEASE_RENEW_AHEAD + 4096).await;
+    assert_eq!(refused, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while o.stats().commits == commits {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no renewal was committed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Far past the first lease's end, without ever falling back to the writer.
+    let (refused, last) = memory_batches(&o, LEASE_BLOCK).await;
+    assert_eq!(refused, 0, "the lease ran out under the fast path");
+    assert!(last > LEASE_BLOCK);
+    o.close().await.unwrap();
+    drop(o);
+    // The renewed lease is durable: numbers handed out are never handed out again.
+    let (o, _) = Outbox::open(cfg(tmp.path())).await.unwrap();
+    let next = append_disk(&o, &["a"], b"after").await;
+    assert!(next > last, "seq {next} reused (last before reopen {last})");
+}

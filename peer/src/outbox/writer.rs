@@ -10,7 +10,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::state::{Action, Location};
-use super::{record, segment, unix_ms_now, Durability, OutboxError, Shared, LEASE_BLOCK};
+use super::{
+    record, segment, unix_ms_now, Durability, OutboxError, Shared, LEASE_BLOCK, LEASE_RENEW_AHEAD,
+};
 
 /// Settle entries per Settle record.
 const SETTLES_PER_RECORD: usize = 16_384;
@@ -167,8 +169,10 @@ impl Writer {
             // Sequence numbers are taken under the core lock, as `append_memory` takes
             // them, so that messages enter the state in sequence order.
             let mut core = self.shared.core();
-            if write_lease || core.next_seq + n > self.lease_upto {
-                if core.next_seq + n > self.lease_upto {
+            // Renewed ahead of need, so that `Memory` appends never find it used up.
+            let renew = core.next_seq + n + LEASE_RENEW_AHEAD > self.lease_upto;
+            if write_lease || renew {
+                if renew {
                     self.lease_upto = core.next_seq + n + LEASE_BLOCK;
                 }
                 record::encode_lease(&mut self.buf, self.lease_upto);
@@ -245,6 +249,7 @@ impl Writer {
             core.seg_sizes.insert(self.active, self.size);
             if res.is_ok() && lease_in_batch {
                 core.lease_durable = self.lease_upto;
+                core.renewal_queued = false;
             }
             if let Err(e) = &res {
                 self.failed = Some(e.to_string());
