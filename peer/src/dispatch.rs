@@ -37,10 +37,13 @@ pub(crate) enum Action {
     /// Run a link task for this key (connect, open the stream, report `link_up`); it
     /// reports its events with this epoch.
     OpenLink(LinkKey, LinkEpoch),
-    /// Stop the link task (its in-flight messages were already requeued).
-    CloseLink(LinkKey),
-    /// Messages are ready for the link: call [`Dispatcher::take_outgoing`].
-    Wake(LinkKey),
+    /// Stop the link task of this epoch (its in-flight messages were already
+    /// requeued).
+    CloseLink(LinkEpoch),
+    /// Messages are ready for the link of this epoch: its task calls
+    /// [`Dispatcher::take_outgoing`]. (An epoch, not a [`LinkKey`]: a wake is sent per
+    /// publish, and cloning and hashing a key's three strings was measurable.)
+    Wake(LinkEpoch),
     /// The messages need nothing more from this group.
     Settle { seqs: Vec<Seq>, group: String },
     /// Every target group of a confirmed publish has acknowledged it.
@@ -293,8 +296,9 @@ impl Dispatcher {
                 group: group.to_string(),
             };
             self.requeue_link(&key);
-            self.links.remove(&key);
-            actions.push(Action::CloseLink(key));
+            if let Some(link) = self.links.remove(&key) {
+                actions.push(Action::CloseLink(link.epoch));
+            }
         }
         for member in members.iter().filter(|m| !old.contains(m)) {
             let key = LinkKey {
@@ -581,7 +585,7 @@ impl Dispatcher {
                 link.outgoing.push((link_seq, seq));
             }
             if woken {
-                actions.push(Action::Wake(key.clone()));
+                actions.push(Action::Wake(link.epoch));
             }
         }
     }

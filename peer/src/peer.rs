@@ -1,7 +1,7 @@
 //! The peer runtime: builder, handle, and the glue that drives the state machines.
 
 use crate::directory_client::{ClientSettings, DirectoryClient, Freshness};
-use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkKey, Seq};
+use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkEpoch, Seq};
 use crate::error::{Error, ErrorKind, Result};
 use crate::link::{self, LinkControl};
 use crate::members::Members;
@@ -689,7 +689,9 @@ pub(crate) struct Inner {
     pub(crate) producer_id: u64,
     pub(crate) outbox: Outbox,
     core: Mutex<Dispatcher>,
-    links: Mutex<FxHashMap<LinkKey, Arc<LinkControl>>>,
+    /// Link tasks by epoch (unique per link, so a closed link's successor under the
+    /// same key has its own entry).
+    links: Mutex<FxHashMap<LinkEpoch, Arc<LinkControl>>>,
     confirms: Mutex<SeqMap<oneshot::Sender<()>>>,
     routes: Mutex<FxHashMap<String, Route>>,
     /// Target groups per topic, derived from `routes` (read on every publish).
@@ -755,18 +757,16 @@ impl Inner {
             match action {
                 Action::OpenLink(key, epoch) => {
                     let control = Arc::new(LinkControl::default());
-                    if let Some(old) = lock(&self.links).insert(key.clone(), control.clone()) {
-                        old.close();
-                    }
+                    lock(&self.links).insert(epoch, control.clone());
                     tokio::spawn(link::run(self.clone(), key, epoch, control));
                 }
-                Action::CloseLink(key) => {
-                    if let Some(control) = lock(&self.links).remove(&key) {
+                Action::CloseLink(epoch) => {
+                    if let Some(control) = lock(&self.links).remove(&epoch) {
                         control.close();
                     }
                 }
-                Action::Wake(key) => {
-                    if let Some(control) = lock(&self.links).get(&key) {
+                Action::Wake(epoch) => {
+                    if let Some(control) = lock(&self.links).get(&epoch) {
                         control.wake.notify_one();
                     }
                 }

@@ -139,7 +139,7 @@ fn ack_timeout_requeues_in_order() {
     );
     assert!(d.tick(t0 + Duration::from_millis(500)).is_empty());
     let acts = d.tick(t0 + Duration::from_secs(2));
-    assert!(acts.contains(&Action::Wake(key("m1", "g"))));
+    assert!(acts.contains(&Action::Wake(d.epoch_of(&key("m1", "g")))));
     let again: Vec<(u64, Seq)> = d.take_outgoing(&key("m1", "g"), d.epoch_of(&key("m1", "g")));
     assert_eq!(again.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert!(again[0].0 > 3, "new link sequence numbers");
