@@ -101,30 +101,44 @@ pub(crate) fn append_stored(
 pub(crate) struct StoredEncoder<'a> {
     topic: &'a str,
     publish_time_ms: u64,
-    /// Length prefix and head of a message without key, tags or headers.
-    plain: Vec<u8>,
+    /// Length prefix and head of a message without key, tags or headers (`None` for a
+    /// publish of one message, whose head is written in place).
+    plain: Option<Vec<u8>>,
 }
 
 impl<'a> StoredEncoder<'a> {
+    /// An encoder for the messages of one batch.
     pub(crate) fn new(topic: &'a str, publish_time_ms: u64) -> Self {
         let mut plain = Vec::with_capacity(stored_size_estimate(topic, &Message::default()));
         append_stored(&mut plain, topic, &Message::default(), publish_time_ms);
         Self {
             topic,
             publish_time_ms,
-            plain,
+            plain: Some(plain),
+        }
+    }
+
+    /// An encoder for a single message: nothing is prepared to be copied.
+    pub(crate) fn single(topic: &'a str, publish_time_ms: u64) -> Self {
+        Self {
+            topic,
+            publish_time_ms,
+            plain: None,
         }
     }
 
     /// Appends `msg` to `buf` exactly as [`append_stored`] does; returns where it is.
     pub(crate) fn append(&self, buf: &mut Vec<u8>, msg: &Message) -> std::ops::Range<usize> {
-        if msg.key.is_some() || !msg.tags.is_empty() || !msg.headers.is_empty() {
-            return append_stored(buf, self.topic, msg, self.publish_time_ms);
+        let plain = msg.key.is_none() && msg.tags.is_empty() && msg.headers.is_empty();
+        match &self.plain {
+            Some(head) if plain => {
+                let start = buf.len();
+                buf.extend_from_slice(head);
+                buf.extend_from_slice(&msg.payload);
+                start..buf.len()
+            }
+            _ => append_stored(buf, self.topic, msg, self.publish_time_ms),
         }
-        let start = buf.len();
-        buf.extend_from_slice(&self.plain);
-        buf.extend_from_slice(&msg.payload);
-        start..buf.len()
     }
 }
 
@@ -403,10 +417,11 @@ mod tests {
             if tag {
                 m = m.tag("x");
             }
-            let encoder = StoredEncoder::new(&topic, t);
-            let mut buf = vec![7u8];
-            let at = encoder.append(&mut buf, &m);
-            prop_assert_eq!(&buf[at], &encode_stored(&topic, &m, t)[..]);
+            for encoder in [StoredEncoder::new(&topic, t), StoredEncoder::single(&topic, t)] {
+                let mut buf = vec![7u8];
+                let at = encoder.append(&mut buf, &m);
+                prop_assert_eq!(&buf[at], &encode_stored(&topic, &m, t)[..]);
+            }
         }
 
         #[test]

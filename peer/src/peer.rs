@@ -842,7 +842,7 @@ impl Inner {
     ) -> Result<Receipt> {
         check_topic(topic)?;
         let mut buf = Vec::with_capacity(message::stored_size_estimate(topic, &message));
-        let encoder = message::StoredEncoder::new(topic, message::now_ms());
+        let encoder = message::StoredEncoder::single(topic, message::now_ms());
         let (_, key_hash) = self.prepare(&encoder, &message, &mut buf)?;
         let mut bodies = vec![Bytes::from(buf)];
         let targets = self.targets(topic).await?;
