@@ -827,9 +827,7 @@ impl Outbox {
             if shared.closed.load(Ordering::Acquire) {
                 return Err(OutboxError::Closed);
             }
-            let notified = shared.space.notified();
-            tokio::pin!(notified);
-            {
+            let mut notified = {
                 let mut core = shared.core();
                 match attempt(&mut core) {
                     Ok(done) => return Ok(done),
@@ -839,13 +837,17 @@ impl Outbox {
                     {
                         return Err(full_error(full, size))
                     }
-                    // Register before releasing the lock so no release is missed.
+                    // Registered before the lock is released, so no release is missed.
+                    // Boxed: only a full outbox waits, and the future of every append
+                    // stays small without it.
                     Err(_) => {
+                        let mut notified = Box::pin(shared.space.notified());
                         notified.as_mut().enable();
+                        notified
                     }
                 }
-            }
-            notified.await;
+            };
+            notified.as_mut().await;
         }
     }
 
