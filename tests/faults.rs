@@ -367,10 +367,11 @@ enum TailDamage {
     /// Cut the file in the middle of a message record (a torn write): that record and
     /// every one after it are lost.
     TruncateMidRecord,
-    /// Overwrite bytes in the middle of the last record, so that its CRC fails.
+    /// Overwrite bytes in the middle of the last record, so that its CRC fails, and
+    /// drop the End record after it: a torn write of the last commit.
     CorruptLastRecord,
-    /// Append garbage after the last record: a frame header claiming more bytes than
-    /// follow it, as a write that never completed leaves.
+    /// Garbage where the End record after the last record was: a frame header claiming
+    /// more bytes than follow it, as a write that never completed leaves.
     AppendGarbage,
 }
 
@@ -382,27 +383,30 @@ struct SegmentFrame {
     seq: Option<u64>,
 }
 
-fn segment_frames(data: &[u8]) -> Vec<SegmentFrame> {
+/// The frames of segment `id` and the offset of its End record (where the data ends).
+fn segment_frames(data: &[u8], id: u64) -> (Vec<SegmentFrame>, u64) {
     use weft_peer::outbox::record::{Record, FRAME_HEADER};
     use weft_peer::outbox::segment::{scan, Scanned};
-    scan(&bytes::Bytes::copy_from_slice(data))
-        .into_iter()
-        .map(|s| match s {
+    let mut frames = Vec::new();
+    for s in scan(&bytes::Bytes::copy_from_slice(data), id) {
+        match s {
             Scanned::Record {
                 offset,
                 len,
                 record,
-            } => SegmentFrame {
+            } => frames.push(SegmentFrame {
                 offset,
                 end: offset + FRAME_HEADER as u64 + u64::from(len),
                 seq: match record {
                     Record::Message { seq, .. } => Some(seq),
                     _ => None,
                 },
-            },
+            }),
+            Scanned::End { offset } => return (frames, offset),
             other => panic!("the segment of a cleanly closed sender is intact: {other:?}"),
-        })
-        .collect()
+        }
+    }
+    panic!("the segment of a cleanly closed sender ends with an End record")
 }
 
 /// Issue 4: a torn or corrupt tail of a stopped sender's outbox. The sender recovers,
@@ -510,8 +514,7 @@ async fn torn_tail_case(damage: TailDamage) {
         .expect("a segment");
     let path = weft_peer::outbox::segment::path(&outbox_dir, last);
     let mut data = std::fs::read(&path).expect("read segment");
-    let original_len = data.len() as u64;
-    let frames = segment_frames(&data);
+    let (frames, data_end) = segment_frames(&data, last);
     let messages: Vec<&SegmentFrame> = frames.iter().filter(|f| f.seq.is_some()).collect();
     assert_eq!(
         messages.len() as u64,
@@ -535,13 +538,15 @@ async fn torn_tail_case(damage: TailDamage) {
             for b in &mut data[middle - 2..middle + 2] {
                 *b ^= 0xff;
             }
+            data.truncate(data_end as usize);
             victim.offset
         }
         TailDamage::AppendGarbage => {
+            data.truncate(data_end as usize);
             data.extend_from_slice(&1000u32.to_le_bytes());
             data.extend_from_slice(&0xdead_beef_u32.to_le_bytes());
             data.extend_from_slice(&[0xab; 29]);
-            original_len
+            data_end
         }
     };
     std::fs::write(&path, &data).expect("write damaged segment");

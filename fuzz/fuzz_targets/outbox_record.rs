@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     }) = decoded
     {
         let mut buf = Vec::new();
-        record::encode_message(&mut buf, seq, unix_ms, &targets, &body);
+        record::encode_message(&mut buf, 1, seq, unix_ms, &targets, &body);
         let again = Bytes::from(buf).slice(FRAME_HEADER..);
         match record::decode(&again) {
             Ok(Record::Message {

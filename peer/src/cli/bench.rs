@@ -94,6 +94,11 @@ pub struct BenchArgs {
     /// publisher that is this far ahead of its receivers waits.
     #[arg(long)]
     pub outbox_messages: Option<u64>,
+    /// Size of the outbox segment files of every bench peer (default: the peer's
+    /// default, 64 MiB). Smaller segments roll, settle and are recycled sooner, so a
+    /// short run measures the steady state of a long-running sender.
+    #[arg(long)]
+    pub segment_bytes: Option<u64>,
     /// Thread layout of the peers (measured on 2 cores: `shared` was as fast or
     /// faster, and much faster for latency; see docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "shared")]
@@ -195,10 +200,12 @@ struct Fabric {
     _dir: tempfile::TempDir,
     directory: Directory,
     root: std::path::PathBuf,
+    /// `--segment-bytes` of every peer.
+    segment_bytes: Option<u64>,
 }
 
 impl Fabric {
-    async fn start() -> Result<Fabric> {
+    async fn start(segment_bytes: Option<u64>) -> Result<Fabric> {
         let dir = tempfile::tempdir().context("temporary directory")?;
         let root = dir.path().to_path_buf();
         let directory = Directory::builder("bench-directory")
@@ -210,6 +217,7 @@ impl Fabric {
             _dir: dir,
             directory,
             root,
+            segment_bytes,
         })
     }
 
@@ -221,6 +229,7 @@ impl Fabric {
         durability: Durability,
         outbox_messages: Option<u64>,
     ) -> Result<Peer> {
+        let segment_bytes = self.segment_bytes;
         let builder = Peer::builder(name)
             .directory([self.directory.local_addr()])
             .dev_ca(self.root.join("dev-ca"))
@@ -230,6 +239,9 @@ impl Fabric {
             .outbox(move |mut cfg| {
                 if let Some(n) = outbox_messages {
                     cfg.max_messages = n;
+                }
+                if let Some(n) = segment_bytes {
+                    cfg.segment_bytes = n;
                 }
                 cfg
             });
@@ -313,7 +325,7 @@ async fn run_inner(args: &BenchArgs) -> Result<()> {
 }
 
 async fn throughput(args: &BenchArgs) -> Result<()> {
-    let fabric = Fabric::start().await?;
+    let fabric = Fabric::start(args.segment_bytes).await?;
     let topic = "bench";
     let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
@@ -505,7 +517,7 @@ async fn receive_batches(
 const RECEIVE_BATCH: usize = 1024;
 
 async fn latency(args: &BenchArgs) -> Result<()> {
-    let fabric = Fabric::start().await?;
+    let fabric = Fabric::start(args.segment_bytes).await?;
     let sender_thread = PeerThread::new(args.threads, "ping")?;
     let echo_thread = PeerThread::new(args.threads, "pong")?;
     let sender = fabric

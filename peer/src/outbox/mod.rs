@@ -13,7 +13,14 @@
 //! bounded channel; the writer drains up to `max_batch` requests, assigns sequence
 //! numbers in log order, writes the batch with one `write`, calls `fdatasync` once
 //! and then answers every caller of the batch. Settle records are buffered and written
-//! by the next batch (or a settle-only write without `fdatasync`).
+//! by the next batch (or a settle-only write without `fdatasync`). Each batch ends
+//! with an `End` record, which the next one overwrites.
+//!
+//! A fully settled segment is recycled rather than deleted when no spare is kept yet:
+//! the next roll renames it into place and overwrites it from its start, which costs
+//! the `fdatasync` of each batch less than growing a new file. Frames are sealed to
+//! their segment's id ([`record::Seal`]), so the old frames left in a recycled file
+//! are never read as the new segment's.
 //!
 //! Sequence numbers are leased in blocks of [`LEASE_BLOCK`] with a `SeqLease` record
 //! made durable before any number of the block is handed out, so numbers never repeat
@@ -24,8 +31,9 @@
 //! # Recovery
 //!
 //! [`Outbox::open`] scans every segment in order (see [`segment::scan`] for how damage
-//! is handled), truncates a torn tail of the last segment, rebuilds the pending set,
-//! deletes segments with nothing pending, and appends into a new segment.
+//! is handled; it stops at a segment's last `End` record), truncates a torn tail of the
+//! last segment, rebuilds the pending set, deletes segments with nothing pending and
+//! the spare, and appends into a new segment.
 //!
 //! # Accounting
 //!
@@ -1107,7 +1115,7 @@ fn read_segments(
         let reads: Vec<BodyRead> = match file {
             Some(f) => {
                 let locs: Vec<(u64, u32)> = run.iter().map(|(_, _, l)| (l.offset, l.len)).collect();
-                segment::read_bodies_at(f, &locs)
+                segment::read_bodies_at(f, segment, &locs)
                     .into_iter()
                     .map(|r| r.map(Some))
                     .collect()

@@ -4,15 +4,24 @@
 //!
 //! ```text
 //! u32 LE  payload length (1 ..= MAX_PAYLOAD)
-//! u32 LE  CRC32C of the payload
+//! u32 LE  CRC32C of the segment id (u64 LE) followed by the payload
 //! payload
 //! ```
+//!
+//! The segment id in the CRC seals each frame to its file: segment files are recycled
+//! (a settled one is renamed and overwritten by a later segment), and a frame left by
+//! the file's earlier use fails the check instead of being read as current. Segments
+//! written before this seal existed have a CRC of the payload alone ([`Seal::Legacy`]);
+//! they are still read, and never recycled.
 //!
 //! The payload starts with a one-byte kind:
 //!
 //! * `1` Message: `u64 seq, u64 unix_ms, u16 n, n × (u16 len, utf-8 group), body (rest)`
 //! * `2` Settle:  `u32 n, n × (u64 seq, u16 len, utf-8 group)`
 //! * `3` SeqLease: `u64 upto` (every sequence number `< upto` may have been handed out)
+//! * `4` End: nothing. Written after every group commit's records and overwritten by
+//!   the next commit: the data ends here, and what follows is stale (from a recycled
+//!   file's earlier use).
 //!
 //! All integers are little-endian. Encoding is by hand so the body is copied exactly
 //! once: from the caller's `Bytes` into the group-commit write buffer.
@@ -33,6 +42,25 @@ pub const MAX_GROUP_LEN: usize = 1024;
 const KIND_MESSAGE: u8 = 1;
 const KIND_SETTLE: u8 = 2;
 const KIND_LEASE: u8 = 3;
+const KIND_END: u8 = 4;
+
+/// What a frame's CRC covers besides its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seal {
+    /// The id of the segment the frame belongs to (every frame written now).
+    Segment(u64),
+    /// Nothing: frames of segments written before the seal existed.
+    Legacy,
+}
+
+impl Seal {
+    fn crc(self, payload: &[u8]) -> u32 {
+        match self {
+            Seal::Segment(id) => crc32c::crc32c_append(crc32c::crc32c(&id.to_le_bytes()), payload),
+            Seal::Legacy => crc32c::crc32c(payload),
+        }
+    }
+}
 
 /// A decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +83,8 @@ pub enum Record {
         /// Exclusive upper bound of the lease.
         upto: u64,
     },
+    /// The end of the data written so far.
+    End,
 }
 
 /// Why a payload could not be decoded.
@@ -67,11 +97,12 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// Appends one Message frame to `buf`. Returns the payload length.
+/// Appends one Message frame of segment `segment` to `buf`. Returns the payload length.
 ///
 /// The caller has validated targets (count and name lengths) and body size.
 pub fn encode_message(
     buf: &mut Vec<u8>,
+    segment: u64,
     seq: u64,
     unix_ms: u64,
     targets: &[String],
@@ -88,11 +119,12 @@ pub fn encode_message(
         buf.extend_from_slice(t.as_bytes());
     }
     buf.extend_from_slice(body);
-    finish_frame(buf, start)
+    finish_frame(buf, start, segment)
 }
 
-/// Appends one Settle frame holding `entries` to `buf`. Returns the payload length.
-pub fn encode_settle<'a, I>(buf: &mut Vec<u8>, entries: I) -> u32
+/// Appends one Settle frame of segment `segment` holding `entries` to `buf`. Returns
+/// the payload length.
+pub fn encode_settle<'a, I>(buf: &mut Vec<u8>, segment: u64, entries: I) -> u32
 where
     I: IntoIterator<Item = (u64, &'a str)>,
 {
@@ -109,21 +141,29 @@ where
         n += 1;
     }
     buf[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
-    finish_frame(buf, start)
+    finish_frame(buf, start, segment)
 }
 
-/// Appends one SeqLease frame to `buf`. Returns the payload length.
-pub fn encode_lease(buf: &mut Vec<u8>, upto: u64) -> u32 {
+/// Appends one SeqLease frame of segment `segment` to `buf`. Returns the payload length.
+pub fn encode_lease(buf: &mut Vec<u8>, segment: u64, upto: u64) -> u32 {
     let start = buf.len();
     buf.extend_from_slice(&[0u8; FRAME_HEADER]);
     buf.push(KIND_LEASE);
     buf.extend_from_slice(&upto.to_le_bytes());
-    finish_frame(buf, start)
+    finish_frame(buf, start, segment)
 }
 
-fn finish_frame(buf: &mut [u8], start: usize) -> u32 {
+/// Appends one End frame of segment `segment` to `buf`.
+pub fn encode_end(buf: &mut Vec<u8>, segment: u64) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0u8; FRAME_HEADER]);
+    buf.push(KIND_END);
+    finish_frame(buf, start, segment);
+}
+
+fn finish_frame(buf: &mut [u8], start: usize, segment: u64) -> u32 {
     let payload_len = (buf.len() - start - FRAME_HEADER) as u32;
-    let crc = crc32c::crc32c(&buf[start + FRAME_HEADER..]);
+    let crc = Seal::Segment(segment).crc(&buf[start + FRAME_HEADER..]);
     buf[start..start + 4].copy_from_slice(&payload_len.to_le_bytes());
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     payload_len
@@ -141,9 +181,9 @@ pub fn plausible_len(len: usize) -> bool {
     (1..=MAX_PAYLOAD).contains(&len)
 }
 
-/// True if `payload` has the given CRC.
-pub fn crc_ok(payload: &[u8], crc: u32) -> bool {
-    crc32c::crc32c(payload) == crc
+/// True if `payload` has the given CRC under `seal`.
+pub fn crc_ok(payload: &[u8], crc: u32, seal: Seal) -> bool {
+    seal.crc(payload) == crc
 }
 
 struct Reader<'a> {
@@ -241,6 +281,8 @@ pub fn decode(payload: &Bytes) -> Result<Record, DecodeError> {
             }
             Ok(Record::SeqLease { upto })
         }
+        KIND_END if payload.len() == 1 => Ok(Record::End),
+        KIND_END => Err(DecodeError("trailing bytes after end")),
         _ => Err(DecodeError("unknown record kind")),
     }
 }
@@ -287,11 +329,14 @@ mod tests {
     fn message_round_trip() {
         let mut buf = Vec::new();
         let targets = vec!["billing".to_string(), "audit".to_string()];
-        let n = encode_message(&mut buf, 42, 1_700_000_000_000, &targets, b"hello body");
+        let n = encode_message(&mut buf, 7, 42, 1_700_000_000_000, &targets, b"hello body");
         assert_eq!(n as usize + FRAME_HEADER, buf.len());
         let (len, crc, payload) = frame_payload(&buf);
         assert_eq!(len, n as usize);
-        assert!(crc_ok(&payload, crc));
+        assert!(crc_ok(&payload, crc, Seal::Segment(7)));
+        // Sealed to its segment: another segment's, or an unsealed, check fails.
+        assert!(!crc_ok(&payload, crc, Seal::Segment(8)));
+        assert!(!crc_ok(&payload, crc, Seal::Legacy));
         assert_eq!(
             decode(&payload),
             Ok(Record::Message {
@@ -310,29 +355,37 @@ mod tests {
     #[test]
     fn settle_and_lease_round_trip() {
         let mut buf = Vec::new();
-        encode_settle(&mut buf, [(1u64, "a"), (7u64, "bb")]);
+        encode_settle(&mut buf, 1, [(1u64, "a"), (7u64, "bb")]);
         let first = buf.len();
-        encode_lease(&mut buf, 65536);
+        encode_lease(&mut buf, 1, 65536);
+        let end = buf.len();
+        encode_end(&mut buf, 1);
         let (_, crc, payload) = frame_payload(&buf);
-        assert!(crc_ok(&payload, crc));
+        assert!(crc_ok(&payload, crc, Seal::Segment(1)));
         assert_eq!(
             decode(&payload),
             Ok(Record::Settle(vec![(1, "a".into()), (7, "bb".into())]))
         );
         let (_, crc, payload) = frame_payload(&buf[first..]);
-        assert!(crc_ok(&payload, crc));
+        assert!(crc_ok(&payload, crc, Seal::Segment(1)));
         assert_eq!(decode(&payload), Ok(Record::SeqLease { upto: 65536 }));
+        let (_, crc, payload) = frame_payload(&buf[end..]);
+        assert!(crc_ok(&payload, crc, Seal::Segment(1)));
+        assert_eq!(decode(&payload), Ok(Record::End));
     }
 
     #[test]
     fn crc_rejects_flipped_byte() {
         let mut buf = Vec::new();
-        encode_message(&mut buf, 1, 0, &["g".into()], b"payload");
+        encode_message(&mut buf, 1, 1, 0, &["g".into()], b"payload");
         for i in FRAME_HEADER..buf.len() {
             let mut b = buf.clone();
             b[i] ^= 0x40;
             let (_, crc, payload) = frame_payload(&b);
-            assert!(!crc_ok(&payload, crc), "flip at {i} not detected");
+            assert!(
+                !crc_ok(&payload, crc, Seal::Segment(1)),
+                "flip at {i} not detected"
+            );
         }
     }
 
@@ -344,16 +397,18 @@ mod tests {
             b"\x01\x00",
             b"\x02\xff\xff\xff\xff",
             b"\x03\x01",
+            b"\x04\x00",
+            b"\x05",
         ] {
             assert!(decode(&Bytes::copy_from_slice(payload)).is_err());
             assert!(decode_message(&Bytes::copy_from_slice(payload)).is_err());
         }
         // A settle record is not a message; a message cut inside its targets fails.
         let mut buf = Vec::new();
-        encode_settle(&mut buf, [(1u64, "a")]);
+        encode_settle(&mut buf, 1, [(1u64, "a")]);
         assert!(decode_message(&frame_payload(&buf).2).is_err());
         let mut buf = Vec::new();
-        encode_message(&mut buf, 1, 0, &["group".into()], b"");
+        encode_message(&mut buf, 1, 1, 0, &["group".into()], b"");
         let payload = frame_payload(&buf).2;
         assert!(decode_message(&payload.slice(..payload.len() - 2)).is_err());
         assert!(!plausible_len(0));

@@ -91,6 +91,8 @@ pub(super) fn recover(cfg: &OutboxConfig) -> Result<Recovered, OutboxError> {
     let lock = lock_dir(dir)?;
     let producer_id = producer_id(dir)?;
     let ids = segment::list(dir).map_err(|e| io_err(dir, e))?;
+    // A spare holds nothing pending (it was a settled segment); start without one.
+    segment::remove_spare(dir).map_err(|e| io_err(&dir.join(segment::SPARE_NAME), e))?;
 
     let mut state = OutboxState::new(cfg.max_bytes, cfg.max_messages)
         .with_memory_limit(cfg.max_memory_messages, cfg.max_memory_bytes);
@@ -108,7 +110,7 @@ pub(super) fn recover(cfg: &OutboxConfig) -> Result<Recovered, OutboxError> {
         let mut size = data.len() as u64;
         // While scanned, the segment is "active" so it cannot be deleted half-read.
         actions.extend(state.segment_opened(id, true));
-        for s in segment::scan(&data) {
+        for s in segment::scan(&data, id) {
             match s {
                 Scanned::Record {
                     offset,
@@ -150,7 +152,17 @@ pub(super) fn recover(cfg: &OutboxConfig) -> Result<Recovered, OutboxError> {
                         }
                     }
                     Record::SeqLease { upto } => max_lease = max_lease.max(upto),
+                    // `scan` reports it as `Scanned::End`.
+                    Record::End => {}
                 },
+                Scanned::End { offset } => {
+                    // What follows is left from a recycled file's earlier use. The last
+                    // segment is never written again: cut it there.
+                    if last && offset < size {
+                        truncate(&path, offset)?;
+                    }
+                    size = offset;
+                }
                 Scanned::Skipped { offset, reason } => {
                     tracing::warn!(path = %path.display(), offset, %reason, "outbox: skipping damaged record");
                     lost_lease_risk = true;
@@ -163,12 +175,7 @@ pub(super) fn recover(cfg: &OutboxConfig) -> Result<Recovered, OutboxError> {
                 Scanned::Tail { offset, reason } => {
                     if last {
                         tracing::warn!(path = %path.display(), offset, %reason, "outbox: truncating torn tail");
-                        let f = OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(|e| io_err(&path, e))?;
-                        f.set_len(offset).map_err(|e| io_err(&path, e))?;
-                        f.sync_all().map_err(|e| io_err(&path, e))?;
+                        truncate(&path, offset)?;
                         size = offset;
                     } else {
                         // Not where a crash leaves a torn write: keep the file as it
@@ -204,7 +211,7 @@ pub(super) fn recover(cfg: &OutboxConfig) -> Result<Recovered, OutboxError> {
             continue;
         };
         let path = segment::path(dir, loc.segment);
-        match segment::read_message(&path, loc.offset, loc.len) {
+        match segment::read_message(dir, loc.segment, loc.offset, loc.len) {
             Ok(Some(m)) => pending.push(PendingRecord {
                 seq,
                 unsettled: state.unsettled(seq),
@@ -228,7 +235,7 @@ pub(super) fn recover(cfg: &OutboxConfig) -> Result<Recovered, OutboxError> {
     let path = segment::path(dir, active);
     let mut file = segment::create(dir, active).map_err(|e| io_err(&path, e))?;
     let mut buf = Vec::new();
-    record::encode_lease(&mut buf, lease_upto);
+    record::encode_lease(&mut buf, active, lease_upto);
     file.write_all(&buf).map_err(|e| io_err(&path, e))?;
     file.sync_data().map_err(|e| io_err(&path, e))?;
     seg_sizes.insert(active, buf.len() as u64);
@@ -261,4 +268,14 @@ pub(super) fn recover(cfg: &OutboxConfig) -> Result<Recovered, OutboxError> {
         lease_upto,
         seg_sizes,
     })
+}
+
+/// Cuts the segment at `path` to `len` bytes, durably.
+fn truncate(path: &Path, len: u64) -> Result<(), OutboxError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    f.set_len(len).map_err(|e| io_err(path, e))?;
+    f.sync_all().map_err(|e| io_err(path, e))
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::record::{self, Record, FRAME_HEADER};
+use super::record::{self, Record, Seal, FRAME_HEADER};
 
 /// File name of segment `id`: 20 zero-padded digits and `.log`.
 pub fn file_name(id: u64) -> String {
@@ -45,13 +45,61 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Creates a new, empty segment file (fails if it exists) and fsyncs the directory.
+/// Segment files are written at explicit offsets (`write_all_at`), never appended to,
+/// so that a recycled one ([`install_spare`]) is overwritten from its start.
 pub fn create(dir: &Path, id: u64) -> io::Result<File> {
     let f = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .open(path(dir, id))?;
     sync_dir(dir)?;
     Ok(f)
+}
+
+/// File name of the spare: a settled segment kept for reuse by the next roll. Not a
+/// segment name, so [`list`] ignores it.
+pub const SPARE_NAME: &str = "spare-segment.tmp";
+
+/// Keeps settled segment `id` as the spare instead of deleting it. Overwriting a file's
+/// existing blocks changes no metadata, so each group commit's `fdatasync` only
+/// flushes data (on this project's test VM: ~180 µs instead of ~300 µs after a 400 KB
+/// write, and the write itself ~2 × faster than one that grows the file). The caller
+/// fsyncs the directory.
+pub fn recycle(dir: &Path, id: u64) -> io::Result<()> {
+    fs::rename(path(dir, id), dir.join(SPARE_NAME))
+}
+
+/// Makes the spare segment `id` (which must not exist) and opens it for writing: an
+/// End record sealed to `id` is written and synced at its start first, so that until
+/// the first commit lands the segment reads as empty, then the file is renamed and the
+/// directory fsynced. Its old frames stay until overwritten: they are sealed to the
+/// segment they were written for, so a scan of segment `id` never takes them for its
+/// own.
+pub fn install_spare(dir: &Path, id: u64) -> io::Result<File> {
+    let to = path(dir, id);
+    if to.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists", to.display()),
+        ));
+    }
+    let spare = dir.join(SPARE_NAME);
+    let f = OpenOptions::new().write(true).open(&spare)?;
+    let mut end = Vec::new();
+    record::encode_end(&mut end, id);
+    f.write_all_at(&end, 0)?;
+    f.sync_data()?;
+    fs::rename(spare, &to)?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+/// Removes the spare, if any.
+pub fn remove_spare(dir: &Path) -> io::Result<()> {
+    match fs::remove_file(dir.join(SPARE_NAME)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// One entry found while scanning a segment.
@@ -73,6 +121,12 @@ pub enum Scanned {
         /// What was wrong.
         reason: String,
     },
+    /// Scanning stopped at an End record: the data ends here (what follows is left
+    /// from a recycled file's earlier use). Not damage.
+    End {
+        /// Offset of the End record.
+        offset: u64,
+    },
     /// Scanning stopped here: the rest of the file is unreadable.
     Tail {
         /// Offset where readable data ends.
@@ -82,9 +136,13 @@ pub enum Scanned {
     },
 }
 
-/// Scans a whole segment image.
+/// Scans the whole image of segment `id`.
+///
+/// Frames must be sealed to `id` (see [`record::Seal`]); a segment whose first frame is
+/// unsealed was written before seals existed and is read as such throughout.
 ///
 /// Rules (the length prefix is the only way to find the next frame):
+/// * an End record → the end of the data (stop, no damage);
 /// * header incomplete, or frame extends past the end → torn tail (stop);
 /// * length 0 or above [`record::MAX_PAYLOAD`] → cannot resync, treated as a torn tail
 ///   from there (stop);
@@ -93,7 +151,8 @@ pub enum Scanned {
 ///   has a plausible header the frame is skipped as corrupt; otherwise the length
 ///   itself is suspect and the rest is treated as a torn tail (stop);
 /// * CRC fine but undecodable → skipped.
-pub fn scan(data: &Bytes) -> Vec<Scanned> {
+pub fn scan(data: &Bytes, id: u64) -> Vec<Scanned> {
+    let mut seal = None;
     let mut out = Vec::new();
     let mut pos = 0usize;
     let end = data.len();
@@ -129,7 +188,7 @@ pub fn scan(data: &Bytes) -> Vec<Scanned> {
             break;
         }
         let payload = data.slice(body_start..next);
-        if !record::crc_ok(&payload, crc) {
+        if !seal_ok(&payload, crc, &mut seal, id) {
             if next == end {
                 out.push(Scanned::Tail {
                     offset: off,
@@ -137,7 +196,7 @@ pub fn scan(data: &Bytes) -> Vec<Scanned> {
                 });
                 break;
             }
-            if next_header_plausible(data, next) {
+            if next_header_plausible(data, next, seal, id) {
                 out.push(Scanned::Skipped {
                     offset: off,
                     reason: "crc mismatch".into(),
@@ -152,6 +211,10 @@ pub fn scan(data: &Bytes) -> Vec<Scanned> {
             break;
         }
         match record::decode(&payload) {
+            Ok(Record::End) => {
+                out.push(Scanned::End { offset: off });
+                break;
+            }
             Ok(record) => out.push(Scanned::Record {
                 offset: off,
                 len: len as u32,
@@ -167,7 +230,20 @@ pub fn scan(data: &Bytes) -> Vec<Scanned> {
     out
 }
 
-fn next_header_plausible(data: &Bytes, pos: usize) -> bool {
+/// Checks a frame's CRC under the segment's seal; the first frame that passes decides
+/// the seal (sealed to `id`, or legacy) for the rest.
+fn seal_ok(payload: &[u8], crc: u32, seal: &mut Option<Seal>, id: u64) -> bool {
+    if let Some(s) = *seal {
+        return record::crc_ok(payload, crc, s);
+    }
+    let found = [Seal::Segment(id), Seal::Legacy]
+        .into_iter()
+        .find(|&s| record::crc_ok(payload, crc, s));
+    *seal = found;
+    found.is_some()
+}
+
+fn next_header_plausible(data: &Bytes, pos: usize, mut seal: Option<Seal>, id: u64) -> bool {
     if data.len() - pos < FRAME_HEADER {
         return false;
     }
@@ -179,7 +255,7 @@ fn next_header_plausible(data: &Bytes, pos: usize) -> bool {
     }
     let start = pos + FRAME_HEADER;
     match data.get(start..start + len) {
-        Some(p) => record::crc_ok(p, crc),
+        Some(p) => seal_ok(p, crc, &mut seal, id),
         // The following frame is itself torn: accept, the tail rule handles it.
         None => true,
     }
@@ -198,22 +274,27 @@ pub struct MessageRead {
     pub body: Bytes,
 }
 
-/// Reads the Message record at `offset` (payload length `len`) of a segment and
-/// returns `(seq, body)`. `Ok(None)` if the file is gone.
-pub fn read_message(path: &Path, offset: u64, len: u32) -> io::Result<Option<MessageRead>> {
-    let f = match File::open(path) {
+/// Reads the Message record at `offset` (payload length `len`) of segment `id` in
+/// `dir`. `Ok(None)` if the file is gone.
+pub fn read_message(dir: &Path, id: u64, offset: u64, len: u32) -> io::Result<Option<MessageRead>> {
+    let f = match File::open(path(dir, id)) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    read_message_at(&f, offset, len)
+    read_message_at(&f, id, offset, len)
 }
 
-/// [`read_message`] from an open segment file.
-pub fn read_message_at(f: &File, offset: u64, len: u32) -> io::Result<Option<MessageRead>> {
+/// [`read_message`] from the open file of segment `id`.
+pub fn read_message_at(
+    f: &File,
+    id: u64,
+    offset: u64,
+    len: u32,
+) -> io::Result<Option<MessageRead>> {
     let mut buf = vec![0u8; FRAME_HEADER + len as usize];
     f.read_exact_at(&mut buf, offset)?;
-    let payload = checked_payload(Bytes::from(buf), offset, len)?;
+    let payload = checked_payload(Bytes::from(buf), id, offset, len)?;
     match record::decode(&payload) {
         Ok(Record::Message {
             seq,
@@ -247,7 +328,7 @@ pub const READ_GAP_LIMIT: u64 = 64 * 1024;
 /// per message: a backlog sent from disk is read back in large sequential reads. When
 /// the wanted records fill less than half of a stretch, their bodies are copied out so
 /// that the gaps are not kept in memory: what is read back costs at most twice its size.
-pub fn read_bodies_at(f: &File, locs: &[(u64, u32)]) -> Vec<io::Result<(u64, Bytes)>> {
+pub fn read_bodies_at(f: &File, id: u64, locs: &[(u64, u32)]) -> Vec<io::Result<(u64, Bytes)>> {
     let mut out = Vec::with_capacity(locs.len());
     let mut start = 0;
     while start < locs.len() {
@@ -272,7 +353,7 @@ pub fn read_bodies_at(f: &File, locs: &[(u64, u32)]) -> Vec<io::Result<(u64, Byt
                 out.extend(group.iter().map(|&(offset, len)| {
                     let at = (offset - first) as usize;
                     let frame = span.slice(at..at + FRAME_HEADER + len as usize);
-                    let (seq, body) = message_body(frame, offset, len)?;
+                    let (seq, body) = message_body(frame, id, offset, len)?;
                     Ok((
                         seq,
                         if sparse {
@@ -287,7 +368,7 @@ pub fn read_bodies_at(f: &File, locs: &[(u64, u32)]) -> Vec<io::Result<(u64, Byt
             Err(_) => out.extend(group.iter().map(|&(offset, len)| {
                 let mut buf = vec![0u8; FRAME_HEADER + len as usize];
                 f.read_exact_at(&mut buf, offset)?;
-                message_body(Bytes::from(buf), offset, len)
+                message_body(Bytes::from(buf), id, offset, len)
             })),
         }
         start = end;
@@ -301,18 +382,22 @@ fn record_end((offset, len): (u64, u32)) -> u64 {
 }
 
 /// `(seq, body)` of the Message record framed in `frame` (header and payload).
-fn message_body(frame: Bytes, offset: u64, len: u32) -> io::Result<(u64, Bytes)> {
-    let payload = checked_payload(frame, offset, len)?;
+fn message_body(frame: Bytes, id: u64, offset: u64, len: u32) -> io::Result<(u64, Bytes)> {
+    let payload = checked_payload(frame, id, offset, len)?;
     record::decode_message(&payload).map_err(|e| invalid(e, offset))
 }
 
-/// The payload of `frame` once its length and CRC are checked.
-fn checked_payload(frame: Bytes, offset: u64, len: u32) -> io::Result<Bytes> {
+/// The payload of `frame` of segment `id` once its length and CRC are checked (sealed
+/// or legacy: the location came from a scan that told them apart).
+fn checked_payload(frame: Bytes, id: u64, offset: u64, len: u32) -> io::Result<Bytes> {
     let mut h = [0u8; FRAME_HEADER];
     h.copy_from_slice(&frame[..FRAME_HEADER]);
     let (flen, crc) = record::parse_header(&h);
     let payload = frame.slice(FRAME_HEADER..);
-    if flen != len as usize || !record::crc_ok(&payload, crc) {
+    let crc_ok = [Seal::Segment(id), Seal::Legacy]
+        .into_iter()
+        .any(|s| record::crc_ok(&payload, crc, s));
+    if flen != len as usize || !crc_ok {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("crc mismatch at offset {offset}"),
@@ -332,24 +417,91 @@ fn invalid(e: impl std::fmt::Display, offset: u64) -> io::Error {
 mod tests {
     use super::*;
 
+    /// The segment id of the test images.
+    const SEG: u64 = 5;
+
     fn three() -> (Vec<u8>, Vec<usize>) {
         let mut buf = Vec::new();
         let mut offs = Vec::new();
         for i in 0..3u64 {
             offs.push(buf.len());
-            record::encode_message(&mut buf, i, 0, &["g".into()], b"body-bytes");
+            record::encode_message(&mut buf, SEG, i, 0, &["g".into()], b"body-bytes");
         }
         (buf, offs)
+    }
+
+    fn seqs(scanned: &[Scanned]) -> Vec<u64> {
+        scanned
+            .iter()
+            .filter_map(|s| match s {
+                Scanned::Record {
+                    record: Record::Message { seq, .. },
+                    ..
+                } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_recycled_file_reads_up_to_its_end_record_and_never_its_stale_frames() {
+        // The file's earlier use: segment 2's records, longer than the new data.
+        let mut stale = Vec::new();
+        for i in 100..110u64 {
+            record::encode_message(&mut stale, 2, i, 0, &["g".into()], b"stale-body");
+        }
+        // Overwritten from the start by segment SEG: two records and the End.
+        let mut new = Vec::new();
+        record::encode_message(&mut new, SEG, 1, 0, &["g".into()], b"new");
+        record::encode_message(&mut new, SEG, 2, 0, &["g".into()], b"new");
+        let end = new.len();
+        record::encode_end(&mut new, SEG);
+        let mut file = stale.clone();
+        file[..new.len()].copy_from_slice(&new);
+        let s = scan(&Bytes::from(file), SEG);
+        assert_eq!(seqs(&s), [1, 2]);
+        assert!(matches!(s.last(), Some(Scanned::End { offset }) if *offset as usize == end));
+
+        // A crash before the End reached the disk, with a stale frame starting right
+        // where the new data ends: sealed to segment 2, it ends the scan as a torn
+        // tail instead of being read as a record of SEG.
+        let torn = [&new[..end], &stale[..]].concat();
+        let s = scan(&Bytes::from(torn), SEG);
+        assert_eq!(seqs(&s), [1, 2]);
+        assert!(matches!(s.last(), Some(Scanned::Tail { offset, .. }) if *offset as usize == end));
+
+        // Nothing of SEG written yet: nothing read.
+        assert!(seqs(&scan(&Bytes::from(stale), SEG)).is_empty());
+    }
+
+    #[test]
+    fn a_segment_written_before_seals_is_still_read() {
+        // Legacy frames: CRC of the payload alone.
+        let (mut buf, offs) = three();
+        for &o in &offs {
+            let mut h = [0u8; FRAME_HEADER];
+            h.copy_from_slice(&buf[o..o + FRAME_HEADER]);
+            let len = record::parse_header(&h).0;
+            let crc = crc32c::crc32c(&buf[o + FRAME_HEADER..o + FRAME_HEADER + len]);
+            buf[o + 4..o + 8].copy_from_slice(&crc.to_le_bytes());
+        }
+        let s = scan(&Bytes::from(buf.clone()), SEG);
+        assert_eq!(seqs(&s), [0, 1, 2]);
+        let (file, locs) = on_disk(&buf, &offs);
+        assert_eq!(read_bodies_at(file.as_file(), SEG, &locs).len(), 3);
+        assert!(read_bodies_at(file.as_file(), SEG, &locs)
+            .iter()
+            .all(|r| r.is_ok()));
     }
 
     #[test]
     fn scan_clean_and_torn() {
         let (buf, offs) = three();
-        let all = scan(&Bytes::from(buf.clone()));
+        let all = scan(&Bytes::from(buf.clone()), SEG);
         assert_eq!(all.len(), 3);
         assert!(all.iter().all(|s| matches!(s, Scanned::Record { .. })));
         for cut in offs[2] + 1..buf.len() {
-            let s = scan(&Bytes::copy_from_slice(&buf[..cut]));
+            let s = scan(&Bytes::copy_from_slice(&buf[..cut]), SEG);
             assert_eq!(s.len(), 3);
             assert!(matches!(s[2], Scanned::Tail { offset, .. } if offset as usize == offs[2]));
         }
@@ -359,7 +511,7 @@ mod tests {
     fn scan_skips_corrupt_middle() {
         let (mut buf, offs) = three();
         buf[offs[1] + FRAME_HEADER + 3] ^= 1;
-        let s = scan(&Bytes::from(buf));
+        let s = scan(&Bytes::from(buf), SEG);
         assert!(matches!(s[0], Scanned::Record { .. }));
         assert!(matches!(s[1], Scanned::Skipped { .. }));
         assert!(matches!(s[2], Scanned::Record { .. }));
@@ -369,7 +521,7 @@ mod tests {
     fn scan_garbage_length_stops() {
         let (mut buf, offs) = three();
         buf[offs[1]..offs[1] + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        let s = scan(&Bytes::from(buf));
+        let s = scan(&Bytes::from(buf), SEG);
         assert_eq!(s.len(), 2);
         assert!(matches!(s[1], Scanned::Tail { .. }));
     }
@@ -407,22 +559,23 @@ mod tests {
             offs.push(buf.len());
             record::encode_message(
                 &mut buf,
+                SEG,
                 i,
                 0,
                 &["g".into()],
                 format!("body-{i}").as_bytes(),
             );
             // Other records between messages: read over, not returned.
-            record::encode_lease(&mut buf, i);
+            record::encode_lease(&mut buf, SEG, i);
         }
         let (file, locs) = on_disk(&buf, &offs);
         // Every other message, so that the reads span gaps.
         let wanted: Vec<(u64, u32)> = locs.iter().copied().step_by(2).collect();
-        let read = read_bodies_at(file.as_file(), &wanted);
+        let read = read_bodies_at(file.as_file(), SEG, &wanted);
         assert_eq!(read.len(), wanted.len());
         for (r, &(offset, len)) in read.into_iter().zip(&wanted) {
             let (seq, body) = r.expect("read");
-            let alone = read_message_at(file.as_file(), offset, len)
+            let alone = read_message_at(file.as_file(), SEG, offset, len)
                 .expect("read")
                 .expect("message");
             assert_eq!((seq, body), (alone.seq, alone.body));
@@ -434,14 +587,14 @@ mod tests {
         let (mut buf, offs) = three();
         buf[offs[1] + FRAME_HEADER + 3] ^= 1;
         let (file, locs) = on_disk(&buf, &offs);
-        let read = read_bodies_at(file.as_file(), &locs);
+        let read = read_bodies_at(file.as_file(), SEG, &locs);
         assert!(matches!(&read[0], Ok((0, _))));
         assert!(read[1].is_err(), "{:?}", read[1]);
         assert!(matches!(&read[2], Ok((2, _))));
 
         let (buf, offs) = three();
         let (file, locs) = on_disk_cut(&buf, &offs, offs[2] + 4);
-        let read = read_bodies_at(file.as_file(), &locs);
+        let read = read_bodies_at(file.as_file(), SEG, &locs);
         assert!(matches!(&read[0], Ok((0, _))));
         assert!(matches!(&read[1], Ok((1, _))));
         assert!(read[2].is_err());
@@ -454,10 +607,10 @@ mod tests {
         let body = vec![7u8; 300 * 1024];
         for i in 0..8u64 {
             offs.push(buf.len());
-            record::encode_message(&mut buf, i, 0, &["g".into()], &body);
+            record::encode_message(&mut buf, SEG, i, 0, &["g".into()], &body);
         }
         let (file, locs) = on_disk(&buf, &offs);
-        let read = read_bodies_at(file.as_file(), &locs);
+        let read = read_bodies_at(file.as_file(), SEG, &locs);
         let seqs: Vec<u64> = read.into_iter().map(|r| r.expect("read").0).collect();
         assert_eq!(seqs, (0..8).collect::<Vec<_>>());
     }

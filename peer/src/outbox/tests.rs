@@ -148,7 +148,9 @@ async fn torn_tail_is_truncated_and_appends_continue() {
     let path = segment::path(tmp.path(), last);
     let len = std::fs::metadata(&path).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    f.set_len(len - 5).unwrap();
+    // Into the last message, before the End record (header and kind byte) after it.
+    f.set_len(len - (record::FRAME_HEADER as u64 + 1) - 5)
+        .unwrap();
     drop(f);
 
     let (o, rec) = Outbox::open(cfg(tmp.path())).await.unwrap();
@@ -191,7 +193,7 @@ async fn mid_segment_corruption_is_skipped() {
     let last = *segments(tmp.path()).last().unwrap();
     let path = segment::path(tmp.path(), last);
     let mut data = std::fs::read(&path).unwrap();
-    let msgs: Vec<u64> = segment::scan(&Bytes::from(data.clone()))
+    let msgs: Vec<u64> = segment::scan(&Bytes::from(data.clone()), last)
         .into_iter()
         .filter_map(|s| match s {
             Scanned::Record {
@@ -920,4 +922,101 @@ async fn the_sequence_lease_is_renewed_before_memory_appends_run_out() {
     let (o, _) = Outbox::open(cfg(tmp.path())).await.unwrap();
     let next = append_disk(&o, &["a"], b"after").await;
     assert!(next > last, "seq {next} reused (last before reopen {last})");
+}
+
+/// Appends and settles disk messages until a settled segment was kept as the spare.
+async fn settle_until_a_spare_exists(o: &Outbox, spare: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !spare.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no segment was recycled"
+        );
+        for _ in 0..20 {
+            let s = append_disk(o, &["a"], &[9u8; 200]).await;
+            o.settle(s, "a");
+        }
+    }
+}
+
+/// A spare that cannot be installed (here: removed behind the writer's back) costs
+/// nothing but a warning: the roll creates a new segment and appends go on.
+#[tokio::test]
+async fn a_roll_without_its_spare_creates_a_new_segment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.segment_bytes = 4096;
+    let spare = tmp.path().join(segment::SPARE_NAME);
+    let (o, _) = Outbox::open(c.clone()).await.unwrap();
+    settle_until_a_spare_exists(&o, &spare).await;
+    std::fs::remove_file(&spare).unwrap();
+    let rolled_from = *segments(tmp.path()).last().unwrap();
+    let mut kept = Vec::new();
+    while *segments(tmp.path()).last().unwrap() < rolled_from + 2 {
+        kept.push(append_disk(&o, &["b"], &[3u8; 500]).await);
+    }
+    o.close().await.unwrap();
+    drop(o);
+    let (_o, rec) = Outbox::open(c).await.unwrap();
+    assert!(rec.damage.is_empty(), "{:?}", rec.damage);
+    assert_eq!(rec.pending.iter().map(|p| p.seq).collect::<Vec<_>>(), kept);
+}
+
+/// A settled segment becomes the spare, the next roll overwrites it, and a crash at any
+/// point after leaves only this run's records pending: the frames of its earlier use
+/// are never read back.
+#[tokio::test]
+async fn recycled_segments_are_overwritten_and_their_old_frames_never_come_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.segment_bytes = 4096;
+    let spare = tmp.path().join(segment::SPARE_NAME);
+    let (o, _) = Outbox::open(c.clone()).await.unwrap();
+    settle_until_a_spare_exists(&o, &spare).await;
+    // The next rolls take the spare: a segment file larger than what was written in it.
+    let mut kept = Vec::new();
+    let mut reused = false;
+    for i in 0..100u8 {
+        let s = o
+            .append(
+                g(&["b"]),
+                Bytes::from(vec![i; 100]),
+                Durability::Disk,
+                WhenFull::Fail,
+            )
+            .await
+            .unwrap();
+        kept.push(s);
+        reused |= segments(tmp.path()).iter().any(|&id| {
+            let on_disk = std::fs::metadata(segment::path(tmp.path(), id)).map_or(0, |m| m.len());
+            let written = o
+                .inner
+                .shared
+                .core()
+                .seg_sizes
+                .get(&id)
+                .copied()
+                .unwrap_or(0);
+            on_disk > written + (record::FRAME_HEADER as u64 + 1)
+        });
+    }
+    assert!(reused, "no roll overwrote the spare");
+    // A crash: no close, no final settle records.
+    o.crash();
+
+    let (o, rec) = Outbox::open(c).await.unwrap();
+    assert!(rec.damage.is_empty(), "{:?}", rec.damage);
+    assert!(!spare.exists(), "the spare is removed on open");
+    let pending: Vec<u64> = rec.pending.iter().map(|p| p.seq).collect();
+    assert_eq!(
+        pending, kept,
+        "exactly the unsettled messages of 'b' come back"
+    );
+    for (p, i) in rec.pending.iter().zip(0u8..) {
+        assert_eq!(p.body, Bytes::from(vec![i; 100]));
+        assert_eq!(p.unsettled, ["b"]);
+    }
+    for s in &kept {
+        assert_eq!(o.read(*s).await.unwrap().map(|b| b.len()), Some(100));
+    }
 }

@@ -1,8 +1,8 @@
 //! The group-commit writer: one thread owns the active segment file.
 
 use std::fs::File;
-use std::io::Write;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -36,6 +36,11 @@ pub(super) struct Writer {
     lease_upto: u64,
     buf: Vec<u8>,
     failed: Option<String>,
+    /// Segments from this id on were written by this writer, sealed (see
+    /// [`record::Seal`]): only those are recycled.
+    first_own: u64,
+    /// A settled segment is kept as the spare, for the next roll to overwrite.
+    has_spare: bool,
 }
 
 /// Messages for the same targets, stored under consecutive sequence numbers and
@@ -78,6 +83,8 @@ impl Writer {
             lease_upto,
             buf: Vec::new(),
             failed: None,
+            first_own: active,
+            has_spare: false,
         }
     }
 
@@ -124,14 +131,28 @@ impl Writer {
         }
     }
 
-    /// Starts a new segment. The caller writes the lease record first in it.
+    /// Starts a new segment: the spare, overwritten from its start, if there is one;
+    /// else a new file. The caller writes the lease record first in it.
     fn roll(&mut self) -> Result<Vec<Action>, OutboxError> {
         let id = self.active + 1;
         let dir = &self.shared.cfg.dir;
-        let f = segment::create(dir, id).map_err(|e| OutboxError::Io {
-            path: segment::path(dir, id),
-            source: e,
-        })?;
+        let spare = if std::mem::take(&mut self.has_spare) {
+            segment::install_spare(dir, id)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "cannot reuse the spare outbox segment; creating a new one");
+                    let _ = segment::remove_spare(dir);
+                })
+                .ok()
+        } else {
+            None
+        };
+        let f = match spare {
+            Some(f) => f,
+            None => segment::create(dir, id).map_err(|e| OutboxError::Io {
+                path: segment::path(dir, id),
+                source: e,
+            })?,
+        };
         self.file = f;
         self.active = id;
         self.size = 0;
@@ -175,7 +196,7 @@ impl Writer {
                 if renew {
                     self.lease_upto = core.next_seq + n + LEASE_BLOCK;
                 }
-                record::encode_lease(&mut self.buf, self.lease_upto);
+                record::encode_lease(&mut self.buf, self.active, self.lease_upto);
                 lease_in_batch = true;
                 need_sync = true;
             }
@@ -195,8 +216,14 @@ impl Writer {
                         continue;
                     }
                     let offset = self.size + self.buf.len() as u64;
-                    let len =
-                        record::encode_message(&mut self.buf, seq, now, &append.targets, &body);
+                    let len = record::encode_message(
+                        &mut self.buf,
+                        self.active,
+                        seq,
+                        now,
+                        &append.targets,
+                        &body,
+                    );
                     let loc = Location {
                         segment: self.active,
                         offset,
@@ -217,7 +244,11 @@ impl Writer {
             core.wake_queued = false;
             let settles = std::mem::take(&mut core.settles);
             for chunk in settles.chunks(SETTLES_PER_RECORD) {
-                record::encode_settle(&mut self.buf, chunk.iter().map(|(s, g, _)| (*s, &**g)));
+                record::encode_settle(
+                    &mut self.buf,
+                    self.active,
+                    chunk.iter().map(|(s, g, _)| (*s, &**g)),
+                );
                 // Settles come in runs of one segment: note each run once.
                 let mut noted = None;
                 for &(_, _, seg) in chunk {
@@ -233,9 +264,16 @@ impl Writer {
 
         let mut res = Ok(());
         if !self.buf.is_empty() {
-            res = self.file.write_all(&self.buf).map_err(|e| self.io_err(e));
+            // The End marks where the data stops (the next commit overwrites it); what
+            // follows may be left from the file's earlier use.
+            let data = self.buf.len() as u64;
+            record::encode_end(&mut self.buf, self.active);
+            res = self
+                .file
+                .write_all_at(&self.buf, self.size)
+                .map_err(|e| self.io_err(e));
             if res.is_ok() {
-                self.size += self.buf.len() as u64;
+                self.size += data;
             }
         }
         if res.is_ok() && need_sync {
@@ -309,6 +347,18 @@ impl Writer {
         }
         let dir = &self.shared.cfg.dir;
         for id in ids {
+            self.shared.core().seg_sizes.remove(id);
+            if !self.has_spare && *id >= self.first_own {
+                match segment::recycle(dir, *id) {
+                    Ok(()) => {
+                        self.has_spare = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot keep a settled outbox segment as the spare; deleting it")
+                    }
+                }
+            }
             let p = segment::path(dir, *id);
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
@@ -317,7 +367,6 @@ impl Writer {
                     tracing::warn!(path = %p.display(), error = %e, "cannot delete settled outbox segment")
                 }
             }
-            self.shared.core().seg_sizes.remove(id);
         }
         if let Err(e) = segment::sync_dir(dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot fsync outbox directory after deleting segments");
