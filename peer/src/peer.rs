@@ -962,7 +962,10 @@ impl Inner {
         let seqs = pending.stored().await?;
         let waiters = pending.dispatch(seqs.start, durability == Durability::Confirmed);
         for rx in waiters {
-            rx.await.map_err(|_| {
+            // Outside the cooperative budget, as `AppendTicket::wait` (one ack batch
+            // answers many confirmed publishes at once); answered once, after a real
+            // wait for the groups' acks, so it cannot spin.
+            tokio::task::unconstrained(rx).await.map_err(|_| {
                 Error::new(
                     ErrorKind::Closed,
                     "peer closed before every group acknowledged",

@@ -1020,3 +1020,45 @@ async fn recycled_segments_are_overwritten_and_their_old_frames_never_come_back(
         assert_eq!(o.read(*s).await.unwrap().map(|b| b.len()), Some(100));
     }
 }
+
+/// One task awaiting thousands of appends at once (as `FuturesUnordered` or `join_all`
+/// do): a commit answers them together, and each is polled a few times in all, not
+/// once per round of tokio's cooperative budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_appends_awaited_by_one_task_are_each_polled_a_few_times() {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use std::future::Future;
+    use std::sync::atomic::AtomicU64;
+    const N: u64 = 4096;
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, _) = Outbox::open(cfg(tmp.path())).await.unwrap();
+    let polls = Arc::new(AtomicU64::new(0));
+    let appends: FuturesUnordered<_> = (0..N)
+        .map(|i| {
+            let (o, polls) = (o.clone(), polls.clone());
+            let mut append = Box::pin(async move {
+                o.append(
+                    g(&["a"]),
+                    Bytes::from(i.to_le_bytes().to_vec()),
+                    Durability::Disk,
+                    WhenFull::Fail,
+                )
+                .await
+            });
+            std::future::poll_fn(move |cx| {
+                polls.fetch_add(1, Ordering::Relaxed);
+                append.as_mut().poll(cx)
+            })
+        })
+        .collect();
+    let stored: Vec<u64> =
+        tokio::spawn(async move { appends.map(|r| r.unwrap()).collect::<Vec<u64>>().await })
+            .await
+            .unwrap();
+    assert_eq!(stored.len() as u64, N);
+    let per_append = polls.load(Ordering::Relaxed) as f64 / N as f64;
+    assert!(
+        per_append < 4.0,
+        "{per_append:.1} polls per append: the tickets' wake-ups go round the budget"
+    );
+}
