@@ -924,8 +924,14 @@ async fn the_sequence_lease_is_renewed_before_memory_appends_run_out() {
     assert!(next > last, "seq {next} reused (last before reopen {last})");
 }
 
-/// Appends and settles disk messages until a settled segment was kept as the spare.
-async fn settle_until_a_spare_exists(o: &Outbox, spare: &Path) {
+/// An outbox in `dir` with 4 KiB segments, after disk messages were appended and
+/// settled until a settled segment was kept as the spare; with its configuration and
+/// the spare's path.
+async fn outbox_with_a_spare(dir: &Path) -> (Outbox, OutboxConfig, std::path::PathBuf) {
+    let mut c = cfg(dir);
+    c.segment_bytes = 4096;
+    let spare = dir.join(segment::SPARE_NAME);
+    let (o, _) = Outbox::open(c.clone()).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !spare.exists() {
         assert!(
@@ -933,10 +939,11 @@ async fn settle_until_a_spare_exists(o: &Outbox, spare: &Path) {
             "no segment was recycled"
         );
         for _ in 0..20 {
-            let s = append_disk(o, &["a"], &[9u8; 200]).await;
+            let s = append_disk(&o, &["a"], &[9u8; 200]).await;
             o.settle(s, "a");
         }
     }
+    (o, c, spare)
 }
 
 /// A spare that cannot be installed (here: removed behind the writer's back) costs
@@ -944,11 +951,7 @@ async fn settle_until_a_spare_exists(o: &Outbox, spare: &Path) {
 #[tokio::test]
 async fn a_roll_without_its_spare_creates_a_new_segment() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = cfg(tmp.path());
-    c.segment_bytes = 4096;
-    let spare = tmp.path().join(segment::SPARE_NAME);
-    let (o, _) = Outbox::open(c.clone()).await.unwrap();
-    settle_until_a_spare_exists(&o, &spare).await;
+    let (o, c, spare) = outbox_with_a_spare(tmp.path()).await;
     std::fs::remove_file(&spare).unwrap();
     let rolled_from = *segments(tmp.path()).last().unwrap();
     let mut kept = Vec::new();
@@ -968,11 +971,7 @@ async fn a_roll_without_its_spare_creates_a_new_segment() {
 #[tokio::test]
 async fn recycled_segments_are_overwritten_and_their_old_frames_never_come_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = cfg(tmp.path());
-    c.segment_bytes = 4096;
-    let spare = tmp.path().join(segment::SPARE_NAME);
-    let (o, _) = Outbox::open(c.clone()).await.unwrap();
-    settle_until_a_spare_exists(&o, &spare).await;
+    let (o, c, spare) = outbox_with_a_spare(tmp.path()).await;
     // The next rolls take the spare: a segment file larger than what was written in it.
     let mut kept = Vec::new();
     let mut reused = false;
