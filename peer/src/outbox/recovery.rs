@@ -155,14 +155,9 @@ pub(super) fn recover(cfg: &OutboxConfig) -> Result<Recovered, OutboxError> {
                     // `scan` reports it as `Scanned::End`.
                     Record::End => {}
                 },
-                Scanned::End { offset } => {
-                    // What follows is left from a recycled file's earlier use. The last
-                    // segment is never written again: cut it there.
-                    if last && offset < size {
-                        truncate(&path, offset)?;
-                    }
-                    size = offset;
-                }
+                // What follows is left from a recycled file's earlier use; no segment
+                // found here is written again, so it stays until the file goes.
+                Scanned::End { offset } => size = offset,
                 Scanned::Skipped { offset, reason } => {
                     tracing::warn!(path = %path.display(), offset, %reason, "outbox: skipping damaged record");
                     lost_lease_risk = true;

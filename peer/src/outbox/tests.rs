@@ -956,6 +956,7 @@ async fn a_roll_without_its_spare_creates_a_new_segment() {
     let rolled_from = *segments(tmp.path()).last().unwrap();
     let mut kept = Vec::new();
     while *segments(tmp.path()).last().unwrap() < rolled_from + 2 {
+        assert!(kept.len() < 100, "no roll after {} appends", kept.len());
         kept.push(append_disk(&o, &["b"], &[3u8; 500]).await);
     }
     o.close().await.unwrap();
