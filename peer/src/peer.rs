@@ -12,6 +12,7 @@ use crate::subscription::{lock, SubShared, SubState, Subscription, DEFAULT_CREDI
 use crate::{Durability, Receipt, WhenFull};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -439,41 +440,50 @@ impl Peer {
         self.inner.local_addr
     }
 
+    // The publish methods are plain functions returning the inner future rather than
+    // `async fn`s: each `async fn` layer would store its arguments (the message among
+    // them) next to the future it awaits, and an application that keeps thousands of
+    // publishes in flight (`FuturesUnordered`, `join_all`) allocates every one of them.
+
     /// Publishes `message` to `topic` with the peer's default durability. Returns once
     /// the message holds that durability (see [`Durability`]).
-    pub async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+    pub fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+    ) -> impl Future<Output = Result<Receipt>> + 'a {
         self.publish_with(
             topic,
             message,
             self.inner.config.durability,
             self.inner.config.when_full,
         )
-        .await
     }
 
     /// Publishes and returns only after every target group acknowledged the message
     /// (durable in the outbox meanwhile).
-    pub async fn publish_confirmed(&self, topic: &str, message: Message) -> Result<Receipt> {
+    pub fn publish_confirmed<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+    ) -> impl Future<Output = Result<Receipt>> + 'a {
         self.publish_with(
             topic,
             message,
             Durability::Confirmed,
             self.inner.config.when_full,
         )
-        .await
     }
 
     /// Publishes with an explicit durability and quota behaviour.
-    pub async fn publish_with(
-        &self,
-        topic: &str,
+    pub fn publish_with<'a>(
+        &'a self,
+        topic: &'a str,
         message: Message,
         durability: Durability,
         when_full: WhenFull,
-    ) -> Result<Receipt> {
-        self.inner
-            .publish(topic, message, durability, when_full)
-            .await
+    ) -> impl Future<Output = Result<Receipt>> + 'a {
+        self.inner.publish(topic, message, durability, when_full)
     }
 
     /// Publishes several messages to `topic` with the peer's default durability, as
@@ -946,7 +956,7 @@ impl Inner {
         let ticket = self
             .outbox
             .submit_batch(
-                targets.to_vec(),
+                targets.clone(),
                 bodies,
                 stored_durability,
                 outbox_when_full(when_full),
@@ -1215,6 +1225,14 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
+    /// The size of the future `f` returns (with the `Peer` it holds), without calling it.
+    fn peer_future_size<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(Peer) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
     /// Every publish creates and moves its future (an application's `join_all` or
     /// `FuturesUnordered` boxes it): the writer path and the route lookup, which a
     /// `Memory` publish rarely takes, are boxed so that they do not size it. Embedded,
@@ -1234,7 +1252,15 @@ mod tests {
             i.publish_batch("t", vec![], Durability::Memory, WhenFull::Wait)
                 .await
         });
+        // What the application holds: `Peer::publish` adds no layer of its own (as
+        // `async fn`s, the public wrappers made it 936 bytes).
+        let public =
+            peer_future_size(|p: Peer| async move { p.publish("t", Message::new(vec![])).await });
         assert!(publish <= 768, "publish future is {publish} bytes");
+        assert!(
+            public <= publish + 32,
+            "Peer::publish future is {public} bytes, Inner::publish {publish}"
+        );
         assert!(batch <= 768, "publish_batch future is {batch} bytes");
     }
 }

@@ -290,6 +290,44 @@ fn payload(size: usize, epoch: Instant) -> Bytes {
     payloads(size, 1, epoch).pop().unwrap_or_default()
 }
 
+/// How long single publishes share one payload buffer (and so one send time).
+const PAYLOAD_REUSE: Duration = Duration::from_micros(100);
+
+/// The payloads of one-message-at-a-time throughput publishes: a buffer is shared by
+/// the messages published within [`PAYLOAD_REUSE`] of its send time, as the batches of
+/// `--batch` share one, so that the benchmark does not write a fresh payload per
+/// message (the bench-peers programs send one buffer over and over). A message's
+/// recorded latency is at most `PAYLOAD_REUSE` too long, never too short.
+struct ReusedPayload {
+    size: usize,
+    epoch: Instant,
+    last: Option<(u64, Bytes)>,
+}
+
+impl ReusedPayload {
+    fn new(size: usize, epoch: Instant) -> Self {
+        ReusedPayload {
+            size,
+            epoch,
+            last: None,
+        }
+    }
+
+    fn next(&mut self) -> Bytes {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        match &self.last {
+            Some((sent, body)) if now.saturating_sub(*sent) < PAYLOAD_REUSE.as_nanos() as u64 => {
+                body.clone()
+            }
+            _ => {
+                let body = payload(self.size, self.epoch);
+                self.last = Some((sent_ns(&body), body.clone()));
+                body
+            }
+        }
+    }
+}
+
 /// `count` payloads as [`payload`] makes them, with one clock reading for the batch:
 /// every message of a batch carries the same bytes, so they share one buffer, as the
 /// bench-peers programs send one payload buffer over and over. (Weft still copies each
@@ -411,12 +449,14 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
             }
         };
         tasks.push(thread.handle.spawn(async move {
+            let mut single = ReusedPayload::new(size, epoch);
             futures::stream::iter((0..per_publisher).step_by(batch as usize))
                 .map(|first| {
                     let publisher = publisher.clone();
+                    let one = (batch == 1).then(|| single.next());
                     async move {
-                        if batch == 1 {
-                            let m = message(first, payload(size, epoch));
+                        if let Some(body) = one {
+                            let m = message(first, body);
                             return publisher.publish("bench", m).await.map(|_| ());
                         }
                         let end = (first + batch).min(per_publisher);

@@ -644,7 +644,7 @@ impl Outbox {
     /// then settled at once and nothing is written. Duplicate targets are merged.
     pub async fn append(
         &self,
-        targets: Vec<String>,
+        targets: impl Into<Arc<[String]>>,
         body: Bytes,
         durability: Durability,
         when_full: WhenFull,
@@ -663,7 +663,7 @@ impl Outbox {
     /// cancelling this future before it returns stores nothing.
     pub async fn submit(
         &self,
-        targets: Vec<String>,
+        targets: impl Into<Arc<[String]>>,
         body: Bytes,
         durability: Durability,
         when_full: WhenFull,
@@ -679,7 +679,7 @@ impl Outbox {
     /// [`OutboxError::Full`] at once.
     pub async fn submit_batch(
         &self,
-        targets: Vec<String>,
+        targets: impl Into<Arc<[String]>>,
         bodies: Vec<Bytes>,
         durability: Durability,
         when_full: WhenFull,
@@ -689,7 +689,12 @@ impl Outbox {
         for body in &bodies {
             size += check_body(&shared.cfg, body)?;
         }
-        let targets = validate_targets(&targets)?.into_owned();
+        let targets: Arc<[String]> = targets.into();
+        // Kept (not copied) when already sorted and distinct, as a route's are.
+        let targets = match validate_targets(&targets)? {
+            std::borrow::Cow::Borrowed(_) => targets,
+            std::borrow::Cow::Owned(sorted) => sorted.into(),
+        };
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
         let mut quota = None;
         let messages = bodies.len() as u64;

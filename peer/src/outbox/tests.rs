@@ -611,7 +611,7 @@ async fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
                 };
                 let seq = o
                     .append(
-                        targets.iter().cloned().collect(),
+                        targets.iter().cloned().collect::<Vec<_>>(),
                         body.clone(),
                         dur,
                         WhenFull::Fail,

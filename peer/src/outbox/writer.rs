@@ -46,7 +46,7 @@ pub(super) struct Writer {
 /// Messages for the same targets, stored under consecutive sequence numbers and
 /// answered together (one message for `publish`, several for a batch).
 pub(super) struct Append {
-    pub(super) targets: Vec<String>,
+    pub(super) targets: Arc<[String]>,
     pub(super) bodies: Vec<Bytes>,
     pub(super) durability: Durability,
     pub(super) reply: Reply,
