@@ -722,3 +722,24 @@ fn process_usage() -> (f64, f64) {
         .unwrap_or(0.0);
     (cpu_ticks / 100.0, rss_kib / 1024.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_publishes_share_a_payload_only_within_the_reuse_window() {
+        let mut payloads = ReusedPayload::new(128, Instant::now());
+        let (a, b) = (payloads.next(), payloads.next());
+        assert_eq!(a.as_ptr(), b.as_ptr(), "published together: one buffer");
+        assert_eq!(a.len(), 128);
+        // The last buffer's send time lies further back than the window: a fresh one,
+        // with a later send time.
+        let stale = payloads.last.as_ref().map(|(_, body)| body.clone());
+        payloads.last = stale.map(|body| (0, body));
+        payloads.epoch -= PAYLOAD_REUSE * 2;
+        let c = payloads.next();
+        assert_ne!(a.as_ptr(), c.as_ptr(), "past the window: a fresh buffer");
+        assert!(sent_ns(&c) >= (PAYLOAD_REUSE * 2).as_nanos() as u64);
+    }
+}
