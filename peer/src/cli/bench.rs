@@ -61,8 +61,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000)]
     pub warmup: u64,
     /// thr: messages in flight at once per publisher (publishes not yet returned).
-    #[arg(long, default_value_t = 4096)]
-    pub window: usize,
+    /// Default: 512 for single publishes, 4096 with `--batch` (the best measured on
+    /// 2 cores; see docs/benchmarks.md, session 18).
+    #[arg(long)]
+    pub window: Option<usize>,
     /// thr: messages per `publish_batch` call (1 = one `publish` per message). A batch
     /// shares one outbox append and group commit; each message keeps its own
     /// guarantees. Above 1, subscribers also take and acknowledge deliveries in
@@ -290,6 +292,19 @@ fn payload(size: usize, epoch: Instant) -> Bytes {
     payloads(size, 1, epoch).pop().unwrap_or_default()
 }
 
+/// Messages in flight per publisher unless `--window` says otherwise. Single disk
+/// publishes peaked at 512 in flight: with fewer, the group commit's latency limits;
+/// with more, the sender runs ahead of its receiver, and the growing backlog cost
+/// 1.6 × the CPU per message in the same instructions (more page faults and context
+/// switches). Batches did best at 4,096.
+fn default_window(batch: usize) -> usize {
+    if batch > 1 {
+        4096
+    } else {
+        512
+    }
+}
+
 /// How long single publishes share one payload buffer (and so one send time).
 const PAYLOAD_REUSE: Duration = Duration::from_micros(100);
 
@@ -370,6 +385,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let latency = Arc::new(Mutex::new(histogram()));
     let mut subscribers = Vec::new();
     let batch = args.batch.max(1);
+    let window = args.window.unwrap_or(default_window(batch));
     for g in 0..args.groups {
         for m in 0..args.members {
             let name = format!("sub-{g}-{m}");
@@ -439,7 +455,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         let publisher = publisher.clone();
         let (size, keys) = (args.size, args.keys);
         let batch = batch as u64;
-        let batches_in_flight = (args.window as u64).div_ceil(batch).max(1) as usize;
+        let batches_in_flight = (window as u64).div_ceil(batch).max(1) as usize;
         let message = move |i: u64, payload: Bytes| {
             let m = Message::new(payload);
             if keys > 0 {
