@@ -34,6 +34,37 @@ fn segments(dir: &Path) -> Vec<u64> {
 }
 
 #[tokio::test]
+async fn unsorted_targets_are_stored_sorted_and_merged_and_a_shared_list_is_taken_as_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, _) = Outbox::open(cfg(tmp.path())).await.unwrap();
+    let messy = append_disk(&o, &["b", "a", "b"], b"messy").await;
+    let route: Arc<[String]> = g(&["a", "c"]).into();
+    let shared = o
+        .append(
+            route.clone(),
+            Bytes::from_static(b"shared"),
+            Durability::Disk,
+            WhenFull::Fail,
+        )
+        .await
+        .unwrap();
+    o.settle(shared, "a");
+    o.close().await.unwrap();
+    drop(o);
+    let (_, rec) = Outbox::open(cfg(tmp.path())).await.unwrap();
+    let unsettled: Vec<_> = rec
+        .pending
+        .iter()
+        .map(|p| (p.seq, p.unsettled.clone()))
+        .collect();
+    assert_eq!(
+        unsettled,
+        vec![(messy, g(&["a", "b"])), (shared, g(&["c"]))]
+    );
+    assert_eq!(&*route, &g(&["a", "c"])[..]);
+}
+
+#[tokio::test]
 async fn append_read_settle_reopen() {
     let tmp = tempfile::tempdir().unwrap();
     let (o, rec) = Outbox::open(cfg(tmp.path())).await.unwrap();
