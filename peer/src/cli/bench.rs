@@ -287,11 +287,6 @@ fn system_name(d: BenchDurability) -> &'static str {
     }
 }
 
-/// A payload of `size` bytes whose first 8 bytes carry the send time (ns since `epoch`).
-fn payload(size: usize, epoch: Instant) -> Bytes {
-    payloads(size, 1, epoch).pop().unwrap_or_default()
-}
-
 /// Messages in flight per publisher unless `--window` says otherwise. Single disk
 /// publishes peaked at 512 in flight: with fewer, the group commit's latency limits;
 /// with more, the sender runs ahead of its receiver, and the growing backlog cost
@@ -329,32 +324,41 @@ impl ReusedPayload {
     }
 
     fn next(&mut self) -> Bytes {
-        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.at(self.epoch.elapsed().as_nanos() as u64)
+    }
+
+    /// The payload for a message sent `now` (ns since the epoch).
+    fn at(&mut self, now: u64) -> Bytes {
         match &self.last {
             Some((sent, body)) if now.saturating_sub(*sent) < PAYLOAD_REUSE.as_nanos() as u64 => {
                 body.clone()
             }
             _ => {
-                let body = payload(self.size, self.epoch);
-                self.last = Some((sent_ns(&body), body.clone()));
+                let body = payload_sent_at(self.size, now);
+                self.last = Some((now, body.clone()));
                 body
             }
         }
     }
 }
 
-/// `count` payloads as [`payload`] makes them, with one clock reading for the batch:
+/// `count` payloads as [`payload_sent_at`] makes them, with one clock reading for the batch:
 /// every message of a batch carries the same bytes, so they share one buffer, as the
 /// bench-peers programs send one payload buffer over and over. (Weft still copies each
 /// message into its outbox record; what this leaves out is the benchmark writing
 /// `count` fresh payloads, which at 16 KiB was 14 % of the run's CPU.)
 fn payloads(size: usize, count: usize, epoch: Instant) -> Vec<Bytes> {
+    vec![payload_sent_at(size, epoch.elapsed().as_nanos() as u64); count]
+}
+
+/// A payload of `size` bytes (at least 8) whose first 8 bytes carry the send time
+/// `sent` (ns since the benchmark's epoch).
+fn payload_sent_at(size: usize, sent: u64) -> Bytes {
     let size = size.max(8);
-    let sent = epoch.elapsed().as_nanos() as u64;
     let mut one = BytesMut::with_capacity(size);
     one.put_u64(sent);
     one.put_bytes(0x5a, size - 8);
-    vec![one.freeze(); count]
+    one.freeze()
 }
 
 fn sent_ns(payload: &[u8]) -> u64 {
@@ -745,17 +749,14 @@ mod tests {
 
     #[test]
     fn single_publishes_share_a_payload_only_within_the_reuse_window() {
+        let window = PAYLOAD_REUSE.as_nanos() as u64;
         let mut payloads = ReusedPayload::new(128, Instant::now());
-        let (a, b) = (payloads.next(), payloads.next());
-        assert_eq!(a.as_ptr(), b.as_ptr(), "published together: one buffer");
-        assert_eq!(a.len(), 128);
-        // The last buffer's send time lies further back than the window: a fresh one,
-        // with a later send time.
-        let stale = payloads.last.as_ref().map(|(_, body)| body.clone());
-        payloads.last = stale.map(|body| (0, body));
-        payloads.epoch -= PAYLOAD_REUSE * 2;
-        let c = payloads.next();
+        let a = payloads.at(1_000);
+        let b = payloads.at(1_000 + window - 1);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "within the window: one buffer");
+        assert_eq!((a.len(), sent_ns(&a)), (128, 1_000));
+        let c = payloads.at(1_000 + window);
         assert_ne!(a.as_ptr(), c.as_ptr(), "past the window: a fresh buffer");
-        assert!(sent_ns(&c) >= (PAYLOAD_REUSE * 2).as_nanos() as u64);
+        assert_eq!(sent_ns(&c), 1_000 + window);
     }
 }
