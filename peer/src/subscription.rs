@@ -155,7 +155,8 @@ impl SubShared {
     /// Acknowledges `ids` under one lock of the subscription state, then marks their
     /// places done under one lock per run of places on the same stream.
     fn ack_many(&self, ids: &[MessageId]) {
-        let mut places: Vec<(LinkId, u64)> = Vec::with_capacity(ids.len());
+        // Inline for a single ack (the common case): no allocation.
+        let mut places: SmallVec<[(LinkId, u64); 4]> = SmallVec::with_capacity(ids.len());
         // The streams of those places (usually one).
         let mut links: SmallVec<[(LinkId, Arc<InboundLink>); 2]> = SmallVec::new();
         {
