@@ -1217,18 +1217,11 @@ async fn persist_loop(inner: std::sync::Weak<Inner>) {
 mod tests {
     use super::*;
 
-    /// The size of the future `f` returns, without calling it.
-    fn future_size<F, Fut>(_: F) -> usize
+    /// The size of the future `f` returns (with the argument it holds), without
+    /// calling it.
+    fn future_size<A, F, Fut>(_: F) -> usize
     where
-        F: FnOnce(Arc<Inner>) -> Fut,
-    {
-        std::mem::size_of::<Fut>()
-    }
-
-    /// The size of the future `f` returns (with the `Peer` it holds), without calling it.
-    fn peer_future_size<F, Fut>(_: F) -> usize
-    where
-        F: FnOnce(Peer) -> Fut,
+        F: FnOnce(A) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }
@@ -1255,7 +1248,7 @@ mod tests {
         // What the application holds: `Peer::publish` adds no layer of its own (as
         // `async fn`s, the public wrappers made it 936 bytes).
         let public =
-            peer_future_size(|p: Peer| async move { p.publish("t", Message::new(vec![])).await });
+            future_size(|p: Peer| async move { p.publish("t", Message::new(vec![])).await });
         assert!(publish <= 768, "publish future is {publish} bytes");
         assert!(
             public <= publish + 32,
