@@ -50,7 +50,7 @@ pub use peer::{
     DirectoryAddr, Peer, PeerBuilder, SubscribeBuilder, DEDUP_SAVE_INTERVAL, DEFAULT_ACK_TIMEOUT,
     DEFAULT_DIRECTORY_TIMEOUT, DEFAULT_MAX_MESSAGE, MESSAGE_METADATA_LIMIT,
 };
-pub use subscription::{Delivery, Subscription, DEFAULT_CREDIT};
+pub use subscription::{Delivery, Subscription, DEFAULT_CREDIT, DEFAULT_MAX_QUEUED_BYTES};
 pub use weft_proto::wire::{GroupRoute, Member, MessageId, Route};
 
 /// How far a message must have got before `publish` returns.

@@ -8,7 +8,9 @@ use crate::members::Members;
 use crate::message::{self, Message};
 use crate::outbox::{self, Outbox, OutboxConfig, OutboxStats};
 use crate::seq_map::SeqMap;
-use crate::subscription::{lock, SubShared, SubState, Subscription, DEFAULT_CREDIT};
+use crate::subscription::{
+    lock, SubShared, SubState, Subscription, DEFAULT_CREDIT, DEFAULT_MAX_QUEUED_BYTES,
+};
 use crate::{Durability, Receipt, WhenFull};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -534,6 +536,7 @@ impl Peer {
             topic: topic.into(),
             group: None,
             credit: DEFAULT_CREDIT,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 
@@ -595,6 +598,7 @@ pub struct SubscribeBuilder {
     topic: String,
     group: Option<String>,
     credit: u32,
+    max_queued_bytes: usize,
 }
 
 impl SubscribeBuilder {
@@ -604,9 +608,20 @@ impl SubscribeBuilder {
         self
     }
 
-    /// Unacknowledged messages each sender may have in flight to this subscription.
+    /// Unacknowledged messages each sender may have in flight to this subscription
+    /// (default [`DEFAULT_CREDIT`]).
     pub fn credit(mut self, window: u32) -> Self {
         self.credit = window.max(1);
+        self
+    }
+
+    /// Payload bytes of received messages the subscription queues for the
+    /// application before its inbound streams stop reading, so that QUIC flow control
+    /// holds the senders back (default [`DEFAULT_MAX_QUEUED_BYTES`]; at most 4 GiB). A
+    /// batch larger than this waits for an empty queue. Messages the application has
+    /// taken and not yet acknowledged are bounded by the credit instead.
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.max_queued_bytes = bytes.max(1);
         self
     }
 
@@ -618,7 +633,11 @@ impl SubscribeBuilder {
         }
         let group = self.group.unwrap_or_else(|| inner.identity.clone());
         let key = (self.topic.clone(), group.clone());
-        let (queue, rx) = crate::subscription::delivery_queue(self.credit);
+        let (queue, rx) = crate::subscription::delivery_queue(
+            self.credit,
+            self.max_queued_bytes,
+            crate::subscription::envelope_bytes,
+        );
         let dedup_path = crate::dedup::state_path(&inner.data_dir, &self.topic, &group);
         let path = dedup_path.clone();
         let dedup = if inner.config.blocking_io {
