@@ -871,7 +871,8 @@ impl Inner {
     ) -> Result<Receipt> {
         check_topic(topic)?;
         let mut buf = Vec::with_capacity(message::stored_size_estimate(topic, &message));
-        let encoder = message::StoredEncoder::single(topic, message::now_ms());
+        let unix_ms = crate::clock::unix_ms();
+        let encoder = message::StoredEncoder::single(topic, unix_ms);
         let (_, key_hash) = self.prepare(&encoder, &message, &mut buf)?;
         let mut bodies = vec![Bytes::from(buf)];
         let targets = self.targets(topic).await?;
@@ -880,7 +881,7 @@ impl Inner {
             // and handing it to the dispatcher.
             let appended = self
                 .outbox
-                .append_memory_many(&targets, &mut bodies, outbox_when_full(when_full))
+                .append_memory_many(&targets, &mut bodies, outbox_when_full(when_full), unix_ms)
                 .await?;
             if let Some(seqs) = appended {
                 self.hand_off(seqs.start, topic, &[key_hash], &targets, false);
@@ -919,7 +920,8 @@ impl Inner {
             .map(|m| message::stored_size_estimate(topic, m))
             .sum();
         let mut buf = Vec::with_capacity(size);
-        let encoder = message::StoredEncoder::new(topic, message::now_ms());
+        let unix_ms = crate::clock::unix_ms();
+        let encoder = message::StoredEncoder::new(topic, unix_ms);
         for message in &messages {
             let (record, key_hash) = self.prepare(&encoder, message, &mut buf)?;
             records.push(record);
@@ -935,7 +937,7 @@ impl Inner {
             // As in `publish`: no writer round trip when the quota and lease allow.
             let appended = self
                 .outbox
-                .append_memory_many(&targets, &mut bodies, outbox_when_full(when_full))
+                .append_memory_many(&targets, &mut bodies, outbox_when_full(when_full), unix_ms)
                 .await?;
             if let Some(seqs) = appended {
                 self.hand_off(seqs.start, topic, &key_hashes, &targets, false);

@@ -61,8 +61,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000)]
     pub warmup: u64,
     /// thr: messages in flight at once per publisher (publishes not yet returned).
-    /// Default: 512 for single publishes, 4096 with `--batch` (the best measured on
-    /// 2 cores; see docs/benchmarks.md, session 18).
+    /// Default: 1 for single `memory` publishes (each returns once stored), 512 for
+    /// single `disk` and `confirmed` ones, 4096 with `--batch` (the best measured on
+    /// 2 cores; see docs/benchmarks.md, sessions 18 and 19).
     #[arg(long)]
     pub window: Option<usize>,
     /// thr: messages per `publish_batch` call (1 = one `publish` per message). A batch
@@ -287,16 +288,18 @@ fn system_name(d: BenchDurability) -> &'static str {
     }
 }
 
-/// Messages in flight per publisher unless `--window` says otherwise. Single disk
-/// publishes peaked at 512 in flight: with fewer, the group commit's latency limits;
-/// with more, the sender runs ahead of its receiver, and the growing backlog cost
-/// 1.6 × the CPU per message in the same instructions (more page faults and context
-/// switches). Batches did best at 4,096.
-fn default_window(batch: usize) -> usize {
-    if batch > 1 {
-        4096
-    } else {
-        512
+/// Messages in flight per publisher unless `--window` says otherwise. A single
+/// `memory` publish returns once stored, at once, so one at a time is how an
+/// application's loop publishes (and was the fastest: a window of 512 cost 5-7 % in the
+/// bench's own task bookkeeping). Single disk publishes peaked at 512 in flight: with
+/// fewer, the group commit's latency limits; with more, the sender runs ahead of its
+/// receiver, and the growing backlog cost 1.6 × the CPU per message in the same
+/// instructions (more page faults and context switches). Batches did best at 4,096.
+fn default_window(batch: usize, durability: BenchDurability) -> usize {
+    match (batch, durability) {
+        (2.., _) => 4096,
+        (_, BenchDurability::Memory) => 1,
+        _ => 512,
     }
 }
 
@@ -389,7 +392,9 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let latency = Arc::new(Mutex::new(histogram()));
     let mut subscribers = Vec::new();
     let batch = args.batch.max(1);
-    let window = args.window.unwrap_or(default_window(batch));
+    let window = args
+        .window
+        .unwrap_or(default_window(batch, args.durability));
     for g in 0..args.groups {
         for m in 0..args.members {
             let name = format!("sub-{g}-{m}");
@@ -470,21 +475,30 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         };
         tasks.push(thread.handle.spawn(async move {
             let mut single = ReusedPayload::new(size, epoch);
-            futures::stream::iter((0..per_publisher).step_by(batch as usize))
-                .map(|first| {
-                    let publisher = publisher.clone();
-                    let one = (batch == 1).then(|| single.next());
-                    async move {
-                        if let Some(body) = one {
-                            let m = message(first, body);
-                            return publisher.publish("bench", m).await.map(|_| ());
-                        }
-                        let end = (first + batch).min(per_publisher);
-                        let bodies = payloads(size, (end - first) as usize, epoch);
-                        let messages = (first..end).zip(bodies).map(|(i, p)| message(i, p));
-                        publisher.publish_batch("bench", messages).await.map(|_| ())
+            let publish = |first: u64, one: Option<Bytes>| {
+                let publisher = publisher.clone();
+                async move {
+                    if let Some(body) = one {
+                        let m = message(first, body);
+                        return publisher.publish("bench", m).await.map(|_| ());
                     }
-                })
+                    let end = (first + batch).min(per_publisher);
+                    let bodies = payloads(size, (end - first) as usize, epoch);
+                    let messages = (first..end).zip(bodies).map(|(i, p)| message(i, p));
+                    publisher.publish_batch("bench", messages).await.map(|_| ())
+                }
+            };
+            let firsts = (0..per_publisher).step_by(batch as usize);
+            if batches_in_flight == 1 {
+                // Each publish awaited in turn, as an application's publish loop is
+                // written (and without a `FuturesUnordered` task per publish).
+                for first in firsts {
+                    publish(first, (batch == 1).then(|| single.next())).await?;
+                }
+                return Ok(());
+            }
+            futures::stream::iter(firsts)
+                .map(|first| publish(first, (batch == 1).then(|| single.next())))
                 .buffer_unordered(batches_in_flight)
                 .fold(
                     Ok(()),

@@ -52,7 +52,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -476,13 +476,6 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-fn unix_ms_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The error for a reservation that did not fit (`needed_bytes` asked for).
 fn full_error(full: state::QuotaFull, needed_bytes: u64) -> OutboxError {
     let state::QuotaFull {
@@ -745,7 +738,7 @@ impl Outbox {
         when_full: WhenFull,
     ) -> Result<Option<u64>, OutboxError> {
         Ok(self
-            .append_memory_many(targets, &mut vec![body], when_full)
+            .append_memory_many(targets, &mut vec![body], when_full, crate::clock::unix_ms())
             .await?
             .map(|seqs| seqs.start))
     }
@@ -761,6 +754,7 @@ impl Outbox {
         targets: &[String],
         bodies: &mut Vec<Bytes>,
         when_full: WhenFull,
+        unix_ms: u64,
     ) -> Result<Option<std::ops::Range<u64>>, OutboxError> {
         let shared = &self.inner.shared;
         let mut size = 0u64;
@@ -784,12 +778,8 @@ impl Outbox {
                 core.renewal_queued |= renew;
                 if !targets.is_empty() {
                     core.state.reserve_memory_many(count, size)?;
-                    core.state.memory_messages_added(
-                        first,
-                        &targets,
-                        bodies.drain(..),
-                        unix_ms_now(),
-                    );
+                    core.state
+                        .memory_messages_added(first, &targets, bodies.drain(..), unix_ms);
                 } else {
                     bodies.clear();
                 }
@@ -1045,7 +1035,7 @@ impl Outbox {
     /// A snapshot of the counters.
     pub fn stats(&self) -> OutboxStats {
         let shared = &self.inner.shared;
-        let now = unix_ms_now();
+        let now = crate::clock::unix_ms();
         let core = shared.core();
         let (qm, qb) = core.state.quota_used();
         let (memory_messages, memory_bytes) = core.state.memory_used();

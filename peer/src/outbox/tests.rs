@@ -889,7 +889,7 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
 
     // ...and a waiting one goes in once a Memory message is settled.
     let (targets, mut bodies) = (g(&["a"]), vec![x()]);
-    let mut waiter = Box::pin(o.append_memory_many(&targets, &mut bodies, WhenFull::Wait));
+    let mut waiter = Box::pin(o.append_memory_many(&targets, &mut bodies, WhenFull::Wait, 0));
     assert!(futures::poll!(&mut waiter).is_pending(), "full: it waits");
     o.settle(first, "a");
     let seqs = tokio::time::timeout(Duration::from_secs(5), waiter)
@@ -911,7 +911,7 @@ async fn memory_batches(o: &Outbox, n: u64) -> (u64, u64) {
     for _ in 0..n / 1024 {
         let mut bodies: Vec<Bytes> = (0..1024).map(|_| Bytes::from_static(b"m")).collect();
         match o
-            .append_memory_many(&targets, &mut bodies, WhenFull::Fail)
+            .append_memory_many(&targets, &mut bodies, WhenFull::Fail, 0)
             .await
             .unwrap()
         {

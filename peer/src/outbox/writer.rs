@@ -10,9 +10,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::state::{Action, Location};
-use super::{
-    record, segment, unix_ms_now, Durability, OutboxError, Shared, LEASE_BLOCK, LEASE_RENEW_AHEAD,
-};
+use super::{record, segment, Durability, OutboxError, Shared, LEASE_BLOCK, LEASE_RENEW_AHEAD};
 
 /// Settle entries per Settle record.
 const SETTLES_PER_RECORD: usize = 16_384;
@@ -182,7 +180,7 @@ impl Writer {
             }
         }
         let n: u64 = appends.iter().map(|a| a.bodies.len() as u64).sum();
-        let now = unix_ms_now();
+        let now = crate::clock::unix_ms();
         // Replies to send after the sync.
         let mut deferred: Vec<(Reply, Range<u64>)> = Vec::new();
         let mut lease_in_batch = false;
