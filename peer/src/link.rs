@@ -4,6 +4,7 @@
 use crate::dispatch::{LinkEpoch, LinkKey};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::RecordSplitter;
+use crate::outbox::MemoryRecord;
 use crate::peer::Inner;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,7 +165,13 @@ async fn send_batch(
     let unsendable = match encoded {
         Some(unsendable) => unsendable?,
         None => {
-            let bodies = inner.outbox.read_many(&seqs).await?;
+            let bodies: Vec<Option<MemoryRecord>> = inner
+                .outbox
+                .read_many(&seqs)
+                .await?
+                .into_iter()
+                .map(|body| body.map(MemoryRecord::from))
+                .collect();
             let bodies = bodies.iter().map(Option::as_ref);
             encode_batch(producer, key, writer, records, &outgoing, bodies)?
         }
@@ -190,7 +197,7 @@ fn encode_batch<'a>(
     writer: &mut FrameWriter,
     records: &RecordSplitter,
     outgoing: &[(u64, u64)],
-    bodies: impl Iterator<Item = Option<&'a Bytes>>,
+    bodies: impl Iterator<Item = Option<&'a MemoryRecord>>,
 ) -> Result<Vec<u64>> {
     let mut run: Vec<PreEncoded<'_>> = Vec::with_capacity(outgoing.len().min(MAX_BATCH_MESSAGES));
     let mut first = 0u64;
@@ -203,7 +210,7 @@ fn encode_batch<'a>(
             unsendable.push(link_seq);
             continue;
         };
-        let Some((fields, payload)) = records.split(stored) else {
+        let Some((fields, payload, owner)) = split_record(records, stored) else {
             tracing::error!(%id, "outbox record is not a valid message; settling it for this group to avoid a redelivery loop");
             unsendable.push(link_seq);
             continue;
@@ -224,13 +231,29 @@ fn encode_batch<'a>(
             id,
             fields,
             payload,
-            owner: stored,
+            owner,
         });
     }
     if !run.is_empty() {
         queue(writer, key, first, &run)?;
     }
     Ok(unsendable)
+}
+
+/// The envelope fields and the payload of a stored record, and the buffer the payload
+/// lies in (`None` if the record is not a valid message of this link's topic).
+fn split_record<'a>(
+    records: &RecordSplitter,
+    record: &'a MemoryRecord,
+) -> Option<(&'a [u8], &'a [u8], &'a Bytes)> {
+    let (fields, payload) = records.split(&record.head)?;
+    if record.tail.is_empty() {
+        return Some((fields, payload, &record.head));
+    }
+    // In two pieces: the head was written without a payload, and the tail is it.
+    payload
+        .is_empty()
+        .then_some((fields, &record.tail[..], &record.tail))
 }
 
 fn queue(
@@ -242,4 +265,45 @@ fn queue(
     writer
         .queue_deliver(&key.group, first, messages)
         .map_err(|e| Error::with_source(ErrorKind::TooLarge, "encoding a batch", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{encode_stored, Message};
+
+    #[test]
+    fn a_record_in_two_pieces_sends_its_tail_as_the_payload_and_a_mixed_one_is_refused() {
+        let records = RecordSplitter::new("t");
+        let whole = encode_stored("t", &Message::new(vec![9u8; 9000]).key("k"), 5);
+        let (fields, payload) = records.split(&whole).expect("valid");
+        assert_eq!(payload.len(), 9000);
+        let one = MemoryRecord::from(whole.clone());
+        let (f1, p1, owner1) = split_record(&records, &one).expect("one piece");
+        assert_eq!((f1, p1), (fields, payload));
+        assert_eq!(owner1.as_ptr(), whole.as_ptr());
+
+        let head_len = whole.len() - 9000;
+        let two = MemoryRecord {
+            head: whole.slice(..head_len),
+            tail: Bytes::from(vec![9u8; 9000]),
+        };
+        let (f2, p2, owner2) = split_record(&records, &two).expect("two pieces");
+        assert_eq!((f2, p2), (fields, payload));
+        assert_eq!(owner2.as_ptr(), two.tail.as_ptr(), "the tail, not a copy");
+        assert_eq!(two.clone().into_contiguous(), whole);
+
+        // A head that holds a payload of its own cannot take a tail as well: not a
+        // valid record, so the link settles it instead of sending a wrong payload.
+        let mixed = MemoryRecord {
+            head: whole.clone(),
+            tail: Bytes::from_static(b"more"),
+        };
+        assert!(split_record(&records, &mixed).is_none());
+        let garbage = MemoryRecord {
+            head: Bytes::from_static(b"\x00\x00"),
+            tail: Bytes::from_static(b"payload"),
+        };
+        assert!(split_record(&records, &garbage).is_none());
+    }
 }

@@ -6,7 +6,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::link::{self, LinkControl};
 use crate::members::Members;
 use crate::message::{self, Message};
-use crate::outbox::{self, Outbox, OutboxConfig, OutboxStats};
+use crate::outbox::{self, MemoryRecord, Outbox, OutboxConfig, OutboxStats};
 use crate::seq_map::SeqMap;
 use crate::subscription::{
     lock, SubShared, SubState, Subscription, DEFAULT_CREDIT, DEFAULT_MAX_QUEUED_BYTES,
@@ -840,6 +840,7 @@ impl Inner {
         encoder: &message::StoredEncoder<'_>,
         message: &Message,
         buf: &mut Vec<u8>,
+        with_payload: bool,
     ) -> Result<(std::ops::Range<usize>, Option<u64>)> {
         if message.payload.len() > self.config.max_message {
             return Err(Error::new(
@@ -851,8 +852,13 @@ impl Inner {
                 ),
             ));
         }
-        let record = encoder.append(buf, message);
-        let metadata = record.len() - message.payload.len();
+        let record = encoder.append(buf, message, with_payload);
+        let metadata = record.len()
+            - if with_payload {
+                message.payload.len()
+            } else {
+                0
+            };
         if metadata > MESSAGE_METADATA_LIMIT {
             return Err(Error::new(
                 ErrorKind::TooLarge,
@@ -870,11 +876,20 @@ impl Inner {
         when_full: WhenFull,
     ) -> Result<Receipt> {
         check_topic(topic)?;
-        let mut buf = Vec::with_capacity(message::stored_size_estimate(topic, &message));
+        let separate = separate_payload(durability, &message);
+        let mut buf = Vec::with_capacity(stored_size(topic, &message, separate));
         let unix_ms = crate::clock::unix_ms();
         let encoder = message::StoredEncoder::single(topic, unix_ms);
-        let (_, key_hash) = self.prepare(&encoder, &message, &mut buf)?;
-        let mut bodies = vec![Bytes::from(buf)];
+        let (_, key_hash) = self.prepare(&encoder, &message, &mut buf, !separate)?;
+        let tail = if separate {
+            message.payload
+        } else {
+            Bytes::new()
+        };
+        let mut bodies = vec![MemoryRecord {
+            head: Bytes::from(buf),
+            tail,
+        }];
         let targets = self.targets(topic).await?;
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
@@ -890,14 +905,19 @@ impl Inner {
         }
         // Boxed: the writer path's state would otherwise make every publish future,
         // fast path included, several times larger to create and move.
-        let seqs = Box::pin(self.store(
-            topic,
-            &targets,
-            bodies,
-            vec![key_hash],
-            durability,
-            when_full,
-        ))
+        let seqs = Box::pin(
+            self.store(
+                topic,
+                &targets,
+                bodies
+                    .into_iter()
+                    .map(MemoryRecord::into_contiguous)
+                    .collect(),
+                vec![key_hash],
+                durability,
+                when_full,
+            ),
+        )
         .await?;
         Ok(self.receipt(seqs.start, &targets))
     }
@@ -917,19 +937,31 @@ impl Inner {
         // One allocation and one clock reading for the whole batch.
         let size = messages
             .iter()
-            .map(|m| message::stored_size_estimate(topic, m))
+            .map(|m| stored_size(topic, m, separate_payload(durability, m)))
             .sum();
         let mut buf = Vec::with_capacity(size);
         let unix_ms = crate::clock::unix_ms();
         let encoder = message::StoredEncoder::new(topic, unix_ms);
         for message in &messages {
-            let (record, key_hash) = self.prepare(&encoder, message, &mut buf)?;
+            let separate = separate_payload(durability, message);
+            let (record, key_hash) = self.prepare(&encoder, message, &mut buf, !separate)?;
             records.push(record);
             key_hashes.push(key_hash);
         }
         let buf = Bytes::from(buf);
-        let mut bodies: Vec<Bytes> = records.into_iter().map(|r| buf.slice(r)).collect();
-        if messages.is_empty() {
+        let mut bodies: Vec<MemoryRecord> = records
+            .into_iter()
+            .zip(messages)
+            .map(|(record, message)| MemoryRecord {
+                head: buf.slice(record),
+                tail: if separate_payload(durability, &message) {
+                    message.payload
+                } else {
+                    Bytes::new()
+                },
+            })
+            .collect();
+        if bodies.is_empty() {
             return Ok(Vec::new());
         }
         let targets = self.targets(topic).await?;
@@ -944,6 +976,10 @@ impl Inner {
                 return Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect());
             }
         }
+        let bodies = bodies
+            .into_iter()
+            .map(MemoryRecord::into_contiguous)
+            .collect();
         let seqs = Box::pin(self.store(topic, &targets, bodies, key_hashes, durability, when_full))
             .await?;
         Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect())
@@ -1172,6 +1208,18 @@ impl Drop for PendingAppend {
             });
         }
     }
+}
+
+/// Whether `message`'s payload stays its own buffer behind its record's head (see
+/// [`message::SEPARATE_PAYLOAD_MIN`]): only `Memory` records, which never go to disk.
+fn separate_payload(durability: Durability, message: &Message) -> bool {
+    durability == Durability::Memory && message.payload.len() >= message::SEPARATE_PAYLOAD_MIN
+}
+
+/// A generous estimate of the bytes `message`'s record takes in the publish buffer.
+fn stored_size(topic: &str, message: &Message, separate: bool) -> usize {
+    let payload = if separate { message.payload.len() } else { 0 };
+    message::stored_size_estimate(topic, message) - payload
 }
 
 fn check_topic(topic: &str) -> Result<()> {

@@ -443,6 +443,50 @@ impl Drop for Inner {
     }
 }
 
+/// A `Memory` message's record as the outbox holds it: `head`, then `tail`. The tail
+/// is empty unless a large payload is kept as the application's own buffer behind a
+/// head written without it, which saves copying every such payload; the outbox treats
+/// the two pieces as one opaque record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryRecord {
+    /// The record, or its first part.
+    pub head: Bytes,
+    /// The rest of the record (empty for a record in one piece).
+    pub tail: Bytes,
+}
+
+impl MemoryRecord {
+    /// Record bytes, both pieces.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Whether the record has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The record in one piece: the head itself, or both pieces copied together.
+    pub fn into_contiguous(self) -> Bytes {
+        if self.tail.is_empty() {
+            return self.head;
+        }
+        let mut whole = Vec::with_capacity(self.len());
+        whole.extend_from_slice(&self.head);
+        whole.extend_from_slice(&self.tail);
+        Bytes::from(whole)
+    }
+}
+
+impl From<Bytes> for MemoryRecord {
+    fn from(record: Bytes) -> Self {
+        Self {
+            head: record,
+            tail: Bytes::new(),
+        }
+    }
+}
+
 /// The bodies [`Outbox::with_memory_bodies`] hands out, in the order of its `seqs`.
 #[derive(Debug)]
 pub struct MemoryBodies<'a> {
@@ -451,7 +495,7 @@ pub struct MemoryBodies<'a> {
 }
 
 impl<'a> Iterator for MemoryBodies<'a> {
-    type Item = Option<&'a Bytes>;
+    type Item = Option<&'a MemoryRecord>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let &seq = self.seqs.next()?;
@@ -505,8 +549,8 @@ fn full_error(full: state::QuotaFull, needed_bytes: u64) -> OutboxError {
 }
 
 /// Checks a body against the record limit and the byte quota.
-fn check_body(cfg: &OutboxConfig, body: &Bytes) -> Result<u64, OutboxError> {
-    let size = body.len() as u64;
+fn check_body(cfg: &OutboxConfig, len: usize) -> Result<u64, OutboxError> {
+    let size = len as u64;
     let limit = (record::MAX_BODY as u64).min(cfg.max_bytes);
     if size > limit {
         return Err(OutboxError::TooLarge { size, limit });
@@ -680,7 +724,7 @@ impl Outbox {
         let shared = &self.inner.shared;
         let mut size = 0u64;
         for body in &bodies {
-            size += check_body(&shared.cfg, body)?;
+            size += check_body(&shared.cfg, body.len())?;
         }
         let targets: Arc<[String]> = targets.into();
         // Kept (not copied) when already sorted and distinct, as a route's are.
@@ -738,7 +782,12 @@ impl Outbox {
         when_full: WhenFull,
     ) -> Result<Option<u64>, OutboxError> {
         Ok(self
-            .append_memory_many(targets, &mut vec![body], when_full, crate::clock::unix_ms())
+            .append_memory_many(
+                targets,
+                &mut vec![body.into()],
+                when_full,
+                crate::clock::unix_ms(),
+            )
             .await?
             .map(|seqs| seqs.start))
     }
@@ -752,14 +801,14 @@ impl Outbox {
     pub async fn append_memory_many(
         &self,
         targets: &[String],
-        bodies: &mut Vec<Bytes>,
+        bodies: &mut Vec<MemoryRecord>,
         when_full: WhenFull,
         unix_ms: u64,
     ) -> Result<Option<std::ops::Range<u64>>, OutboxError> {
         let shared = &self.inner.shared;
         let mut size = 0u64;
         for body in bodies.iter() {
-            size += check_body(&shared.cfg, body)?;
+            size += check_body(&shared.cfg, body.len())?;
         }
         let targets = validate_targets(targets)?;
         let count = bodies.len() as u64;
@@ -964,7 +1013,7 @@ impl Outbox {
             let core = shared.core();
             for (i, &seq) in seqs.iter().enumerate() {
                 if let Some(b) = core.state.memory_body(seq) {
-                    out[i] = Some(b.clone());
+                    out[i] = Some(b.clone().into_contiguous());
                 } else if let Some(b) = core.cache.get(seq) {
                     out[i] = Some(b);
                 } else if let Some(loc) = core.state.location(seq) {

@@ -18,7 +18,7 @@
 //! segments holding settles for that segment's other messages; they go once it settles
 //! (ack, TTL or dead letter). There is no compaction that copies such messages forward.
 
-use super::Durability;
+use super::{Durability, MemoryRecord};
 use crate::seq_window::SeqWindow;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -126,7 +126,7 @@ struct Entry {
     bytes: u64,
     unix_ms: u64,
     /// The body of a `Memory` message (it has no other copy).
-    body: Option<Bytes>,
+    body: Option<MemoryRecord>,
 }
 
 #[derive(Debug)]
@@ -398,7 +398,7 @@ impl OutboxState {
         body: Bytes,
         unix_ms: u64,
     ) {
-        self.memory_messages_added(seq, targets, std::iter::once(body), unix_ms);
+        self.memory_messages_added(seq, targets, std::iter::once(body.into()), unix_ms);
     }
 
     /// `Memory` messages `first..` (reserved quota, sequence numbers never used
@@ -409,7 +409,7 @@ impl OutboxState {
         &mut self,
         first: u64,
         targets: &[String],
-        bodies: impl ExactSizeIterator<Item = Bytes>,
+        bodies: impl ExactSizeIterator<Item = MemoryRecord>,
         unix_ms: u64,
     ) {
         let groups = self.group_set(targets);
@@ -453,7 +453,7 @@ impl OutboxState {
     }
 
     /// The body of a pending `Memory` message.
-    pub fn memory_body(&self, seq: u64) -> Option<&Bytes> {
+    pub fn memory_body(&self, seq: u64) -> Option<&MemoryRecord> {
         self.entries.get(seq)?.body.as_ref()
     }
 
@@ -801,6 +801,7 @@ mod tests {
         // Disk messages only count against the quota.
         s.reserve_many(5, 500).unwrap();
         let body = Bytes::from(vec![0; 30]);
+        let body = MemoryRecord::from(body);
         s.memory_messages_added(1, &t(&["g"]), [body.clone(), body].into_iter(), 0);
         assert_eq!(s.memory_used(), (2, 60));
         s.settle(1, "g");

@@ -888,7 +888,7 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
     append_disk(&o, &["a"], b"d").await;
 
     // ...and a waiting one goes in once a Memory message is settled.
-    let (targets, mut bodies) = (g(&["a"]), vec![x()]);
+    let (targets, mut bodies) = (g(&["a"]), vec![x().into()]);
     let mut waiter = Box::pin(o.append_memory_many(&targets, &mut bodies, WhenFull::Wait, 0));
     assert!(futures::poll!(&mut waiter).is_pending(), "full: it waits");
     o.settle(first, "a");
@@ -902,6 +902,48 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
     assert_eq!(o.stats().quota_used_messages, 3);
 }
 
+/// A `Memory` record in two pieces is held as given: the link gets both pieces (the
+/// tail is the very buffer appended), both count against the memory limit, and a read
+/// that needs one piece gets them joined.
+#[tokio::test]
+async fn a_memory_record_in_two_pieces_is_kept_apart_and_read_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, _) = Outbox::open(cfg(tmp.path())).await.unwrap();
+    let tail = Bytes::from(vec![7u8; 10_000]);
+    let record = MemoryRecord {
+        head: Bytes::from_static(b"head"),
+        tail: tail.clone(),
+    };
+    let seqs = o
+        .append_memory_many(&g(&["a"]), &mut vec![record], WhenFull::Fail, 0)
+        .await
+        .unwrap()
+        .expect("appended without the writer");
+    let seq = seqs.start;
+    assert_eq!(o.stats().memory_used_bytes, 10_004);
+    let pieces = o
+        .with_memory_bodies(&[seq], |mut bodies| {
+            bodies
+                .next()
+                .flatten()
+                .map(|r| (r.head.clone(), r.tail.clone()))
+        })
+        .flatten()
+        .expect("a memory body");
+    assert_eq!(&pieces.0[..], b"head");
+    assert_eq!(
+        pieces.1.as_ptr(),
+        tail.as_ptr(),
+        "the appended buffer, not a copy"
+    );
+    let whole = o.read_many(&[seq]).await.unwrap().pop().flatten().unwrap();
+    assert_eq!(whole.len(), 10_004);
+    assert_eq!(&whole[..4], b"head");
+    assert!(whole[4..].iter().all(|&b| b == 7));
+    o.settle(seq, "a");
+    assert_eq!(o.stats().memory_used_bytes, 0);
+}
+
 /// Appends `n` Memory messages for `a` in batches of 1,024, settling each batch;
 /// returns how many batches found the lease used up (and were refused the fast path)
 /// and the last seq taken.
@@ -909,7 +951,8 @@ async fn memory_batches(o: &Outbox, n: u64) -> (u64, u64) {
     let targets = g(&["a"]);
     let (mut refused, mut last) = (0, 0);
     for _ in 0..n / 1024 {
-        let mut bodies: Vec<Bytes> = (0..1024).map(|_| Bytes::from_static(b"m")).collect();
+        let mut bodies: Vec<MemoryRecord> =
+            (0..1024).map(|_| Bytes::from_static(b"m").into()).collect();
         match o
             .append_memory_many(&targets, &mut bodies, WhenFull::Fail, 0)
             .await
