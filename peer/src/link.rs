@@ -4,7 +4,7 @@
 use crate::dispatch::{LinkEpoch, LinkKey};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::RecordSplitter;
-use crate::outbox::MemoryRecord;
+use crate::outbox::MemoryRecordRef;
 use crate::peer::Inner;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -165,14 +165,10 @@ async fn send_batch(
     let unsendable = match encoded {
         Some(unsendable) => unsendable?,
         None => {
-            let bodies: Vec<Option<MemoryRecord>> = inner
-                .outbox
-                .read_many(&seqs)
-                .await?
-                .into_iter()
-                .map(|body| body.map(MemoryRecord::from))
-                .collect();
-            let bodies = bodies.iter().map(Option::as_ref);
+            let bodies = inner.outbox.read_many(&seqs).await?;
+            let bodies = bodies
+                .iter()
+                .map(|b| b.as_ref().map(|head| MemoryRecordRef { head, tail: None }));
             encode_batch(producer, key, writer, records, &outgoing, bodies)?
         }
     };
@@ -197,7 +193,7 @@ fn encode_batch<'a>(
     writer: &mut FrameWriter,
     records: &RecordSplitter,
     outgoing: &[(u64, u64)],
-    bodies: impl Iterator<Item = Option<&'a MemoryRecord>>,
+    bodies: impl Iterator<Item = Option<MemoryRecordRef<'a>>>,
 ) -> Result<Vec<u64>> {
     let mut run: Vec<PreEncoded<'_>> = Vec::with_capacity(outgoing.len().min(MAX_BATCH_MESSAGES));
     let mut first = 0u64;
@@ -244,16 +240,14 @@ fn encode_batch<'a>(
 /// lies in (`None` if the record is not a valid message of this link's topic).
 fn split_record<'a>(
     records: &RecordSplitter,
-    record: &'a MemoryRecord,
+    record: MemoryRecordRef<'a>,
 ) -> Option<(&'a [u8], &'a [u8], &'a Bytes)> {
-    let (fields, payload) = records.split(&record.head)?;
-    if record.tail.is_empty() {
-        return Some((fields, payload, &record.head));
+    let (fields, payload) = records.split(record.head)?;
+    match record.tail {
+        None => Some((fields, payload, record.head)),
+        // In two pieces: the head was written without a payload, and the tail is it.
+        Some(tail) => payload.is_empty().then_some((fields, &tail[..], tail)),
     }
-    // In two pieces: the head was written without a payload, and the tail is it.
-    payload
-        .is_empty()
-        .then_some((fields, &record.tail[..], &record.tail))
 }
 
 fn queue(
@@ -278,32 +272,38 @@ mod tests {
         let whole = encode_stored("t", &Message::new(vec![9u8; 9000]).key("k"), 5);
         let (fields, payload) = records.split(&whole).expect("valid");
         assert_eq!(payload.len(), 9000);
-        let one = MemoryRecord::from(whole.clone());
-        let (f1, p1, owner1) = split_record(&records, &one).expect("one piece");
+        let one = MemoryRecordRef {
+            head: &whole,
+            tail: None,
+        };
+        let (f1, p1, owner1) = split_record(&records, one).expect("one piece");
         assert_eq!((f1, p1), (fields, payload));
         assert_eq!(owner1.as_ptr(), whole.as_ptr());
 
         let head_len = whole.len() - 9000;
-        let two = MemoryRecord {
-            head: whole.slice(..head_len),
-            tail: Bytes::from(vec![9u8; 9000]),
+        let (head, tail) = (whole.slice(..head_len), Bytes::from(vec![9u8; 9000]));
+        let two = MemoryRecordRef {
+            head: &head,
+            tail: Some(&tail),
         };
-        let (f2, p2, owner2) = split_record(&records, &two).expect("two pieces");
+        let (f2, p2, owner2) = split_record(&records, two).expect("two pieces");
         assert_eq!((f2, p2), (fields, payload));
-        assert_eq!(owner2.as_ptr(), two.tail.as_ptr(), "the tail, not a copy");
-        assert_eq!(two.clone().into_contiguous(), whole);
+        assert_eq!(owner2.as_ptr(), tail.as_ptr(), "the tail, not a copy");
+        assert_eq!(two.to_contiguous(), whole);
 
         // A head that holds a payload of its own cannot take a tail as well: not a
         // valid record, so the link settles it instead of sending a wrong payload.
-        let mixed = MemoryRecord {
-            head: whole.clone(),
-            tail: Bytes::from_static(b"more"),
+        let more = Bytes::from_static(b"more");
+        let mixed = MemoryRecordRef {
+            head: &whole,
+            tail: Some(&more),
         };
-        assert!(split_record(&records, &mixed).is_none());
-        let garbage = MemoryRecord {
-            head: Bytes::from_static(b"\x00\x00"),
-            tail: Bytes::from_static(b"payload"),
+        assert!(split_record(&records, mixed).is_none());
+        let garbage = Bytes::from_static(b"\x00\x00");
+        let garbage = MemoryRecordRef {
+            head: &garbage,
+            tail: Some(&more),
         };
-        assert!(split_record(&records, &garbage).is_none());
+        assert!(split_record(&records, garbage).is_none());
     }
 }

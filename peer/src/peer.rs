@@ -881,14 +881,9 @@ impl Inner {
         let unix_ms = crate::clock::unix_ms();
         let encoder = message::StoredEncoder::single(topic, unix_ms);
         let (_, key_hash) = self.prepare(&encoder, &message, &mut buf, !separate)?;
-        let tail = if separate {
-            message.payload
-        } else {
-            Bytes::new()
-        };
         let mut bodies = vec![MemoryRecord {
             head: Bytes::from(buf),
-            tail,
+            tail: separate.then_some(message.payload),
         }];
         let targets = self.targets(topic).await?;
         if durability == Durability::Memory {
@@ -954,11 +949,7 @@ impl Inner {
             .zip(messages)
             .map(|(record, message)| MemoryRecord {
                 head: buf.slice(record),
-                tail: if separate_payload(durability, &message) {
-                    message.payload
-                } else {
-                    Bytes::new()
-                },
+                tail: separate_payload(durability, &message).then_some(message.payload),
             })
             .collect();
         if bodies.is_empty() {

@@ -443,22 +443,22 @@ impl Drop for Inner {
     }
 }
 
-/// A `Memory` message's record as the outbox holds it: `head`, then `tail`. The tail
-/// is empty unless a large payload is kept as the application's own buffer behind a
-/// head written without it, which saves copying every such payload; the outbox treats
-/// the two pieces as one opaque record.
+/// A `Memory` message's record as the outbox is given it: `head`, then a `tail` when
+/// a large payload is kept as the application's own buffer behind a head written
+/// without it, which saves copying every such payload. The outbox treats the two
+/// pieces as one opaque record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemoryRecord {
     /// The record, or its first part.
     pub head: Bytes,
-    /// The rest of the record (empty for a record in one piece).
-    pub tail: Bytes,
+    /// The rest of a record in two pieces.
+    pub tail: Option<Bytes>,
 }
 
 impl MemoryRecord {
     /// Record bytes, both pieces.
     pub fn len(&self) -> usize {
-        self.head.len() + self.tail.len()
+        self.as_ref().len()
     }
 
     /// Whether the record has no bytes.
@@ -466,14 +466,51 @@ impl MemoryRecord {
         self.len() == 0
     }
 
+    /// The record, borrowed.
+    pub fn as_ref(&self) -> MemoryRecordRef<'_> {
+        MemoryRecordRef {
+            head: &self.head,
+            tail: self.tail.as_ref(),
+        }
+    }
+
     /// The record in one piece: the head itself, or both pieces copied together.
     pub fn into_contiguous(self) -> Bytes {
-        if self.tail.is_empty() {
-            return self.head;
+        match self.tail {
+            None => self.head,
+            Some(_) => self.as_ref().to_contiguous(),
         }
+    }
+}
+
+/// A held `Memory` record, borrowed: its head and, for one in two pieces, its tail.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryRecordRef<'a> {
+    /// The record, or its first part.
+    pub head: &'a Bytes,
+    /// The rest of a record in two pieces.
+    pub tail: Option<&'a Bytes>,
+}
+
+impl MemoryRecordRef<'_> {
+    /// Record bytes, both pieces.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.map_or(0, Bytes::len)
+    }
+
+    /// Whether the record has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The record in one piece (both pieces copied together if it is in two).
+    pub fn to_contiguous(&self) -> Bytes {
+        let Some(tail) = self.tail else {
+            return self.head.clone();
+        };
         let mut whole = Vec::with_capacity(self.len());
-        whole.extend_from_slice(&self.head);
-        whole.extend_from_slice(&self.tail);
+        whole.extend_from_slice(self.head);
+        whole.extend_from_slice(tail);
         Bytes::from(whole)
     }
 }
@@ -482,7 +519,7 @@ impl From<Bytes> for MemoryRecord {
     fn from(record: Bytes) -> Self {
         Self {
             head: record,
-            tail: Bytes::new(),
+            tail: None,
         }
     }
 }
@@ -495,7 +532,7 @@ pub struct MemoryBodies<'a> {
 }
 
 impl<'a> Iterator for MemoryBodies<'a> {
-    type Item = Option<&'a MemoryRecord>;
+    type Item = Option<MemoryRecordRef<'a>>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let &seq = self.seqs.next()?;
@@ -1013,7 +1050,7 @@ impl Outbox {
             let core = shared.core();
             for (i, &seq) in seqs.iter().enumerate() {
                 if let Some(b) = core.state.memory_body(seq) {
-                    out[i] = Some(b.clone().into_contiguous());
+                    out[i] = Some(b.to_contiguous());
                 } else if let Some(b) = core.cache.get(seq) {
                     out[i] = Some(b);
                 } else if let Some(loc) = core.state.location(seq) {

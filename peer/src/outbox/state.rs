@@ -18,7 +18,8 @@
 //! segments holding settles for that segment's other messages; they go once it settles
 //! (ack, TTL or dead letter). There is no compaction that copies such messages forward.
 
-use super::{Durability, MemoryRecord};
+use super::{Durability, MemoryRecord, MemoryRecordRef};
+use crate::seq_map::SeqMap;
 use crate::seq_window::SeqWindow;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -126,7 +127,7 @@ struct Entry {
     bytes: u64,
     unix_ms: u64,
     /// The body of a `Memory` message (it has no other copy).
-    body: Option<MemoryRecord>,
+    body: Option<Bytes>,
 }
 
 #[derive(Debug)]
@@ -214,6 +215,10 @@ pub struct OutboxState {
     memory_limit: Limit,
     memory_used: Usage,
     entries: SeqWindow<Entry>,
+    /// The tails of `Memory` records held in two pieces (their heads are the entries'
+    /// bodies): kept apart so that the entry of every other message stays small, and
+    /// looked up only while there are any.
+    tails: SeqMap<Bytes>,
     /// Body bytes of `entries` (reservations excluded).
     pending_bytes: u64,
     groups: Vec<Group>,
@@ -237,6 +242,7 @@ impl OutboxState {
             },
             memory_used: Usage::default(),
             entries: SeqWindow::default(),
+            tails: SeqMap::default(),
             pending_bytes: 0,
             groups: Vec::new(),
             group_ids: FxHashMap::default(),
@@ -370,7 +376,7 @@ impl OutboxState {
         if !reserved {
             self.used.add(1, bytes);
         }
-        if let Some(old) = self.entries.remove(seq) {
+        if let Some(old) = self.remove_entry(seq) {
             // A duplicate record of the same seq (not produced by this writer): the
             // later one replaces the earlier one.
             self.drop_entry(seq, old);
@@ -414,16 +420,20 @@ impl OutboxState {
     ) {
         let groups = self.group_set(targets);
         self.entries.reserve(bodies.len());
-        for (seq, body) in (first..).zip(bodies) {
+        for (seq, MemoryRecord { head, tail }) in (first..).zip(bodies) {
+            let bytes = (head.len() + tail.as_ref().map_or(0, Bytes::len)) as u64;
+            if let Some(tail) = tail {
+                self.tails.insert(seq, tail);
+            }
             self.insert(
                 seq,
                 Entry {
                     // A copy of the ids (`clone` went element by element).
                     groups: GroupSet::from_slice(&groups),
                     loc: None,
-                    bytes: body.len() as u64,
+                    bytes,
                     unix_ms,
-                    body: Some(body),
+                    body: Some(head),
                 },
             );
         }
@@ -453,8 +463,22 @@ impl OutboxState {
     }
 
     /// The body of a pending `Memory` message.
-    pub fn memory_body(&self, seq: u64) -> Option<&MemoryRecord> {
-        self.entries.get(seq)?.body.as_ref()
+    pub fn memory_body(&self, seq: u64) -> Option<MemoryRecordRef<'_>> {
+        let head = self.entries.get(seq)?.body.as_ref()?;
+        let tail = if self.tails.is_empty() {
+            None
+        } else {
+            self.tails.get(&seq)
+        };
+        Some(MemoryRecordRef { head, tail })
+    }
+
+    fn remove_entry(&mut self, seq: u64) -> Option<Entry> {
+        let entry = self.entries.remove(seq)?;
+        if !self.tails.is_empty() {
+            self.tails.remove(&seq);
+        }
+        Some(entry)
     }
 
     fn drop_entry(&mut self, _seq: u64, e: Entry) {
@@ -481,7 +505,7 @@ impl OutboxState {
 
     /// Removes a message entirely (e.g. its write failed), releasing its quota.
     pub fn forget(&mut self, seq: u64) -> Vec<Action> {
-        if let Some(e) = self.entries.remove(seq) {
+        if let Some(e) = self.remove_entry(seq) {
             self.drop_entry(seq, e);
             self.trim_orders();
         }
@@ -553,7 +577,7 @@ impl OutboxState {
         g.pending = g.pending.saturating_sub(1);
         if now_empty {
             out.fully_settled = true;
-            if let Some(e) = self.entries.remove(seq) {
+            if let Some(e) = self.remove_entry(seq) {
                 self.release(&e);
                 if let Some(l) = e.loc {
                     if let Some(s) = self.segments.get_mut(&l.segment) {
