@@ -60,10 +60,10 @@ pub struct BenchArgs {
     /// lat: unrecorded warm-up round trips.
     #[arg(long, default_value_t = 1000)]
     pub warmup: u64,
-    /// thr: messages in flight at once per publisher (publishes not yet returned).
-    /// Default: 1 for single `memory` publishes (each returns once stored), 512 for
-    /// single `disk` and `confirmed` ones, 4096 with `--batch` (the best measured on
-    /// 2 cores; see docs/benchmarks.md, sessions 18 and 19).
+    /// thr: messages in flight at once per publisher (publishes not yet returned; 1 =
+    /// each awaited in turn, as a plain publish loop). Default: 512 for single
+    /// publishes, 4096 with `--batch` (the best measured on 2 cores; see
+    /// docs/benchmarks.md, sessions 18 and 19).
     #[arg(long)]
     pub window: Option<usize>,
     /// thr: messages per `publish_batch` call (1 = one `publish` per message). A batch
@@ -288,18 +288,20 @@ fn system_name(d: BenchDurability) -> &'static str {
     }
 }
 
-/// Messages in flight per publisher unless `--window` says otherwise. A single
-/// `memory` publish returns once stored, at once, so one at a time is how an
-/// application's loop publishes (and was the fastest: a window of 512 cost 5-7 % in the
-/// bench's own task bookkeeping). Single disk publishes peaked at 512 in flight: with
-/// fewer, the group commit's latency limits; with more, the sender runs ahead of its
-/// receiver, and the growing backlog cost 1.6 × the CPU per message in the same
-/// instructions (more page faults and context switches). Batches did best at 4,096.
-fn default_window(batch: usize, durability: BenchDurability) -> usize {
-    match (batch, durability) {
-        (2.., _) => 4096,
-        (_, BenchDurability::Memory) => 1,
-        _ => 512,
+/// Messages in flight per publisher unless `--window` says otherwise. Single disk
+/// publishes peaked at 512 in flight: with fewer, the group commit's latency limits;
+/// with more, the sender runs ahead of its receiver, and the growing backlog cost
+/// 1.6 × the CPU per message in the same instructions (more page faults and context
+/// switches). Batches did best at 4,096. Single `memory` publishes keep 512 too: on
+/// the shared runtime, one at a time (`--window 1`) hands each few messages to the
+/// link on the other worker thread and stays near 0.75 M msgs/s, while 512 in flight
+/// let a backlog form and ran at ~1.5 M in four runs out of five; with
+/// `--threads per-peer`, one at a time is the faster (~1.8 M against ~1.7 M).
+fn default_window(batch: usize) -> usize {
+    if batch > 1 {
+        4096
+    } else {
+        512
     }
 }
 
@@ -392,9 +394,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let latency = Arc::new(Mutex::new(histogram()));
     let mut subscribers = Vec::new();
     let batch = args.batch.max(1);
-    let window = args
-        .window
-        .unwrap_or(default_window(batch, args.durability));
+    let window = args.window.unwrap_or(default_window(batch));
     for g in 0..args.groups {
         for m in 0..args.members {
             let name = format!("sub-{g}-{m}");
