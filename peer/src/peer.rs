@@ -853,12 +853,7 @@ impl Inner {
             ));
         }
         let record = encoder.append(buf, message, with_payload);
-        let metadata = record.len()
-            - if with_payload {
-                message.payload.len()
-            } else {
-                0
-            };
+        let metadata = record.len() - message.payload.len() * usize::from(with_payload);
         if metadata > MESSAGE_METADATA_LIMIT {
             return Err(Error::new(
                 ErrorKind::TooLarge,
