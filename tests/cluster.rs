@@ -19,7 +19,7 @@ use futures::StreamExt;
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_peer::{Message, Peer};
@@ -28,12 +28,25 @@ use weft_proto::wire::{Member, Route};
 use weft_tests::{binary, eventually, init_logs, ChildProcess};
 
 fn free_port() -> u16 {
-    // Bound and released: another process could take it in between, which only makes
-    // this test fail loudly, never pass wrongly.
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    // A node process binds it later, so it is released in between. Taken below the
+    // kernel's ephemeral range (32,768 and up on Linux by default), where no socket
+    // bound to port 0 (every peer and endpoint of the tests running beside this one)
+    // can be given it meanwhile; each call moves on from a per-process start, so the
+    // tests of this process never pick the same one either. (Picked with port 0, a node
+    // port was once taken that way under CI load: the node could not start and the
+    // test failed after 20 s.)
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP port in {FIRST}..{}", FIRST + SPAN);
 }
 
 struct Node {
