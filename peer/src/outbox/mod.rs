@@ -447,7 +447,7 @@ impl Drop for Inner {
 /// a large payload is kept as the application's own buffer behind a head written
 /// without it, which saves copying every such payload. The outbox treats the two
 /// pieces as one opaque record.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct MemoryRecord {
     /// The record, or its first part.
     pub head: Bytes,
