@@ -895,19 +895,14 @@ impl Inner {
         }
         // Boxed: the writer path's state would otherwise make every publish future,
         // fast path included, several times larger to create and move.
-        let seqs = Box::pin(
-            self.store(
-                topic,
-                &targets,
-                bodies
-                    .into_iter()
-                    .map(MemoryRecord::into_contiguous)
-                    .collect(),
-                vec![key_hash],
-                durability,
-                when_full,
-            ),
-        )
+        let seqs = Box::pin(self.store(
+            topic,
+            &targets,
+            bodies,
+            vec![key_hash],
+            durability,
+            when_full,
+        ))
         .await?;
         Ok(self.receipt(seqs.start, &targets))
     }
@@ -932,19 +927,18 @@ impl Inner {
         let mut buf = Vec::with_capacity(size);
         let unix_ms = crate::clock::unix_ms();
         let encoder = message::StoredEncoder::new(topic, unix_ms);
-        for message in &messages {
-            let separate = separate_payload(durability, message);
-            let (record, key_hash) = self.prepare(&encoder, message, &mut buf, !separate)?;
-            records.push(record);
+        for message in messages {
+            let separate = separate_payload(durability, &message);
+            let (record, key_hash) = self.prepare(&encoder, &message, &mut buf, !separate)?;
+            records.push((record, separate.then_some(message.payload)));
             key_hashes.push(key_hash);
         }
         let buf = Bytes::from(buf);
         let mut bodies: Vec<MemoryRecord> = records
             .into_iter()
-            .zip(messages)
-            .map(|(record, message)| MemoryRecord {
+            .map(|(record, tail)| MemoryRecord {
                 head: buf.slice(record),
-                tail: separate_payload(durability, &message).then_some(message.payload),
+                tail,
             })
             .collect();
         if bodies.is_empty() {
@@ -962,10 +956,6 @@ impl Inner {
                 return Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect());
             }
         }
-        let bodies = bodies
-            .into_iter()
-            .map(MemoryRecord::into_contiguous)
-            .collect();
         let seqs = Box::pin(self.store(topic, &targets, bodies, key_hashes, durability, when_full))
             .await?;
         Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect())
@@ -987,11 +977,17 @@ impl Inner {
         self: &Arc<Self>,
         topic: &str,
         targets: &Arc<[String]>,
-        bodies: Vec<Bytes>,
+        bodies: Vec<MemoryRecord>,
         key_hashes: Vec<Option<u64>>,
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<std::ops::Range<Seq>> {
+        // The writer takes records in one piece (a `Memory` one in two pieces comes
+        // here only when its sequence lease must be renewed first).
+        let bodies = bodies
+            .into_iter()
+            .map(MemoryRecord::into_contiguous)
+            .collect();
         let stored_durability = match durability {
             Durability::Memory => outbox::Durability::Memory,
             Durability::Disk | Durability::Confirmed => outbox::Durability::Disk,
@@ -1204,8 +1200,7 @@ fn separate_payload(durability: Durability, message: &Message) -> bool {
 
 /// A generous estimate of the bytes `message`'s record takes in the publish buffer.
 fn stored_size(topic: &str, message: &Message, separate: bool) -> usize {
-    let payload = if separate { message.payload.len() } else { 0 };
-    message::stored_size_estimate(topic, message) - payload
+    message::stored_size_estimate(topic, message) - message.payload.len() * usize::from(separate)
 }
 
 fn check_topic(topic: &str) -> Result<()> {

@@ -456,16 +456,6 @@ pub struct MemoryRecord {
 }
 
 impl MemoryRecord {
-    /// Record bytes, both pieces.
-    pub fn len(&self) -> usize {
-        self.as_ref().len()
-    }
-
-    /// Whether the record has no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The record, borrowed.
     pub fn as_ref(&self) -> MemoryRecordRef<'_> {
         MemoryRecordRef {
@@ -845,7 +835,7 @@ impl Outbox {
         let shared = &self.inner.shared;
         let mut size = 0u64;
         for body in bodies.iter() {
-            size += check_body(&shared.cfg, body.len())?;
+            size += check_body(&shared.cfg, body.as_ref().len())?;
         }
         let targets = validate_targets(targets)?;
         let count = bodies.len() as u64;
