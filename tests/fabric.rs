@@ -561,3 +561,50 @@ async fn large_memory_payloads_arrive_intact_with_their_metadata() {
     }
     assert!(sender.drain(Duration::from_secs(10)).await, "all settled");
 }
+
+/// A disk publish whose caller stops waiting while the outbox writer commits it (here
+/// after its first poll) is still delivered, once, with its key: the stored message is
+/// handed to the dispatcher from a task of its own instead of waiting for a restart.
+/// A publish dropped before it reached the writer stored nothing and is not delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_disk_publish_is_still_delivered_once() {
+    let fabric = Fabric::start().await;
+    let sender = fabric
+        .peer_with("disk-sender", |b| b.durability(weft_peer::Durability::Disk))
+        .await;
+    let (_receiver, mut sub) = fabric.subscribed("receiver").await;
+    sender
+        .publish("t", Message::new("warm-up"))
+        .await
+        .expect("route known");
+    let mut abandoned = 0;
+    for n in 0..20 {
+        let publish = sender.publish("t", Message::new(format!("m{n}")).key(format!("k{n}")));
+        // Polled once, then dropped: the commit (an fdatasync) is still under way.
+        if futures::FutureExt::now_or_never(publish).is_none() {
+            abandoned += 1;
+        }
+    }
+    assert!(abandoned > 0, "no publish was left waiting on its commit");
+    let never = sender.publish("t", Message::new("never polled"));
+    drop(never);
+    let mut got = HashSet::new();
+    while got.len() < 21 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("delivered")
+            .expect("open");
+        let body = String::from_utf8(d.payload().to_vec()).expect("utf-8");
+        if let Some(n) = body.strip_prefix('m') {
+            assert_eq!(d.key(), Some(format!("k{n}").as_str()), "{body}");
+        }
+        assert!(got.insert(body.clone()), "{body} delivered twice");
+        d.ack();
+    }
+    assert!(sender.drain(Duration::from_secs(10)).await, "all settled");
+    let late = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
+    assert!(
+        late.is_err(),
+        "a publish never polled was delivered: {late:?}"
+    );
+}

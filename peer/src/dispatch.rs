@@ -527,8 +527,9 @@ impl Dispatcher {
             return;
         }
         let room = free.iter().map(|f| *f as usize).sum::<usize>();
-        let mut assigned: Vec<(usize, Seq, Entry)> =
-            Vec::with_capacity(room.min(queue.waiting.len()));
+        // Inline for a single publish's one message: this runs per publish.
+        let mut assigned: SmallVec<[(usize, Seq, Entry); 4]> =
+            SmallVec::with_capacity(room.min(queue.waiting.len()));
         let fences = &mut queue.fences;
         queue.waiting.scan(SCAN_LIMIT, |seq, entry| {
             if free.iter().all(|f| *f == 0) {

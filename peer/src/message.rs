@@ -66,14 +66,66 @@ struct StoredHead<'a> {
 /// Encodes a message for the outbox: `u32` head length, MessagePack head, payload.
 #[cfg(test)]
 pub(crate) fn encode_stored(topic: &str, msg: &Message, publish_time_ms: u64) -> Bytes {
-    let mut out = Vec::with_capacity(stored_size_estimate(topic, msg));
+    let mut out = Vec::with_capacity(stored_len(topic, msg, publish_time_ms, true));
     append_stored(&mut out, topic, msg, publish_time_ms);
     Bytes::from(out)
 }
 
-/// A generous estimate of the encoded size of `msg` (exact for no tags or headers).
-pub(crate) fn stored_size_estimate(topic: &str, msg: &Message) -> usize {
-    4 + 32 + topic.len() + msg.key.as_ref().map_or(0, String::len) + msg.payload.len()
+/// The exact length of `msg`'s record as [`append_stored`] writes it (without the
+/// payload unless `with_payload`). Exact, not an estimate: a `Vec` filled to its
+/// capacity becomes a `Bytes` without a second allocation for its reference count.
+pub(crate) fn stored_len(
+    topic: &str,
+    msg: &Message,
+    publish_time_ms: u64,
+    with_payload: bool,
+) -> usize {
+    let str_len = |s: &str| str_marker_len(s.len()) + s.len();
+    let tags: usize = msg.tags.iter().map(|t| str_len(t)).sum();
+    let headers: usize = msg
+        .headers
+        .iter()
+        .map(|(name, value)| 1 + str_len(name) + str_len(value))
+        .sum();
+    4 + 1
+        + str_len(topic)
+        + msg.key.as_deref().map_or(1, str_len)
+        + array_marker_len(msg.tags.len())
+        + tags
+        + array_marker_len(msg.headers.len())
+        + headers
+        + encoded_uint_len(publish_time_ms)
+        + msg.payload.len() * usize::from(with_payload)
+}
+
+/// MessagePack marker bytes of a string of `len` bytes (as `rmp` writes them).
+fn str_marker_len(len: usize) -> usize {
+    match len {
+        0..32 => 1,
+        32..256 => 2,
+        256..65_536 => 3,
+        _ => 5,
+    }
+}
+
+/// MessagePack marker bytes of an array of `len` elements.
+fn array_marker_len(len: usize) -> usize {
+    match len {
+        0..16 => 1,
+        16..65_536 => 3,
+        _ => 5,
+    }
+}
+
+/// MessagePack bytes of the unsigned integer `n` (the shortest form, as `rmp` writes).
+fn encoded_uint_len(n: u64) -> usize {
+    match n {
+        0..128 => 1,
+        128..256 => 2,
+        256..65_536 => 3,
+        65_536..4_294_967_296 => 5,
+        _ => 9,
+    }
 }
 
 /// Appends `msg` as [`encode_stored`] encodes it to `buf` and returns where it is, so
@@ -123,7 +175,8 @@ pub(crate) struct StoredEncoder<'a> {
 impl<'a> StoredEncoder<'a> {
     /// An encoder for the messages of one batch.
     pub(crate) fn new(topic: &'a str, publish_time_ms: u64) -> Self {
-        let mut plain = Vec::with_capacity(stored_size_estimate(topic, &Message::default()));
+        let plain_len = stored_len(topic, &Message::default(), publish_time_ms, false);
+        let mut plain = Vec::with_capacity(plain_len);
         append_stored(&mut plain, topic, &Message::default(), publish_time_ms);
         Self {
             topic,
@@ -353,6 +406,19 @@ mod tests {
             prop_assert_eq!(env.key(), key.as_deref());
             prop_assert_eq!(&env.payload[..], &payload[..]);
             prop_assert_eq!(env.publish_time_ms, t);
+        }
+
+        /// `stored_len` is the length `append_stored` writes, for every field width.
+        #[test]
+        fn stored_len_is_exact(topic in "[a-z.]{1,300}", key in proptest::option::of("[a-z0-9]{0,300}"), tags in proptest::collection::vec("[a-z]{0,40}", 0..20), headers in proptest::collection::vec(("[a-z]{0,5}", "[a-z]{0,300}"), 0..20), payload_len in 0usize..300, t in prop_oneof![0u64..300, 60_000u64..70_000, any::<u64>()]) {
+            let mut m = Message::new(vec![7u8; payload_len]);
+            m.key = key;
+            m.tags = tags;
+            m.headers = headers;
+            let mut buf = Vec::new();
+            let record = append_stored(&mut buf, &topic, &m, t);
+            prop_assert_eq!(stored_len(&topic, &m, t, true), record.len());
+            prop_assert_eq!(stored_len(&topic, &m, t, false), record.len() - payload_len);
         }
 
         /// The hand-written head is what serde writes for a `StoredHead`.

@@ -872,8 +872,8 @@ impl Inner {
     ) -> Result<Receipt> {
         check_topic(topic)?;
         let separate = separate_payload(durability, &message);
-        let mut buf = Vec::with_capacity(stored_size(topic, &message, separate));
         let unix_ms = crate::clock::unix_ms();
+        let mut buf = Vec::with_capacity(message::stored_len(topic, &message, unix_ms, !separate));
         let encoder = message::StoredEncoder::single(topic, unix_ms);
         let (_, key_hash) = self.prepare(&encoder, &message, &mut buf, !separate)?;
         let mut bodies = vec![MemoryRecord {
@@ -895,15 +895,9 @@ impl Inner {
         }
         // Boxed: the writer path's state would otherwise make every publish future,
         // fast path included, several times larger to create and move.
-        let seqs = Box::pin(self.store(
-            topic,
-            &targets,
-            bodies,
-            vec![key_hash],
-            durability,
-            when_full,
-        ))
-        .await?;
+        let seqs =
+            Box::pin(self.store(topic, &targets, bodies, &[key_hash], durability, when_full))
+                .await?;
         Ok(self.receipt(seqs.start, &targets))
     }
 
@@ -920,12 +914,12 @@ impl Inner {
         let mut records = Vec::with_capacity(messages.len());
         let mut key_hashes = Vec::with_capacity(messages.len());
         // One allocation and one clock reading for the whole batch.
+        let unix_ms = crate::clock::unix_ms();
         let size = messages
             .iter()
-            .map(|m| stored_size(topic, m, separate_payload(durability, m)))
+            .map(|m| message::stored_len(topic, m, unix_ms, !separate_payload(durability, m)))
             .sum();
         let mut buf = Vec::with_capacity(size);
-        let unix_ms = crate::clock::unix_ms();
         let encoder = message::StoredEncoder::new(topic, unix_ms);
         for message in messages {
             let separate = separate_payload(durability, &message);
@@ -956,8 +950,9 @@ impl Inner {
                 return Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect());
             }
         }
-        let seqs = Box::pin(self.store(topic, &targets, bodies, key_hashes, durability, when_full))
-            .await?;
+        let seqs =
+            Box::pin(self.store(topic, &targets, bodies, &key_hashes, durability, when_full))
+                .await?;
         Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect())
     }
 
@@ -978,7 +973,7 @@ impl Inner {
         topic: &str,
         targets: &Arc<[String]>,
         bodies: Vec<MemoryRecord>,
-        key_hashes: Vec<Option<u64>>,
+        key_hashes: &[Option<u64>],
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<std::ops::Range<Seq>> {
@@ -1004,7 +999,7 @@ impl Inner {
         let mut pending = PendingAppend {
             inner: self.clone(),
             ticket: Some(ticket),
-            topic: topic.to_string(),
+            topic,
             key_hashes,
             targets: targets.clone(),
         };
@@ -1142,15 +1137,16 @@ fn incarnation(seed: Option<u64>) -> u64 {
 /// A publish whose record is with the outbox writer. If the caller stops waiting, the
 /// message is still handed to the dispatcher once it is stored (a stored message that
 /// was never dispatched would wait for the next restart).
-struct PendingAppend {
+struct PendingAppend<'a> {
     inner: Arc<Inner>,
     ticket: Option<outbox::AppendTicket>,
-    topic: String,
-    key_hashes: Vec<Option<u64>>,
+    /// Borrowed from the publish: copied only if the caller stops waiting.
+    topic: &'a str,
+    key_hashes: &'a [Option<u64>],
     targets: Arc<[String]>,
 }
 
-impl PendingAppend {
+impl PendingAppend<'_> {
     /// Waits until the record has its durability.
     async fn stored(&mut self) -> Result<std::ops::Range<Seq>> {
         let ticket = self
@@ -1163,24 +1159,19 @@ impl PendingAppend {
     }
 
     fn dispatch(&self, first: Seq, confirmed: bool) -> Vec<oneshot::Receiver<()>> {
-        self.inner.hand_off(
-            first,
-            &self.topic,
-            &self.key_hashes,
-            &self.targets,
-            confirmed,
-        )
+        self.inner
+            .hand_off(first, self.topic, self.key_hashes, &self.targets, confirmed)
     }
 }
 
-impl Drop for PendingAppend {
+impl Drop for PendingAppend<'_> {
     fn drop(&mut self) {
         let Some(mut ticket) = self.ticket.take() else {
             return;
         };
         let inner = self.inner.clone();
-        let topic = std::mem::take(&mut self.topic);
-        let key_hashes = std::mem::take(&mut self.key_hashes);
+        let topic = self.topic.to_string();
+        let key_hashes = self.key_hashes.to_vec();
         let targets = self.targets.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
@@ -1199,10 +1190,6 @@ fn separate_payload(durability: Durability, message: &Message) -> bool {
 }
 
 /// A generous estimate of the bytes `message`'s record takes in the publish buffer.
-fn stored_size(topic: &str, message: &Message, separate: bool) -> usize {
-    message::stored_size_estimate(topic, message) - message.payload.len() * usize::from(separate)
-}
-
 fn check_topic(topic: &str) -> Result<()> {
     if topic.is_empty() {
         return Err(Error::new(ErrorKind::Config, "topic must not be empty"));
