@@ -418,10 +418,27 @@ impl Dispatcher {
     }
 
     /// Messages assigned to the link and not yet handed to it: `(link_seq, seq)`.
+    #[cfg(test)]
     pub(crate) fn take_outgoing(&mut self, key: &LinkKey, epoch: LinkEpoch) -> Vec<(u64, Seq)> {
-        self.link_mut(key, epoch)
-            .map(|l| std::mem::take(&mut l.outgoing))
-            .unwrap_or_default()
+        let mut outgoing = Vec::new();
+        self.swap_outgoing(key, epoch, &mut outgoing);
+        outgoing
+    }
+
+    /// Moves the messages assigned to the link and not yet handed to it into `into`
+    /// (emptied first), and leaves `into`'s buffer with the link: the two buffers
+    /// change places at every take, so neither side allocates or regrows one per take
+    /// (each is at most the link's credit window long).
+    pub(crate) fn swap_outgoing(
+        &mut self,
+        key: &LinkKey,
+        epoch: LinkEpoch,
+        into: &mut Vec<(u64, Seq)>,
+    ) {
+        into.clear();
+        if let Some(link) = self.link_mut(key, epoch) {
+            std::mem::swap(&mut link.outgoing, into);
+        }
     }
 
     /// The link of `key` if it is still the one `epoch` was issued for.

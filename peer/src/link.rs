@@ -113,6 +113,7 @@ async fn serve(
         .on_link_up(crate::clock::now(), key, epoch, window);
     inner.execute(actions);
     let records = RecordSplitter::new(&key.topic);
+    let mut outgoing = Vec::new();
     loop {
         if control.is_closed() {
             let _ = writer.finish().await;
@@ -120,8 +121,8 @@ async fn serve(
         }
         tokio::select! {
             () = control.wake.notified() => {
-                let outgoing = inner.core().take_outgoing(key, epoch);
-                send_batch(inner, key, epoch, &mut writer, &records, outgoing).await?;
+                inner.core().swap_outgoing(key, epoch, &mut outgoing);
+                send_batch(inner, key, epoch, &mut writer, &records, &outgoing).await?;
             }
             frame = reader.next() => match frame.map_err(wire_err)? {
                 Some(Frame::Ack(ack)) => {
@@ -155,12 +156,12 @@ async fn send_batch(
     epoch: LinkEpoch,
     writer: &mut FrameWriter,
     records: &RecordSplitter,
-    outgoing: Vec<(u64, u64)>,
+    outgoing: &[(u64, u64)],
 ) -> Result<()> {
     let seqs: Vec<u64> = outgoing.iter().map(|(_, seq)| *seq).collect();
     let producer = inner.producer_id;
-    let encoded = inner.outbox.with_memory_bodies(&seqs, |bodies| {
-        encode_batch(producer, key, writer, records, &outgoing, bodies)
+    let encoded = inner.outbox.with_resident_bodies(&seqs, |bodies| {
+        encode_batch(producer, key, writer, records, outgoing, bodies)
     });
     let unsendable = match encoded {
         Some(unsendable) => unsendable?,
@@ -169,7 +170,7 @@ async fn send_batch(
             let bodies = bodies
                 .iter()
                 .map(|b| b.as_ref().map(|head| MemoryRecordRef { head, tail: None }));
-            encode_batch(producer, key, writer, records, &outgoing, bodies)?
+            encode_batch(producer, key, writer, records, outgoing, bodies)?
         }
     };
     if !unsendable.is_empty() {

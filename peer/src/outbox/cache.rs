@@ -52,7 +52,12 @@ impl BodyCache {
 
     /// The cached body of `seq`.
     pub fn get(&self, seq: u64) -> Option<Bytes> {
-        self.map.get(&seq).cloned()
+        self.get_ref(seq).cloned()
+    }
+
+    /// The cached body of `seq`, borrowed (no reference count taken).
+    pub fn get_ref(&self, seq: u64) -> Option<&Bytes> {
+        self.map.get(&seq)
     }
 
     /// Drops `seq` from the cache.

@@ -514,19 +514,29 @@ impl From<Bytes> for MemoryRecord {
     }
 }
 
-/// The bodies [`Outbox::with_memory_bodies`] hands out, in the order of its `seqs`.
+/// The bodies [`Outbox::with_resident_bodies`] hands out, in the order of its `seqs`.
 #[derive(Debug)]
-pub struct MemoryBodies<'a> {
+pub struct ResidentBodies<'a> {
     state: &'a OutboxState,
+    cache: &'a BodyCache,
     seqs: std::slice::Iter<'a, u64>,
 }
 
-impl<'a> Iterator for MemoryBodies<'a> {
+impl<'a> ResidentBodies<'a> {
+    fn get(&self, seq: u64) -> Option<MemoryRecordRef<'a>> {
+        self.state.memory_body(seq).or_else(|| {
+            let head = self.cache.get_ref(seq)?;
+            Some(MemoryRecordRef { head, tail: None })
+        })
+    }
+}
+
+impl<'a> Iterator for ResidentBodies<'a> {
     type Item = Option<MemoryRecordRef<'a>>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let &seq = self.seqs.next()?;
-        Some(self.state.memory_body(seq))
+        Some(self.get(seq))
     }
 }
 
@@ -1006,27 +1016,28 @@ impl Outbox {
     }
 
     /// Runs `f` under the outbox lock on the bodies of `seqs`, in order, if every one
-    /// is a pending `Memory` message; `None` (without running `f`) otherwise, and then
+    /// is in memory: a pending `Memory` message, or a disk message whose body is still
+    /// cached; `None` (without running `f`) otherwise, and then
     /// [`read_many`](Self::read_many) gets them. Unlike `read_many` it takes no
     /// reference count per body: the bodies of one publish share one, and taking and
-    /// dropping it per message on the sending thread was measurable. `f` runs under
-    /// the lock: it must be short and must not call into the outbox.
-    pub fn with_memory_bodies<R>(
+    /// dropping it per message on the sending thread was measurable (and the first
+    /// one taken of a single publish's body allocates). `f` runs under the lock: it
+    /// must be short and must not call into the outbox.
+    pub fn with_resident_bodies<R>(
         &self,
         seqs: &[u64],
-        f: impl FnOnce(MemoryBodies<'_>) -> R,
+        f: impl FnOnce(ResidentBodies<'_>) -> R,
     ) -> Option<R> {
         let core = self.inner.shared.core();
-        if !seqs
-            .iter()
-            .all(|&seq| core.state.memory_body(seq).is_some())
-        {
+        let bodies = ResidentBodies {
+            state: &core.state,
+            cache: &core.cache,
+            seqs: seqs.iter(),
+        };
+        if !seqs.iter().all(|&seq| bodies.get(seq).is_some()) {
             return None;
         }
-        Some(f(MemoryBodies {
-            state: &core.state,
-            seqs: seqs.iter(),
-        }))
+        Some(f(bodies))
     }
 
     /// The bodies of `seqs`, in order (`None` for settled ones): those in memory under

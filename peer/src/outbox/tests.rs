@@ -164,6 +164,48 @@ async fn read_falls_back_to_disk() {
     }
 }
 
+/// Disk messages whose bodies are still cached are handed out under the lock like
+/// `Memory` ones (no read, no reference count); once one of them was evicted, or was
+/// settled, the whole request falls back to `read_many`.
+#[tokio::test]
+async fn cached_disk_bodies_are_resident_until_evicted_or_settled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.cache_bytes = 30;
+    let (o, _) = Outbox::open(c).await.unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..5u8 {
+        let body = Bytes::from(vec![i; 10]);
+        seqs.push(
+            o.append(g(&["a"]), body, Durability::Disk, WhenFull::Fail)
+                .await
+                .unwrap(),
+        );
+    }
+    let copied = |seqs: &[u64]| {
+        o.with_resident_bodies(seqs, |bodies| {
+            bodies
+                .map(|b| b.map(|r| r.head.to_vec()))
+                .collect::<Vec<_>>()
+        })
+    };
+    // The cache holds the last three bodies.
+    let resident = copied(&seqs[2..]).expect("the last three are cached");
+    for (i, body) in resident.into_iter().enumerate() {
+        assert_eq!(body, Some(vec![i as u8 + 2; 10]));
+    }
+    assert!(copied(&seqs[1..]).is_none(), "the second one was evicted");
+    assert_eq!(
+        o.read_many(&seqs[1..2]).await.unwrap(),
+        vec![Some(Bytes::from(vec![1u8; 10]))],
+        "and is read from its segment"
+    );
+    o.settle(seqs[4], "a");
+    assert!(copied(&seqs[4..]).is_none(), "settled: not handed out");
+    assert_eq!(o.read_many(&seqs[4..]).await.unwrap(), vec![None]);
+    o.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn torn_tail_is_truncated_and_appends_continue() {
     let tmp = tempfile::tempdir().unwrap();
@@ -922,7 +964,7 @@ async fn a_memory_record_in_two_pieces_is_kept_apart_and_read_whole() {
     let seq = seqs.start;
     assert_eq!(o.stats().memory_used_bytes, 10_004);
     let pieces = o
-        .with_memory_bodies(&[seq], |mut bodies| {
+        .with_resident_bodies(&[seq], |mut bodies| {
             bodies
                 .next()
                 .flatten()
