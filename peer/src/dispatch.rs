@@ -41,7 +41,7 @@ pub(crate) enum Action {
     /// requeued).
     CloseLink(LinkEpoch),
     /// Messages are ready for the link of this epoch: its task calls
-    /// [`Dispatcher::take_outgoing`]. (An epoch, not a [`LinkKey`]: a wake is sent per
+    /// [`Dispatcher::swap_outgoing`]. (An epoch, not a [`LinkKey`]: a wake is sent per
     /// publish, and cloning and hashing a key's three strings was measurable.)
     Wake(LinkEpoch),
     /// The messages need nothing more from this group.
