@@ -19,35 +19,13 @@ use futures::StreamExt;
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_peer::{Message, Peer};
 use weft_proto::tls::MAX_IDLE_TIMEOUT;
 use weft_proto::wire::{Member, Route};
-use weft_tests::{binary, eventually, init_logs, ChildProcess};
-
-fn free_port() -> u16 {
-    // A node process binds it later, so it is released in between. Taken below the
-    // kernel's ephemeral range (32,768 and up on Linux by default), where no socket
-    // bound to port 0 (every peer and endpoint of the tests running beside this one)
-    // can be given it meanwhile; each call moves on from a per-process start, so the
-    // tests of this process never pick the same one either. (Picked with port 0, a node
-    // port was once taken that way under CI load: the node could not start and the
-    // test failed after 20 s.)
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = std::process::id().wrapping_mul(7919) % SPAN;
-    for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + (start + n) % SPAN) as u16;
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free UDP port in {FIRST}..{}", FIRST + SPAN);
-}
+use weft_tests::{binary, eventually, free_udp_port, init_logs, ChildProcess};
 
 struct Node {
     child: Child,
@@ -152,10 +130,10 @@ fn three_nodes_with(root: &std::path::Path, extra: &[&str]) -> (Vec<Node>, Vec<S
     // Create the dev CA once, before three processes race for it.
     weft_proto::certs::ensure_dev(&ca, "bootstrap", &[]).expect("dev CA");
     let gossip: Vec<SocketAddr> = (0..3)
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
         .collect();
     let listen: Vec<SocketAddr> = (0..3)
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
         .collect();
     let nodes = (0..3)
         .map(|i| {
@@ -544,7 +522,7 @@ async fn a_directory_node_restarted_at_once_keeps_its_peers_in_routes() {
     flowing(&got, "the flow reaches the subscriber before the restart").await;
     let killed = Instant::now();
     nodes[0].kill();
-    nodes[0].restart_listening_on(SocketAddr::from(([127, 0, 0, 1], free_port())));
+    nodes[0].restart_listening_on(SocketAddr::from(([127, 0, 0, 1], free_udp_port())));
     assert!(
         eventually(Duration::from_secs(30), || nodes[2]
             .attachments("subscriber")

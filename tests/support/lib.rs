@@ -179,3 +179,26 @@ impl Drop for ChildProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A UDP port on 127.0.0.1 that is free now, for a socket that binds it later (a
+/// node process, or a peer behind a proxy that must know its address first).
+pub fn free_udp_port() -> u16 {
+    // Released in between, so taken below the kernel's ephemeral range (32,768 and up
+    // on Linux by default), where no socket bound to port 0 (every peer and endpoint
+    // of the tests running beside this one) can be given it meanwhile; each call moves
+    // on from a per-process start, so the tests of one process never pick the same one
+    // either. (Picked with port 0, a directory node's port was once taken that way
+    // under CI load: the node could not start and the test failed after 20 s.)
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP port in {FIRST}..{}", FIRST + SPAN);
+}
