@@ -1189,7 +1189,6 @@ fn separate_payload(durability: Durability, message: &Message) -> bool {
     durability == Durability::Memory && message.payload.len() >= message::SEPARATE_PAYLOAD_MIN
 }
 
-/// A generous estimate of the bytes `message`'s record takes in the publish buffer.
 fn check_topic(topic: &str) -> Result<()> {
     if topic.is_empty() {
         return Err(Error::new(ErrorKind::Config, "topic must not be empty"));
