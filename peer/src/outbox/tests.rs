@@ -29,6 +29,26 @@ async fn append_disk(o: &Outbox, targets: &[&str], body: &'static [u8]) -> u64 {
     .unwrap()
 }
 
+/// An outbox in a fresh directory whose body cache holds `cache_bytes`.
+async fn open_with_cache(cache_bytes: usize) -> (tempfile::TempDir, Outbox) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.cache_bytes = cache_bytes;
+    let (o, _) = Outbox::open(c).await.unwrap();
+    (tmp, o)
+}
+
+/// Appends `count` disk messages for group "a", the `i`-th of ten bytes `i`.
+async fn append_numbered(o: &Outbox, count: u8) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for i in 0..count {
+        let body = Bytes::from(vec![i; 10]);
+        let seq = o.append(g(&["a"]), body, Durability::Disk, WhenFull::Fail);
+        seqs.push(seq.await.unwrap());
+    }
+    seqs
+}
+
 fn segments(dir: &Path) -> Vec<u64> {
     segment::list(dir).unwrap()
 }
@@ -134,19 +154,8 @@ async fn append_read_settle_reopen() {
 
 #[tokio::test]
 async fn read_falls_back_to_disk() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut c = cfg(tmp.path());
-    c.cache_bytes = 16;
-    let (o, _) = Outbox::open(c).await.unwrap();
-    let mut seqs = Vec::new();
-    for i in 0..20u8 {
-        let body = Bytes::from(vec![i; 10]);
-        seqs.push(
-            o.append(g(&["a"]), body, Durability::Disk, WhenFull::Fail)
-                .await
-                .unwrap(),
-        );
-    }
+    let (_dir, o) = open_with_cache(16).await;
+    let seqs = append_numbered(&o, 20).await;
     assert!(o.stats().cache_bytes <= 16);
     for (i, s) in seqs.iter().enumerate() {
         assert_eq!(
@@ -169,19 +178,8 @@ async fn read_falls_back_to_disk() {
 /// settled, the whole request falls back to `read_many`.
 #[tokio::test]
 async fn cached_disk_bodies_are_resident_until_evicted_or_settled() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut c = cfg(tmp.path());
-    c.cache_bytes = 30;
-    let (o, _) = Outbox::open(c).await.unwrap();
-    let mut seqs = Vec::new();
-    for i in 0..5u8 {
-        let body = Bytes::from(vec![i; 10]);
-        seqs.push(
-            o.append(g(&["a"]), body, Durability::Disk, WhenFull::Fail)
-                .await
-                .unwrap(),
-        );
-    }
+    let (_dir, o) = open_with_cache(30).await;
+    let seqs = append_numbered(&o, 5).await;
     let copied = |seqs: &[u64]| {
         o.with_resident_bodies(seqs, |bodies| {
             bodies
@@ -987,13 +985,16 @@ async fn a_memory_record_in_two_pieces_is_kept_apart_and_read_whole() {
     assert_eq!(o.stats().memory_used_bytes, 0);
 }
 
-/// Appends `n` Memory messages for `a` in batches of 1,024, settling each batch;
-/// returns how many batches found the lease used up (and were refused the fast path)
-/// and the last seq taken.
-async fn memory_batches(o: &Outbox, n: u64) -> (u64, u64) {
+/// Appends `n` Memory messages for `a` in batches of 1,024, settling each batch, with
+/// `pause` between batches; returns how many batches found the lease used up (and
+/// were refused the fast path) and the last seq taken.
+async fn memory_batches(o: &Outbox, n: u64, pause: Duration) -> (u64, u64) {
     let targets = g(&["a"]);
     let (mut refused, mut last) = (0, 0);
     for _ in 0..n / 1024 {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
         let mut bodies: Vec<MemoryRecord> =
             (0..1024).map(|_| Bytes::from_static(b"m").into()).collect();
         match o
@@ -1016,13 +1017,17 @@ async fn memory_batches(o: &Outbox, n: u64) -> (u64, u64) {
 async fn the_sequence_lease_is_renewed_before_memory_appends_run_out() {
     let tmp = tempfile::tempdir().unwrap();
     let (o, _) = Outbox::open(cfg(tmp.path())).await.unwrap();
-    let commits = o.stats().commits;
+    let lease = |o: &Outbox| o.inner.shared.core().lease_durable;
+    let first_lease = lease(&o);
     // Past the renewal mark, still inside the first lease: the fast path asks the
-    // writer to renew, and the renewal's commit is made durable.
-    let (refused, _) = memory_batches(&o, LEASE_BLOCK - LEASE_RENEW_AHEAD + 4096).await;
+    // writer to renew, and the renewed lease is made durable. (Waited for as such: a
+    // commit count that moved could be another commit, or the renewal's commit before
+    // the lease it made durable is published.)
+    let (refused, _) =
+        memory_batches(&o, LEASE_BLOCK - LEASE_RENEW_AHEAD + 4096, Duration::ZERO).await;
     assert_eq!(refused, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while o.stats().commits == commits {
+    while lease(&o) == first_lease {
         assert!(
             std::time::Instant::now() < deadline,
             "no renewal was committed"
@@ -1030,7 +1035,12 @@ async fn the_sequence_lease_is_renewed_before_memory_appends_run_out() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Far past the first lease's end, without ever falling back to the writer.
-    let (refused, last) = memory_batches(&o, LEASE_BLOCK).await;
+    // Paced at about a million messages a second, which leaves the renewal requested
+    // at the next mark (`LEASE_RENEW_AHEAD` numbers, 32 batches, before the lease's
+    // end) tens of milliseconds for its commit. Unpaced, this loop outran a commit
+    // delayed by the other tests' `fdatasync`s about one run in ten; the appends then
+    // take the writer path, which is correct but not what this test checks.
+    let (refused, last) = memory_batches(&o, LEASE_BLOCK, Duration::from_millis(1)).await;
     assert_eq!(refused, 0, "the lease ran out under the fast path");
     assert!(last > LEASE_BLOCK);
     o.close().await.unwrap();
