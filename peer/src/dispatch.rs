@@ -159,7 +159,7 @@ const SCAN_LIMIT: usize = 65_536;
 pub(crate) struct Dispatcher {
     ack_timeout: Duration,
     /// Queues by topic, then group (nested so that lookups by `&str` allocate nothing).
-    groups: FxHashMap<String, FxHashMap<String, GroupQueue>>,
+    groups: GroupQueues,
     links: FxHashMap<LinkKey, Link>,
     next_epoch: LinkEpoch,
     confirm: SeqMap<usize>,
@@ -212,7 +212,7 @@ impl Dispatcher {
             }
         }
         for group in targets {
-            let queue = self.queue_entry(topic, group);
+            let queue = queue_entry(&mut self.groups, topic, group);
             let run = key_hashes.iter().enumerate().map(|(i, &key_hash)| {
                 let entry = Entry {
                     key_hash,
@@ -222,26 +222,11 @@ impl Dispatcher {
             });
             queue.waiting.push_run(run);
             if !queue.blocked {
-                self.pump(now, topic, group, &mut actions);
+                // The queue as found above: a publish looks its group up once.
+                pump_queue(now, queue, &mut self.links, &mut actions);
             }
         }
         actions
-    }
-
-    fn queue_entry(&mut self, topic: &str, group: &str) -> &mut GroupQueue {
-        if !self.groups.contains_key(topic) {
-            self.groups.insert(topic.to_string(), FxHashMap::default());
-        }
-        let groups = self
-            .groups
-            .get_mut(topic)
-            .expect("inserted just above when missing");
-        if !groups.contains_key(group) {
-            groups.insert(group.to_string(), GroupQueue::default());
-        }
-        groups
-            .get_mut(group)
-            .expect("inserted just above when missing")
     }
 
     /// The directory says `route` is current for its topic.
@@ -279,7 +264,7 @@ impl Dispatcher {
     ) {
         members.sort();
         members.dedup();
-        let queue = self.queue_entry(topic, group);
+        let queue = queue_entry(&mut self.groups, topic, group);
         queue.links = members
             .iter()
             .map(|member| LinkKey {
@@ -520,91 +505,118 @@ impl Dispatcher {
 
     /// Assigns waiting messages of one group to its links, within their credit.
     fn pump(&mut self, now: Instant, topic: &str, group: &str, actions: &mut Vec<Action>) {
-        let Some(queue) = self
+        if let Some(queue) = self
             .groups
             .get_mut(topic)
             .and_then(|groups| groups.get_mut(group))
-        else {
-            return;
+        {
+            pump_queue(now, queue, &mut self.links, actions);
+        }
+    }
+}
+
+/// Queues by topic, then group.
+type GroupQueues = FxHashMap<String, FxHashMap<String, GroupQueue>>;
+
+/// The queue of (`topic`, `group`), created if missing.
+fn queue_entry<'a>(groups: &'a mut GroupQueues, topic: &str, group: &str) -> &'a mut GroupQueue {
+    if !groups.contains_key(topic) {
+        groups.insert(topic.to_string(), FxHashMap::default());
+    }
+    let groups = groups
+        .get_mut(topic)
+        .expect("inserted just above when missing");
+    if !groups.contains_key(group) {
+        groups.insert(group.to_string(), GroupQueue::default());
+    }
+    groups
+        .get_mut(group)
+        .expect("inserted just above when missing")
+}
+
+/// [`Dispatcher::pump`] on a queue already looked up.
+fn pump_queue(
+    now: Instant,
+    queue: &mut GroupQueue,
+    links: &mut FxHashMap<LinkKey, Link>,
+    actions: &mut Vec<Action>,
+) {
+    // Per member: a pump runs per publish, and members are few (no allocation).
+    let mut live: PerMember<&LinkKey> = SmallVec::new();
+    let mut epochs: PerMember<LinkEpoch> = SmallVec::new();
+    let mut free: PerMember<u32> = SmallVec::new();
+    for key in &queue.links {
+        if let Some(link) = links.get(key).filter(|l| l.up) {
+            live.push(key);
+            epochs.push(link.epoch);
+            free.push(link.free());
+        }
+    }
+    queue.blocked = free.iter().all(|f| *f == 0);
+    if queue.blocked || queue.waiting.is_empty() {
+        return;
+    }
+    let room = free.iter().map(|f| *f as usize).sum::<usize>();
+    // Inline for a single publish's one message: this runs per publish.
+    let mut assigned: SmallVec<[(usize, Seq, Entry); 4]> =
+        SmallVec::with_capacity(room.min(queue.waiting.len()));
+    let fences = &mut queue.fences;
+    queue.waiting.scan(SCAN_LIMIT, |seq, entry| {
+        if free.iter().all(|f| *f == 0) {
+            return Offer::Stop;
+        }
+        let target = match entry.key_hash {
+            Some(h) => rendezvous(h, &live),
+            None => most_free(&free),
         };
-        let links = &mut self.links;
-        // Per member: a pump runs per publish, and members are few (no allocation).
-        let mut live: PerMember<&LinkKey> = SmallVec::new();
-        let mut epochs: PerMember<LinkEpoch> = SmallVec::new();
-        let mut free: PerMember<u32> = SmallVec::new();
-        for key in &queue.links {
-            if let Some(link) = links.get(key).filter(|l| l.up) {
-                live.push(key);
-                epochs.push(link.epoch);
-                free.push(link.free());
-            }
+        if free[target] == 0 {
+            return Offer::Skip;
         }
-        queue.blocked = free.iter().all(|f| *f == 0);
-        if queue.blocked || queue.waiting.is_empty() {
-            return;
-        }
-        let room = free.iter().map(|f| *f as usize).sum::<usize>();
-        // Inline for a single publish's one message: this runs per publish.
-        let mut assigned: SmallVec<[(usize, Seq, Entry); 4]> =
-            SmallVec::with_capacity(room.min(queue.waiting.len()));
-        let fences = &mut queue.fences;
-        queue.waiting.scan(SCAN_LIMIT, |seq, entry| {
-            if free.iter().all(|f| *f == 0) {
-                return Offer::Stop;
-            }
-            let target = match entry.key_hash {
-                Some(h) => rendezvous(h, &live),
-                None => most_free(&free),
-            };
-            if free[target] == 0 {
+        if let Some(hash) = entry.key_hash {
+            let fence = fences.entry(hash).or_insert(Fence {
+                epoch: epochs[target],
+                in_flight: 0,
+            });
+            if fence.epoch != epochs[target] {
+                // The key still has messages in flight on another link.
                 return Offer::Skip;
             }
-            if let Some(hash) = entry.key_hash {
-                let fence = fences.entry(hash).or_insert(Fence {
-                    epoch: epochs[target],
-                    in_flight: 0,
-                });
-                if fence.epoch != epochs[target] {
-                    // The key still has messages in flight on another link.
-                    return Offer::Skip;
-                }
-                fence.in_flight += 1;
-            }
-            free[target] -= 1;
-            assigned.push((target, seq, entry));
-            Offer::Take
-        });
-        queue.blocked = free.iter().all(|f| *f == 0);
-        // One link lookup per member (hashing a `LinkKey` hashes three strings), not
-        // one per message; members are few.
-        for (target, key) in live.into_iter().enumerate() {
-            let Some(link) = links.get_mut(key) else {
-                continue;
-            };
-            let mine = || assigned.iter().filter(|a| a.0 == target);
-            let count = mine().count();
-            link.outgoing.reserve(count);
-            link.inflight.reserve(count);
-            // A link with outgoing messages was woken already and takes them all.
-            let mut woken = false;
-            for &(_, seq, mut entry) in mine() {
-                entry.deliveries += 1;
-                let link_seq = link.next_link_seq;
-                link.next_link_seq += 1;
-                link.inflight.push(
-                    link_seq,
-                    InFlight {
-                        seq,
-                        entry,
-                        sent_at: now,
-                    },
-                );
-                woken |= link.outgoing.is_empty();
-                link.outgoing.push((link_seq, seq));
-            }
-            if woken {
-                actions.push(Action::Wake(link.epoch));
-            }
+            fence.in_flight += 1;
+        }
+        free[target] -= 1;
+        assigned.push((target, seq, entry));
+        Offer::Take
+    });
+    queue.blocked = free.iter().all(|f| *f == 0);
+    // One link lookup per member (hashing a `LinkKey` hashes three strings), not
+    // one per message; members are few.
+    for (target, key) in live.into_iter().enumerate() {
+        let Some(link) = links.get_mut(key) else {
+            continue;
+        };
+        let mine = || assigned.iter().filter(|a| a.0 == target);
+        let count = mine().count();
+        link.outgoing.reserve(count);
+        link.inflight.reserve(count);
+        // A link with outgoing messages was woken already and takes them all.
+        let mut woken = false;
+        for &(_, seq, mut entry) in mine() {
+            entry.deliveries += 1;
+            let link_seq = link.next_link_seq;
+            link.next_link_seq += 1;
+            link.inflight.push(
+                link_seq,
+                InFlight {
+                    seq,
+                    entry,
+                    sent_at: now,
+                },
+            );
+            woken |= link.outgoing.is_empty();
+            link.outgoing.push((link_seq, seq));
+        }
+        if woken {
+            actions.push(Action::Wake(link.epoch));
         }
     }
 }
