@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use weft_peer::{Message, Peer};
 use weft_proto::tls::MAX_IDLE_TIMEOUT;
 use weft_proto::wire::{Member, Route};
-use weft_tests::{binary, eventually, free_udp_port, init_logs, ChildProcess};
+use weft_tests::{binary, eventually, free_udp_addr, init_logs, ChildProcess};
 
 struct Node {
     child: Child,
@@ -129,12 +129,8 @@ fn three_nodes_with(root: &std::path::Path, extra: &[&str]) -> (Vec<Node>, Vec<S
     let ca = root.join("dev-ca");
     // Create the dev CA once, before three processes race for it.
     weft_proto::certs::ensure_dev(&ca, "bootstrap", &[]).expect("dev CA");
-    let gossip: Vec<SocketAddr> = (0..3)
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
-        .collect();
-    let listen: Vec<SocketAddr> = (0..3)
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
-        .collect();
+    let gossip: Vec<SocketAddr> = (0..3).map(|_| free_udp_addr()).collect();
+    let listen: Vec<SocketAddr> = (0..3).map(|_| free_udp_addr()).collect();
     let nodes = (0..3)
         .map(|i| {
             Node::start(
@@ -522,7 +518,7 @@ async fn a_directory_node_restarted_at_once_keeps_its_peers_in_routes() {
     flowing(&got, "the flow reaches the subscriber before the restart").await;
     let killed = Instant::now();
     nodes[0].kill();
-    nodes[0].restart_listening_on(SocketAddr::from(([127, 0, 0, 1], free_udp_port())));
+    nodes[0].restart_listening_on(free_udp_addr());
     assert!(
         eventually(Duration::from_secs(30), || nodes[2]
             .attachments("subscriber")

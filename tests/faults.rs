@@ -192,7 +192,7 @@ async fn partition_between_sender_and_receiver_heals_without_loss_or_reorder() {
         .await
         .expect("directory");
     // The receiver binds a fixed port first so that the proxy can sit in front of it.
-    let receiver_addr: std::net::SocketAddr = ([127, 0, 0, 1], weft_tests::free_udp_port()).into();
+    let receiver_addr = weft_tests::free_udp_addr();
     let proxy = weft_tests::UdpProxy::start(receiver_addr).await;
     let receiver = Peer::builder("receiver")
         .directory([directory.local_addr()])
@@ -282,7 +282,7 @@ async fn receiver_restart_keeps_dropping_messages_it_already_acked() {
         .start()
         .await
         .expect("directory");
-    let receiver_addr: std::net::SocketAddr = ([127, 0, 0, 1], weft_tests::free_udp_port()).into();
+    let receiver_addr = weft_tests::free_udp_addr();
     let proxy = Arc::new(weft_tests::UdpProxy::start(receiver_addr).await);
     let start_receiver = || {
         Peer::builder("receiver")
@@ -435,7 +435,7 @@ async fn torn_tail_case(damage: TailDamage) {
         .await
         .expect("directory");
     // The member comes back on the same address, as a restarted service would.
-    let member_addr: std::net::SocketAddr = ([127, 0, 0, 1], weft_tests::free_udp_port()).into();
+    let member_addr = weft_tests::free_udp_addr();
     let start_member = || {
         Peer::builder("member")
             .directory([directory.local_addr()])

@@ -498,18 +498,12 @@ impl Dispatcher {
     }
 
     fn queue_mut(&mut self, topic: &str, group: &str) -> Option<&mut GroupQueue> {
-        self.groups
-            .get_mut(topic)
-            .and_then(|groups| groups.get_mut(group))
+        queue_in(&mut self.groups, topic, group)
     }
 
     /// Assigns waiting messages of one group to its links, within their credit.
     fn pump(&mut self, now: Instant, topic: &str, group: &str, actions: &mut Vec<Action>) {
-        if let Some(queue) = self
-            .groups
-            .get_mut(topic)
-            .and_then(|groups| groups.get_mut(group))
-        {
+        if let Some(queue) = queue_in(&mut self.groups, topic, group) {
             pump_queue(now, queue, &mut self.links, actions);
         }
     }
@@ -517,6 +511,18 @@ impl Dispatcher {
 
 /// Queues by topic, then group.
 type GroupQueues = FxHashMap<String, FxHashMap<String, GroupQueue>>;
+
+/// The queue of (`topic`, `group`), if any. (A function of the map, not of the
+/// dispatcher, so that the links can be borrowed beside it.)
+fn queue_in<'a>(
+    groups: &'a mut GroupQueues,
+    topic: &str,
+    group: &str,
+) -> Option<&'a mut GroupQueue> {
+    groups
+        .get_mut(topic)
+        .and_then(|groups| groups.get_mut(group))
+}
 
 /// The queue of (`topic`, `group`), created if missing.
 fn queue_entry<'a>(groups: &'a mut GroupQueues, topic: &str, group: &str) -> &'a mut GroupQueue {

@@ -180,9 +180,13 @@ impl Drop for ChildProcess {
     }
 }
 
-/// A UDP port on 127.0.0.1 that is free now, for a socket that binds it later (a
-/// node process, or a peer behind a proxy that must know its address first).
-pub fn free_udp_port() -> u16 {
+/// An address on 127.0.0.1 whose UDP port is free now, for a socket that binds it
+/// later (a node process, or a peer behind a proxy that must know its address first).
+pub fn free_udp_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port()))
+}
+
+fn free_udp_port() -> u16 {
     // Released in between, so taken below the kernel's ephemeral range (32,768 and up
     // on Linux by default), where no socket bound to port 0 (every peer and endpoint
     // of the tests running beside this one) can be given it meanwhile; each call moves
