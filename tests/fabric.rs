@@ -512,6 +512,63 @@ async fn memory_messages_unacked_past_the_memory_limit_make_publish_wait_or_fail
         .expect("publish");
 }
 
+/// A disk publish takes the outbox's quick path while the quota has room and falls back
+/// to waiting or failing once it is full: with every message the quota allows still
+/// unacked, `WhenFull::Fail` reports the full outbox, `WhenFull::Wait` waits, and acks
+/// let the waiting publish in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_messages_unacked_past_the_quota_make_publish_wait_or_fail() {
+    use weft_peer::{Durability, ErrorKind, WhenFull};
+    let fabric = Fabric::start().await;
+    let (_receiver, mut sub) = fabric.subscribed("disk-receiver").await;
+    const LIMIT: usize = 40;
+    let sender = fabric
+        .peer_with("disk-sender", |b| {
+            b.outbox(|mut c| {
+                c.max_messages = LIMIT as u64;
+                c
+            })
+        })
+        .await;
+    let publish = |n: usize, when_full| {
+        sender.publish_with(
+            "t",
+            Message::new(n.to_string()),
+            Durability::Disk,
+            when_full,
+        )
+    };
+    for n in 0..LIMIT {
+        publish(n, WhenFull::Fail).await.expect("under the quota");
+    }
+    let held = take_batches(&mut sub, LIMIT).await;
+    let e = publish(LIMIT, WhenFull::Fail)
+        .await
+        .expect_err("every message the quota allows is still unacked");
+    assert_eq!(e.kind(), ErrorKind::OutboxFull, "{e}");
+    assert!(
+        e.to_string().contains(&format!("{LIMIT}/{LIMIT} messages")),
+        "{e}"
+    );
+
+    let waiting = publish(LIMIT, WhenFull::Wait);
+    tokio::pin!(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut waiting)
+            .await
+            .is_err(),
+        "waits while the quota is full"
+    );
+    weft_peer::Delivery::ack_all(held);
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("goes in once acks free room")
+        .expect("publish");
+    let last = take_batches(&mut sub, 1).await;
+    assert_eq!(last.len(), 1);
+    assert_eq!(&last[0].payload()[..], LIMIT.to_string().as_bytes());
+}
+
 /// Large `Memory` payloads are kept as the application's buffer behind their record's
 /// head (not copied into it) and sent as they are: each arrives byte for byte with its
 /// key, tags and headers, from single publishes and from a batch that mixes them with

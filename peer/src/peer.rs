@@ -863,6 +863,25 @@ impl Inner {
         Ok((record, message.key.as_deref().map(message::key_hash)))
     }
 
+    /// Checks and encodes one message as stored in the outbox: its record, its payload
+    /// when it stays a buffer of its own (see [`separate_payload`]), the hash of its
+    /// key and the publish time. Takes the message, so that no publish future holds it.
+    fn encode_one(
+        &self,
+        topic: &str,
+        message: Message,
+        durability: Durability,
+    ) -> Result<(Bytes, Option<Bytes>, Option<u64>, u64)> {
+        check_topic(topic)?;
+        let separate = separate_payload(durability, &message);
+        let unix_ms = crate::clock::unix_ms();
+        let mut buf = Vec::with_capacity(message::stored_len(topic, &message, unix_ms, !separate));
+        let encoder = message::StoredEncoder::single(topic, unix_ms);
+        let (_, key_hash) = self.prepare(&encoder, &message, &mut buf, !separate)?;
+        let tail = separate.then_some(message.payload);
+        Ok((Bytes::from(buf), tail, key_hash, unix_ms))
+    }
+
     async fn publish(
         self: &Arc<Self>,
         topic: &str,
@@ -870,17 +889,32 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<Receipt> {
-        check_topic(topic)?;
-        let separate = separate_payload(durability, &message);
-        let unix_ms = crate::clock::unix_ms();
-        let mut buf = Vec::with_capacity(message::stored_len(topic, &message, unix_ms, !separate));
-        let encoder = message::StoredEncoder::single(topic, unix_ms);
-        let (_, key_hash) = self.prepare(&encoder, &message, &mut buf, !separate)?;
-        let mut bodies = vec![MemoryRecord {
-            head: Bytes::from(buf),
-            tail: separate.then_some(message.payload),
-        }];
+        let (mut record, tail, key_hash, unix_ms) = self.encode_one(topic, message, durability)?;
         let targets = self.targets(topic).await?;
+        if durability == Durability::Disk {
+            // Fast path: a free writer slot and room in the quota, taken without the
+            // boxed writer path's future and lists.
+            match self
+                .outbox
+                .try_submit(&targets, record, outbox::Durability::Disk)?
+            {
+                Ok(ticket) => {
+                    let key_hashes = [key_hash];
+                    let mut pending = PendingAppend {
+                        inner: self.clone(),
+                        ticket: Some(ticket),
+                        topic,
+                        key_hashes: &key_hashes,
+                        targets: targets.clone(),
+                    };
+                    let seqs = pending.stored().await?;
+                    pending.dispatch(seqs.start, false);
+                    return Ok(self.receipt(seqs.start, &targets));
+                }
+                Err(given_back) => record = given_back,
+            }
+        }
+        let mut bodies = vec![MemoryRecord { head: record, tail }];
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
             // and handing it to the dispatcher.

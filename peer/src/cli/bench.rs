@@ -528,6 +528,11 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         .map(|h| h.clone())
         .unwrap_or_else(|_| histogram());
     let msgs_per_s = total as f64 / elapsed.as_secs_f64();
+    // Group commits that ended in an fdatasync (lease renewals included for `memory`).
+    let commits: u64 = publishers
+        .iter()
+        .map(|(_, p)| p.outbox_stats().commits)
+        .sum();
     let report = Report {
         system: system_name(args.durability),
         mode: "thr",
@@ -543,7 +548,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         max_us: h.max() as f64 / 1e3,
         latency_kind: "publish_to_delivery",
         extra: format!(
-            "\"delivered_msgs_per_s\":{:.0},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"expected_deliveries\":{expected}",
+            "\"delivered_msgs_per_s\":{:.0},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"outbox_commits\":{commits},\"expected_deliveries\":{expected}",
             expected as f64 / elapsed.as_secs_f64(),
             published_in.as_secs_f64(),
             args.groups,

@@ -796,7 +796,7 @@ impl Outbox {
         };
         permit.send(Req::Append(writer::Append {
             targets,
-            bodies,
+            bodies: bodies.into(),
             durability,
             reply,
         }));
@@ -806,6 +806,48 @@ impl Outbox {
             rx,
             blocking: shared.cfg.blocking_append,
         })
+    }
+
+    /// [`submit`](Self::submit) when it need not wait: `Ok(Err(body))` (nothing
+    /// stored, the body given back) when the quota or the writer's channel is full, and
+    /// the caller must use `submit`, which waits or fails as its `WhenFull` says.
+    /// Synchronous, so a caller's future holds no state of `submit`, and allocates
+    /// nothing but the ticket: the common path of one `Disk` publish.
+    pub fn try_submit(
+        &self,
+        targets: &Arc<[String]>,
+        body: Bytes,
+        durability: Durability,
+    ) -> Result<Result<AppendTicket, Bytes>, OutboxError> {
+        let shared = &self.inner.shared;
+        let size = check_body(&shared.cfg, body.len())?;
+        let targets = match validate_targets(targets)? {
+            std::borrow::Cow::Borrowed(_) => targets.clone(),
+            std::borrow::Cow::Owned(sorted) => sorted.into(),
+        };
+        let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(OutboxError::Closed);
+        }
+        let permit = match tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(OutboxError::Closed),
+            Err(mpsc::error::TrySendError::Full(())) => return Ok(Err(body)),
+        };
+        if !targets.is_empty() && shared.core().state.reserve_as(durability, 1, size).is_err() {
+            return Ok(Err(body));
+        }
+        let (reply, rx) = oneshot::channel();
+        permit.send(Req::Append(writer::Append {
+            targets,
+            bodies: smallvec::smallvec![body],
+            durability,
+            reply,
+        }));
+        Ok(Ok(AppendTicket {
+            rx,
+            blocking: shared.cfg.blocking_append,
+        }))
     }
 
     /// Appends a `Memory` message without the writer: returns its sequence number, or

@@ -1189,3 +1189,67 @@ async fn thousands_of_appends_awaited_by_one_task_are_each_polled_a_few_times() 
         "{per_append:.1} polls per append: the tickets' wake-ups go round the budget"
     );
 }
+
+/// `try_submit` stores like `submit` while there is room, gives the body back untouched
+/// (storing nothing, reserving nothing) once the quota is full, validates as `submit`
+/// does, and takes messages again once settlements free room.
+#[tokio::test]
+async fn try_submit_gives_the_body_back_when_the_quota_is_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.max_messages = 2;
+    c.max_bytes = 1000;
+    let (o, _) = Outbox::open(c.clone()).await.unwrap();
+    let targets: Arc<[String]> = g(&["b", "a"]).into();
+    let mut seqs = Vec::new();
+    for body in ["one", "two"] {
+        let mut ticket = o
+            .try_submit(&targets, Bytes::from(body), Durability::Disk)
+            .unwrap()
+            .expect("room in the quota");
+        seqs.push(ticket.wait().await.unwrap().start);
+    }
+    let given_back = o
+        .try_submit(&targets, Bytes::from("three"), Durability::Disk)
+        .unwrap()
+        .expect_err("the quota is full");
+    assert_eq!(given_back, Bytes::from("three"));
+    let st = o.stats();
+    assert_eq!((st.appended, st.pending_messages), (2, 2));
+    let e = o
+        .try_submit(&g(&["a", ""]).into(), Bytes::from("x"), Durability::Disk)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, OutboxError::InvalidTarget { .. }), "{e:?}");
+    let e = o
+        .try_submit(&targets, Bytes::from(vec![0; 1001]), Durability::Disk)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, OutboxError::TooLarge { .. }), "{e:?}");
+
+    o.settle(seqs[0], "a");
+    o.settle(seqs[0], "b");
+    let third = o
+        .try_submit(&targets, given_back, Durability::Disk)
+        .unwrap()
+        .expect("a settled message freed room")
+        .wait()
+        .await
+        .unwrap()
+        .start;
+    o.close().await.unwrap();
+    drop(o);
+    let (_o, rec) = Outbox::open(c).await.unwrap();
+    let recovered: Vec<(u64, Bytes, Vec<String>)> = rec
+        .pending
+        .into_iter()
+        .map(|p| (p.seq, p.body, p.unsettled))
+        .collect();
+    assert_eq!(
+        recovered,
+        vec![
+            (seqs[1], Bytes::from("two"), g(&["a", "b"])),
+            (third, Bytes::from("three"), g(&["a", "b"])),
+        ]
+    );
+}

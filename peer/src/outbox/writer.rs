@@ -45,7 +45,8 @@ pub(super) struct Writer {
 /// answered together (one message for `publish`, several for a batch).
 pub(super) struct Append {
     pub(super) targets: Arc<[String]>,
-    pub(super) bodies: Vec<Bytes>,
+    /// Inline for one message: a single publish allocates no list.
+    pub(super) bodies: smallvec::SmallVec<[Bytes; 1]>,
     pub(super) durability: Durability,
     pub(super) reply: Reply,
 }
