@@ -63,7 +63,8 @@ pub struct BenchArgs {
     /// thr: messages in flight at once per publisher (publishes not yet returned; 1 =
     /// each awaited in turn, as a plain publish loop). Default: 512 for single
     /// publishes, 4096 with `--batch` (the best measured on 2 cores; see
-    /// docs/benchmarks.md, sessions 18 and 19).
+    /// docs/benchmarks.md, sessions 18 and 19), at most 8 MiB of payload and at
+    /// least one batch.
     #[arg(long)]
     pub window: Option<usize>,
     /// thr: messages per `publish_batch` call (1 = one `publish` per message). A batch
@@ -296,14 +297,19 @@ fn system_name(d: BenchDurability) -> &'static str {
 /// the shared runtime, one at a time (`--window 1`) hands each few messages to the
 /// link on the other worker thread and stays near 0.75 M msgs/s, while 512 in flight
 /// let a backlog form and ran at ~1.5 M in four runs out of five; with
-/// `--threads per-peer`, one at a time is the faster (~1.8 M against ~1.7 M).
-fn default_window(batch: usize) -> usize {
-    if batch > 1 {
-        4096
-    } else {
-        512
-    }
+/// `--threads per-peer`, one at a time is the faster (~1.8 M against ~1.7 M). Large
+/// messages are capped at [`DEFAULT_WINDOW_BYTES`] of payload, and never under one
+/// batch.
+fn default_window(batch: usize, size: usize) -> usize {
+    let messages = if batch > 1 { 4096 } else { 512 };
+    messages.min(DEFAULT_WINDOW_BYTES / size.max(1)).max(batch)
 }
+
+/// Payload bytes in flight per publisher unless `--window` says otherwise: past this,
+/// a deeper window only queues. 16 KiB `disk` batches of 256 ran at 1.13–1.25 GB/s
+/// with 512 in flight, 1.06–1.08 with 1,024 and 0.88–0.97 with 4,096 (peak RSS 80,
+/// 120 and 170–220 MiB); `memory` ones alike at all three (3.1–3.3 GB/s).
+const DEFAULT_WINDOW_BYTES: usize = 8 * 1024 * 1024;
 
 /// How long single publishes share one payload buffer (and so one send time).
 const PAYLOAD_REUSE: Duration = Duration::from_micros(100);
@@ -394,7 +400,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let latency = Arc::new(Mutex::new(histogram()));
     let mut subscribers = Vec::new();
     let batch = args.batch.max(1);
-    let window = args.window.unwrap_or(default_window(batch));
+    let window = args.window.unwrap_or(default_window(batch, args.size));
     for g in 0..args.groups {
         for m in 0..args.members {
             let name = format!("sub-{g}-{m}");
@@ -765,6 +771,17 @@ fn process_usage() -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_window_caps_payload_bytes_in_flight_but_keeps_a_batch() {
+        assert_eq!(default_window(1, 128), 512);
+        assert_eq!(default_window(256, 128), 4096);
+        assert_eq!(default_window(1, 16384), 512);
+        assert_eq!(default_window(256, 16384), 512);
+        assert_eq!(default_window(1, 1 << 20), 8);
+        assert_eq!(default_window(64, 1 << 20), 64, "at least one batch");
+        assert_eq!(default_window(1, 64 << 20), 1);
+    }
 
     #[test]
     fn single_publishes_share_a_payload_only_within_the_reuse_window() {

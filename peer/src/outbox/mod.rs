@@ -90,6 +90,11 @@ pub struct OutboxConfig {
     pub max_memory_bytes: u64,
     /// Most append requests in one group commit (default 4096).
     pub max_batch: usize,
+    /// Most body bytes in one group commit (default 8 MiB; one append larger than that
+    /// is committed alone). Bounds the writer's buffer, which keeps this much between
+    /// commits, and the time one commit keeps its appends waiting: with batches of
+    /// large messages, 4096 appends could otherwise make a commit of gigabytes.
+    pub max_batch_bytes: usize,
     /// Bytes of bodies of disk messages kept in memory for [`Outbox::read`] (default
     /// 32 MiB); older ones are read back from their segment (in batches, one open per
     /// segment), so a large backlog costs disk, not memory.
@@ -106,7 +111,7 @@ pub struct OutboxConfig {
 impl OutboxConfig {
     /// Configuration with the defaults: 64 MiB segments, 1 GiB and 1,000,000 messages
     /// of quota (of which `Memory` messages may take 64 MiB and 65,536 messages),
-    /// batches of 4096 appends, 32 MiB body cache.
+    /// batches of 4096 appends or 8 MiB, 32 MiB body cache.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         OutboxConfig {
             dir: dir.into(),
@@ -116,6 +121,7 @@ impl OutboxConfig {
             max_memory_messages: 65_536,
             max_memory_bytes: 64 * 1024 * 1024,
             max_batch: 4096,
+            max_batch_bytes: 8 * 1024 * 1024,
             cache_bytes: 32 * 1024 * 1024,
             blocking_append: false,
         }

@@ -1253,3 +1253,47 @@ async fn try_submit_gives_the_body_back_when_the_quota_is_full() {
         ]
     );
 }
+
+/// A group commit stops taking appends once it holds `max_batch_bytes` of bodies, so
+/// appends queued together are committed in several syncs; an append larger than the
+/// limit is still committed, and every one is recovered.
+#[tokio::test]
+async fn a_group_commit_takes_at_most_max_batch_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.max_batch_bytes = 1000;
+    let (o, _) = Outbox::open(c.clone()).await.unwrap();
+    let targets: Arc<[String]> = g(&["a"]).into();
+    let commits = o.stats().commits;
+    // Queued without waiting between them: without the byte limit, the writer would
+    // take all that wait in one commit.
+    let mut tickets: Vec<AppendTicket> = (0..20u8)
+        .map(|i| {
+            o.try_submit(&targets, Bytes::from(vec![i; 600]), Durability::Disk)
+                .unwrap()
+                .expect("room in the quota")
+        })
+        .collect();
+    tickets.push(
+        o.try_submit(&targets, Bytes::from(vec![99; 5000]), Durability::Disk)
+            .unwrap()
+            .expect("room in the quota"),
+    );
+    let mut seqs = Vec::new();
+    for t in &mut tickets {
+        seqs.push(t.wait().await.unwrap().start);
+    }
+    let made = o.stats().commits - commits;
+    // Under a 1000-byte limit a commit holds two of these appends at most.
+    assert!(made >= 11, "21 appends in {made} commits");
+    o.close().await.unwrap();
+    drop(o);
+    let (_o, rec) = Outbox::open(c).await.unwrap();
+    let recovered: Vec<(u64, usize)> = rec.pending.iter().map(|p| (p.seq, p.body.len())).collect();
+    let expected: Vec<(u64, usize)> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| (s, if i < 20 { 600 } else { 5000 }))
+        .collect();
+    assert_eq!(recovered, expected);
+}

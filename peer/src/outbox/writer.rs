@@ -51,6 +51,16 @@ pub(super) struct Append {
     pub(super) reply: Reply,
 }
 
+impl Req {
+    /// Body bytes this request adds to a group commit.
+    fn body_bytes(&self) -> usize {
+        match self {
+            Req::Append(append) => append.bodies.iter().map(Bytes::len).sum(),
+            Req::Wake | Req::Close(_) => 0,
+        }
+    }
+}
+
 impl Append {
     /// Gives back the quota reserved for it (it will not be stored).
     fn unreserve(&self, state: &mut super::state::OutboxState) {
@@ -89,12 +99,17 @@ impl Writer {
 
     pub(super) fn run(mut self) {
         let max_batch = self.shared.cfg.max_batch.max(1);
+        let max_bytes = self.shared.cfg.max_batch_bytes;
         let mut batch = Vec::with_capacity(max_batch);
         while let Some(first) = self.rx.blocking_recv() {
+            let mut bytes = first.body_bytes();
             batch.push(first);
-            while batch.len() < max_batch {
+            while batch.len() < max_batch && bytes < max_bytes {
                 match self.rx.try_recv() {
-                    Ok(r) => batch.push(r),
+                    Ok(r) => {
+                        bytes += r.body_bytes();
+                        batch.push(r);
+                    }
                     Err(_) => break,
                 }
             }
@@ -316,6 +331,12 @@ impl Writer {
             }
         }
         self.delete_segments(&deletions);
+        // A commit may pass `max_batch_bytes` by one append (or be one large append):
+        // keep a buffer for the usual commits, not for the largest one seen.
+        let keep = self.shared.cfg.max_batch_bytes.saturating_mul(2);
+        if self.buf.capacity() > keep {
+            self.buf = Vec::new();
+        }
         res
     }
 
