@@ -460,44 +460,40 @@ async fn take_batches(sub: &mut weft_peer::Subscription, n: usize) -> Vec<weft_p
     got
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_messages_unacked_past_the_memory_limit_make_publish_wait_or_fail() {
-    use weft_peer::{Durability, ErrorKind, WhenFull};
+/// Publishes `limit` messages of `durability` from a sender whose outbox `limit_outbox`
+/// sets up, and holds them unacked at the receiver; then checks that the next publish
+/// with `WhenFull::Fail` fails with `full_text` in its message, runs `while_full`, and
+/// checks that one with `WhenFull::Wait` waits until the held ones are acked and is
+/// then delivered.
+async fn publish_waits_or_fails_past_a_limit<W, Fut>(
+    durability: weft_peer::Durability,
+    limit: usize,
+    limit_outbox: impl FnOnce(weft_peer::PeerBuilder) -> weft_peer::PeerBuilder,
+    full_text: &str,
+    while_full: W,
+) where
+    W: FnOnce(Peer) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use weft_peer::{ErrorKind, WhenFull};
     let fabric = Fabric::start().await;
-    let (_receiver, mut sub) = fabric.subscribed("mem-receiver").await;
-    const LIMIT: usize = 50;
-    let sender = fabric
-        .peer_with("mem-sender", |b| {
-            b.outbox(|mut c| {
-                c.max_memory_messages = LIMIT as u64;
-                c
-            })
-        })
-        .await;
+    let (_receiver, mut sub) = fabric.subscribed("receiver").await;
+    let sender = fabric.peer_with("sender", limit_outbox).await;
     let publish = |n: usize, when_full| {
-        sender.publish_with(
-            "t",
-            Message::new(n.to_string()),
-            Durability::Memory,
-            when_full,
-        )
+        sender.publish_with("t", Message::new(n.to_string()), durability, when_full)
     };
-    for n in 0..LIMIT {
+    for n in 0..limit {
         publish(n, WhenFull::Fail).await.expect("under the limit");
     }
-    let held = take_batches(&mut sub, LIMIT).await;
-    let e = publish(LIMIT, WhenFull::Fail)
+    let held = take_batches(&mut sub, limit).await;
+    let e = publish(limit, WhenFull::Fail)
         .await
-        .expect_err("every Memory message is still unacked");
+        .expect_err("every message the limit allows is still unacked");
     assert_eq!(e.kind(), ErrorKind::OutboxFull, "{e}");
-    assert!(e.to_string().contains("max_memory_messages"), "{e}");
-    // A disk message is not held in memory: the quota still has room for it.
-    sender
-        .publish_with("t", Message::new("disk"), Durability::Disk, WhenFull::Fail)
-        .await
-        .expect("disk publish");
+    assert!(e.to_string().contains(full_text), "{e}");
+    while_full(sender.clone()).await;
 
-    let waiting = publish(LIMIT, WhenFull::Wait);
+    let waiting = publish(limit, WhenFull::Wait);
     tokio::pin!(waiting);
     assert!(
         tokio::time::timeout(Duration::from_millis(200), &mut waiting)
@@ -510,63 +506,59 @@ async fn memory_messages_unacked_past_the_memory_limit_make_publish_wait_or_fail
         .await
         .expect("goes in once acks free room")
         .expect("publish");
+    // Delivered after whatever `while_full` published.
+    let want = limit.to_string();
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|d: &weft_peer::Delivery| d.payload()[..] == *want.as_bytes())
+    {
+        assert!(seen.len() < 8, "the waiting publish was not delivered");
+        seen.extend(take_batches(&mut sub, 1).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_messages_unacked_past_the_memory_limit_make_publish_wait_or_fail() {
+    use weft_peer::{Durability, WhenFull};
+    publish_waits_or_fails_past_a_limit(
+        Durability::Memory,
+        50,
+        |b| {
+            b.outbox(|mut c| {
+                c.max_memory_messages = 50;
+                c
+            })
+        },
+        "max_memory_messages",
+        |sender| async move {
+            // A disk message is not held in memory: the quota still has room for it.
+            sender
+                .publish_with("t", Message::new("disk"), Durability::Disk, WhenFull::Fail)
+                .await
+                .expect("disk publish");
+        },
+    )
+    .await;
 }
 
 /// A disk publish takes the outbox's quick path while the quota has room and falls back
-/// to waiting or failing once it is full: with every message the quota allows still
-/// unacked, `WhenFull::Fail` reports the full outbox, `WhenFull::Wait` waits, and acks
-/// let the waiting publish in.
+/// to waiting or failing once it is full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_messages_unacked_past_the_quota_make_publish_wait_or_fail() {
-    use weft_peer::{Durability, ErrorKind, WhenFull};
-    let fabric = Fabric::start().await;
-    let (_receiver, mut sub) = fabric.subscribed("disk-receiver").await;
-    const LIMIT: usize = 40;
-    let sender = fabric
-        .peer_with("disk-sender", |b| {
+    publish_waits_or_fails_past_a_limit(
+        weft_peer::Durability::Disk,
+        40,
+        |b| {
             b.outbox(|mut c| {
-                c.max_messages = LIMIT as u64;
+                c.max_messages = 40;
                 c
             })
-        })
-        .await;
-    let publish = |n: usize, when_full| {
-        sender.publish_with(
-            "t",
-            Message::new(n.to_string()),
-            Durability::Disk,
-            when_full,
-        )
-    };
-    for n in 0..LIMIT {
-        publish(n, WhenFull::Fail).await.expect("under the quota");
-    }
-    let held = take_batches(&mut sub, LIMIT).await;
-    let e = publish(LIMIT, WhenFull::Fail)
-        .await
-        .expect_err("every message the quota allows is still unacked");
-    assert_eq!(e.kind(), ErrorKind::OutboxFull, "{e}");
-    assert!(
-        e.to_string().contains(&format!("{LIMIT}/{LIMIT} messages")),
-        "{e}"
-    );
-
-    let waiting = publish(LIMIT, WhenFull::Wait);
-    tokio::pin!(waiting);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), &mut waiting)
-            .await
-            .is_err(),
-        "waits while the quota is full"
-    );
-    weft_peer::Delivery::ack_all(held);
-    tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("goes in once acks free room")
-        .expect("publish");
-    let last = take_batches(&mut sub, 1).await;
-    assert_eq!(last.len(), 1);
-    assert_eq!(&last[0].payload()[..], LIMIT.to_string().as_bytes());
+        },
+        "40/40 messages",
+        |_| async {},
+    )
+    .await;
 }
 
 /// Large `Memory` payloads are kept as the application's buffer behind their record's
