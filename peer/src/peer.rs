@@ -891,7 +891,8 @@ impl Inner {
     ) -> Result<Receipt> {
         let (mut record, tail, key_hash, unix_ms) = self.encode_one(topic, message, durability)?;
         let targets = self.targets(topic).await?;
-        if durability == Durability::Disk {
+        // Disk records are whole (`separate_payload`), so the record is all there is.
+        if durability == Durability::Disk && tail.is_none() {
             // Fast path: a free writer slot and room in the quota, taken without the
             // boxed writer path's future and lists.
             match self
