@@ -3,7 +3,7 @@
 //! Run with `cargo bench -p weft-peer --bench outbox`.
 //!
 //! Uses only the public `weft_peer::outbox` API: `OutboxConfig::new`, `Outbox::open`,
-//! `Outbox::append`, `Outbox::settle`, `Outbox::read`, `Outbox::stats` and
+//! `Outbox::append`, `Outbox::try_submit`, `Outbox::settle`, `Outbox::read`, `Outbox::stats` and
 //! `Outbox::close`. The outbox lives in a temporary directory (on the same file system as
 //! `/tmp`, which decides what an `fdatasync` costs).
 
@@ -50,12 +50,36 @@ async fn append_batch(outbox: &Outbox, body: &Bytes, durability: Durability) -> 
         .collect()
 }
 
+/// `CONCURRENT` appends handed over with `try_submit` (the path of a `Disk` publish
+/// while the quota has room), then their tickets awaited; returns their sequence
+/// numbers.
+async fn try_submit_batch(outbox: &Outbox, body: &Bytes) -> Vec<u64> {
+    let targets: std::sync::Arc<[String]> = vec![GROUP.to_string()].into();
+    let mut tickets: Vec<_> = (0..CONCURRENT)
+        .map(|_| {
+            outbox
+                .try_submit(&targets, body.clone(), Durability::Disk)
+                .expect("try_submit")
+                .expect("room in the quota and the writer channel")
+        })
+        .collect();
+    let mut seqs = Vec::with_capacity(CONCURRENT);
+    for ticket in &mut tickets {
+        seqs.push(ticket.wait().await.expect("stored").start);
+    }
+    seqs
+}
+
 fn append(c: &mut Criterion) {
     let rt = runtime();
     let body = Bytes::from(vec![0x5a; BODY]);
     let mut g = c.benchmark_group("outbox_append_128B");
     g.throughput(Throughput::Elements(CONCURRENT as u64));
-    for (name, durability) in [("memory", Durability::Memory), ("disk", Durability::Disk)] {
+    for (name, durability) in [
+        ("memory", Durability::Memory),
+        ("disk", Durability::Disk),
+        ("disk_try_submit", Durability::Disk),
+    ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let outbox = rt.block_on(open(&dir));
         // One iteration: CONCURRENT appends in flight together. Settling them (so the
@@ -67,7 +91,11 @@ fn append(c: &mut Criterion) {
                     let mut timed = Duration::ZERO;
                     for _ in 0..iters {
                         let start = Instant::now();
-                        let seqs = append_batch(&outbox, &body, durability).await;
+                        let seqs = if name == "disk_try_submit" {
+                            try_submit_batch(&outbox, &body).await
+                        } else {
+                            append_batch(&outbox, &body, durability).await
+                        };
                         timed += start.elapsed();
                         for seq in seqs {
                             outbox.settle(seq, GROUP);
