@@ -90,8 +90,9 @@ pub struct OutboxConfig {
     pub max_memory_bytes: u64,
     /// Most append requests in one group commit (default 4096).
     pub max_batch: usize,
-    /// Most body bytes in one group commit (default 8 MiB; one append larger than that
-    /// is committed alone). Bounds the writer's buffer, which keeps this much between
+    /// Body bytes after which a group commit takes no more appends (default 8 MiB; it
+    /// may pass them by its last append, and an append larger than that is still
+    /// committed). Bounds the writer's buffer, which keeps up to twice this between
     /// commits, and the time one commit keeps its appends waiting: with batches of
     /// large messages, 4096 appends could otherwise make a commit of gigabytes.
     pub max_batch_bytes: usize,
@@ -601,6 +602,15 @@ fn check_body(cfg: &OutboxConfig, len: usize) -> Result<u64, OutboxError> {
     Ok(size)
 }
 
+/// [`validate_targets`] for targets the writer will own: kept (not copied) when already
+/// sorted and distinct, as a route's are.
+fn owned_targets(targets: Arc<[String]>) -> Result<Arc<[String]>, OutboxError> {
+    Ok(match validate_targets(&targets)? {
+        std::borrow::Cow::Borrowed(_) => targets,
+        std::borrow::Cow::Owned(sorted) => sorted.into(),
+    })
+}
+
 /// Sorted, deduplicated and checked targets; borrows them when they already are.
 fn validate_targets(targets: &[String]) -> Result<std::borrow::Cow<'_, [String]>, OutboxError> {
     let targets = if targets.windows(2).all(|w| w[0] < w[1]) {
@@ -769,12 +779,7 @@ impl Outbox {
         for body in &bodies {
             size += check_body(&shared.cfg, body.len())?;
         }
-        let targets: Arc<[String]> = targets.into();
-        // Kept (not copied) when already sorted and distinct, as a route's are.
-        let targets = match validate_targets(&targets)? {
-            std::borrow::Cow::Borrowed(_) => targets,
-            std::borrow::Cow::Owned(sorted) => sorted.into(),
-        };
+        let targets = owned_targets(targets.into())?;
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
         let mut quota = None;
         let messages = bodies.len() as u64;
@@ -827,10 +832,7 @@ impl Outbox {
     ) -> Result<Result<AppendTicket, Bytes>, OutboxError> {
         let shared = &self.inner.shared;
         let size = check_body(&shared.cfg, body.len())?;
-        let targets = match validate_targets(targets)? {
-            std::borrow::Cow::Borrowed(_) => targets.clone(),
-            std::borrow::Cow::Owned(sorted) => sorted.into(),
-        };
+        let targets = owned_targets(targets.clone())?;
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
         if shared.closed.load(Ordering::Acquire) {
             return Err(OutboxError::Closed);
