@@ -900,16 +900,9 @@ impl Inner {
                 .try_submit(&targets, record, outbox::Durability::Disk)?
             {
                 Ok(ticket) => {
-                    let key_hashes = [key_hash];
-                    let mut pending = PendingAppend {
-                        inner: self.clone(),
-                        ticket: Some(ticket),
-                        topic,
-                        key_hashes: &key_hashes,
-                        targets: targets.clone(),
-                    };
-                    let seqs = pending.stored().await?;
-                    pending.dispatch(seqs.start, false);
+                    let (seqs, _) = self
+                        .stored_then_dispatched(ticket, topic, &[key_hash], &targets, false)
+                        .await?;
                     return Ok(self.receipt(seqs.start, &targets));
                 }
                 Err(given_back) => record = given_back,
@@ -1031,15 +1024,15 @@ impl Inner {
                 outbox_when_full(when_full),
             )
             .await?;
-        let mut pending = PendingAppend {
-            inner: self.clone(),
-            ticket: Some(ticket),
-            topic,
-            key_hashes,
-            targets: targets.clone(),
-        };
-        let seqs = pending.stored().await?;
-        let waiters = pending.dispatch(seqs.start, durability == Durability::Confirmed);
+        let (seqs, waiters) = self
+            .stored_then_dispatched(
+                ticket,
+                topic,
+                key_hashes,
+                targets,
+                durability == Durability::Confirmed,
+            )
+            .await?;
         for rx in waiters {
             // Outside the cooperative budget, as `AppendTicket::wait` (one ack batch
             // answers many confirmed publishes at once); answered once, after a real
@@ -1052,6 +1045,29 @@ impl Inner {
             })?;
         }
         Ok(seqs)
+    }
+
+    /// Waits for the writer to store the append of `ticket`, then gives its messages
+    /// to the dispatcher (see [`hand_off`](Self::hand_off) for `confirmed`). A
+    /// [`PendingAppend`] finishes the hand-off if the caller stops waiting.
+    async fn stored_then_dispatched(
+        self: &Arc<Self>,
+        ticket: outbox::AppendTicket,
+        topic: &str,
+        key_hashes: &[Option<u64>],
+        targets: &Arc<[String]>,
+        confirmed: bool,
+    ) -> Result<(std::ops::Range<Seq>, Vec<oneshot::Receiver<()>>)> {
+        let mut pending = PendingAppend {
+            inner: self.clone(),
+            ticket: Some(ticket),
+            topic,
+            key_hashes,
+            targets: targets.clone(),
+        };
+        let seqs = pending.stored().await?;
+        let waiters = pending.dispatch(seqs.start, confirmed);
+        Ok((seqs, waiters))
     }
 
     /// The target groups of `topic`, from the route cache or the directory.
