@@ -77,7 +77,7 @@ struct Cli {
     command: Command,
 }
 
-#[path = "../cli/bench.rs"]
+#[path = "../cli/bench/mod.rs"]
 mod bench;
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +96,7 @@ enum Command {
     ///   weft bench --mode thr --size 128 --count 200000 --durability disk
     ///   weft bench --mode lat --size 128 --count 10000
     ///   weft bench --groups 3 --count 100000            # fan-out
+    ///   weft bench --rate 50000 --duration 10           # fixed rate, latency from due time
     ///   weft bench --json --mode thr --size 16384 --count 20000
     #[command(verbatim_doc_comment)]
     Bench(bench::BenchArgs),

@@ -2,8 +2,11 @@
 //! peers over real QUIC on loopback) measuring throughput and latency. Its `--json`
 //! output has the fields of `../shared/bench-peers` so Weft lands in the same table.
 
+mod payload;
+mod report;
+
 use anyhow::{Context, Result};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -12,6 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_directory::Directory;
 use weft_peer::{Delivery, Durability, Message, Peer, Subscription, WhenFull};
+
+use payload::{now_ns, sent_ns, PayloadShape, ReusedPayload};
+use report::Report;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -54,9 +60,26 @@ pub struct BenchArgs {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 128)]
     pub size: usize,
-    /// Messages (thr) or measured round trips (lat).
+    /// Messages (thr, in all, shared among the publishers) or measured round trips
+    /// (lat).
     #[arg(long, default_value_t = 200_000)]
     pub count: u64,
+    /// thr: publish for this many seconds instead of `--count` messages (then wait
+    /// until every message is delivered and acknowledged).
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// thr: messages per second per publisher, at fixed intervals, instead of as fast
+    /// as the fabric takes them. Latencies then count from when each message was due,
+    /// not from when it went out (corrected for coordinated omission): a fabric that
+    /// holds the sender back shows as latency. The pacer wakes at most once per
+    /// millisecond and sends what is due.
+    #[arg(long, value_name = "MSGS_PER_S")]
+    pub rate: Option<f64>,
+    /// Percentage of each payload (after its 8-byte send time) that repeats one byte;
+    /// the rest is random. Weft does not compress, so this only changes what the
+    /// bytes are.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub compressible: u8,
     /// lat: unrecorded warm-up round trips.
     #[arg(long, default_value_t = 1000)]
     pub warmup: u64,
@@ -117,6 +140,7 @@ pub struct BenchArgs {
 
 /// Runs the benchmark and prints its result.
 pub async fn run(args: BenchArgs) -> Result<()> {
+    check_args(&args)?;
     let timeout = Duration::from_secs(args.timeout_s);
     match tokio::time::timeout(timeout, run_inner(&args)).await {
         Ok(r) => r,
@@ -124,6 +148,87 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             "benchmark did not finish within --timeout-s {}",
             args.timeout_s
         ),
+    }
+}
+
+/// Refuses flag values that cannot run.
+fn check_args(args: &BenchArgs) -> Result<()> {
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(
+            rate.is_finite() && rate > 0.0,
+            "--rate must be a positive number of messages per second, not {rate}"
+        );
+    }
+    if let Some(d) = args.duration {
+        anyhow::ensure!(
+            d.is_finite() && d > 0.0 && d < args.timeout_s as f64,
+            "--duration must be positive and below --timeout-s ({} s), not {d}",
+            args.timeout_s
+        );
+    }
+    anyhow::ensure!(
+        args.publishers > 0 && args.groups > 0 && args.members > 0,
+        "--publishers, --groups and --members must be at least 1"
+    );
+    Ok(())
+}
+
+/// Paces the publishes of `--rate`: message `i` is due `i / rate` seconds after the
+/// start. A thread sleeps with the operating system's fine-grained timer (tokio's
+/// wakes at most once per millisecond) and releases the messages due since its last
+/// wake, at most every [`PACER_TICK`]. While the publisher is held back (its window
+/// full) the thread waits too, and then releases all that fell due meanwhile: late,
+/// which their latencies and the send lag show.
+#[derive(Debug, Clone, Copy)]
+struct Pacer {
+    start_ns: u64,
+    interval_ns: f64,
+}
+
+/// Shortest sleep of the pacing thread: a paced message starts at most about this
+/// late when the fabric keeps up.
+const PACER_TICK: Duration = Duration::from_micros(100);
+
+impl Pacer {
+    /// Starts releasing messages `0..limit` at `rate` per second.
+    fn start(
+        rate: f64,
+        limit: u64,
+    ) -> Result<(Pacer, tokio::sync::mpsc::Receiver<std::ops::Range<u64>>)> {
+        let pacer = Pacer {
+            start_ns: now_ns(),
+            interval_ns: 1e9 / rate,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        std::thread::Builder::new()
+            .name("bench-pacer".into())
+            .spawn(move || pacer.release(limit, tx))
+            .context("starting the pacing thread")?;
+        Ok((pacer, rx))
+    }
+
+    /// When message `i` is due (ns of [`now_ns`]).
+    fn due(&self, i: u64) -> u64 {
+        self.start_ns + (i as f64 * self.interval_ns) as u64
+    }
+
+    fn release(self, limit: u64, tx: tokio::sync::mpsc::Sender<std::ops::Range<u64>>) {
+        let mut next = 0;
+        while next < limit {
+            let now = now_ns();
+            let due_upto = ((now.saturating_sub(self.start_ns) as f64 / self.interval_ns) as u64)
+                .saturating_add(1)
+                .min(limit);
+            if due_upto > next {
+                if tx.blocking_send(next..due_upto).is_err() {
+                    return;
+                }
+                next = due_upto;
+            }
+            let now = now_ns();
+            let wake = self.due(next).max(now + PACER_TICK.as_nanos() as u64);
+            std::thread::sleep(Duration::from_nanos(wake - now));
+        }
     }
 }
 
@@ -311,75 +416,6 @@ fn default_window(batch: usize, size: usize) -> usize {
 /// 120 and 170–220 MiB); `memory` ones alike at all three (3.1–3.3 GB/s).
 const DEFAULT_WINDOW_BYTES: usize = 8 * 1024 * 1024;
 
-/// How long single publishes share one payload buffer (and so one send time).
-const PAYLOAD_REUSE: Duration = Duration::from_micros(100);
-
-/// The payloads of one-message-at-a-time throughput publishes: a buffer is shared by
-/// the messages published within [`PAYLOAD_REUSE`] of its send time, as the batches of
-/// `--batch` share one, so that the benchmark does not write a fresh payload per
-/// message (the bench-peers programs send one buffer over and over). A message's
-/// recorded latency is at most `PAYLOAD_REUSE` too long, never too short.
-struct ReusedPayload {
-    size: usize,
-    epoch: Instant,
-    last: Option<(u64, Bytes)>,
-}
-
-impl ReusedPayload {
-    fn new(size: usize, epoch: Instant) -> Self {
-        ReusedPayload {
-            size,
-            epoch,
-            last: None,
-        }
-    }
-
-    fn next(&mut self) -> Bytes {
-        self.at(self.epoch.elapsed().as_nanos() as u64)
-    }
-
-    /// The payload for a message sent `now` (ns since the epoch).
-    fn at(&mut self, now: u64) -> Bytes {
-        match &self.last {
-            Some((sent, body)) if now.saturating_sub(*sent) < PAYLOAD_REUSE.as_nanos() as u64 => {
-                body.clone()
-            }
-            _ => {
-                let body = payload_sent_at(self.size, now);
-                self.last = Some((now, body.clone()));
-                body
-            }
-        }
-    }
-}
-
-/// `count` payloads as [`payload_sent_at`] makes them, with one clock reading for the batch:
-/// every message of a batch carries the same bytes, so they share one buffer, as the
-/// bench-peers programs send one payload buffer over and over. (Weft still copies each
-/// message into its outbox record; what this leaves out is the benchmark writing
-/// `count` fresh payloads, which at 16 KiB was 14 % of the run's CPU.)
-fn payloads(size: usize, count: usize, epoch: Instant) -> Vec<Bytes> {
-    vec![payload_sent_at(size, epoch.elapsed().as_nanos() as u64); count]
-}
-
-/// A payload of `size` bytes (at least 8) whose first 8 bytes carry the send time
-/// `sent` (ns since the benchmark's epoch).
-fn payload_sent_at(size: usize, sent: u64) -> Bytes {
-    let size = size.max(8);
-    let mut one = BytesMut::with_capacity(size);
-    one.put_u64(sent);
-    one.put_bytes(0x5a, size - 8);
-    one.freeze()
-}
-
-fn sent_ns(payload: &[u8]) -> u64 {
-    payload
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
-}
-
 fn histogram() -> Histogram<u64> {
     // 1 ns .. 100 s, 3 significant digits: valid constant bounds.
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
@@ -395,7 +431,6 @@ async fn run_inner(args: &BenchArgs) -> Result<()> {
 async fn throughput(args: &BenchArgs) -> Result<()> {
     let fabric = Fabric::start(args.segment_bytes).await?;
     let topic = "bench";
-    let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(Mutex::new(histogram()));
     let mut subscribers = Vec::new();
@@ -419,7 +454,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
             if batch > 1 {
                 thread
                     .handle
-                    .spawn(receive_batches(sub, epoch, delivered, latency));
+                    .spawn(receive_batches(sub, delivered, latency));
                 subscribers.push((thread, peer));
                 continue;
             }
@@ -428,7 +463,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                 let mut n = 0u64;
                 while let Some(d) = sub.next().await {
                     let sent = sent_ns(d.payload());
-                    let now = epoch.elapsed().as_nanos() as u64;
+                    let now = now_ns();
                     let _ = local.record(now.saturating_sub(sent).max(1));
                     d.ack();
                     n += 1;
@@ -461,71 +496,73 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
             .await?;
         publishers.push((thread, peer));
     }
-    let per_publisher = args.count / args.publishers as u64;
-    let total = per_publisher * args.publishers as u64;
+    let per_publisher = match args.duration {
+        // Bounded by the clock instead.
+        Some(_) => u64::MAX,
+        None => args.count / args.publishers as u64,
+    };
+    let stop_at = args.duration.map(|d| now_ns() + (d * 1e9) as u64);
+    let shape = PayloadShape::new(args.size, args.compressible);
     let start = Instant::now();
-    let progress = !args.json;
+    let progress = (!args.json).then(|| {
+        let delivered = delivered.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let n = delivered.load(Ordering::Relaxed);
+                let s = start.elapsed().as_secs_f64();
+                eprintln!("  {s:5.1} s: {n} delivered ({:.0} msgs/s)", n as f64 / s);
+            }
+        })
+    });
     let mut tasks = Vec::new();
     for (thread, publisher) in &publishers {
-        let publisher = publisher.clone();
-        let (size, keys) = (args.size, args.keys);
-        let batch = batch as u64;
-        let batches_in_flight = (window as u64).div_ceil(batch).max(1) as usize;
-        let message = move |i: u64, payload: Bytes| {
-            let m = Message::new(payload);
-            if keys > 0 {
-                m.key(format!("k{}", i % keys))
-            } else {
-                m
-            }
+        let plan = PublishPlan {
+            count: per_publisher,
+            batch: batch as u64,
+            in_flight: (window as u64).div_ceil(batch as u64).max(1) as usize,
+            keys: args.keys,
+            stop_at,
+            shape: shape.clone(),
         };
-        tasks.push(thread.handle.spawn(async move {
-            let mut single = ReusedPayload::new(size, epoch);
-            let publish = |first: u64, one: Option<Bytes>| {
-                let publisher = publisher.clone();
-                async move {
-                    if let Some(body) = one {
-                        let m = message(first, body);
-                        return publisher.publish("bench", m).await.map(|_| ());
-                    }
-                    let end = (first + batch).min(per_publisher);
-                    let bodies = payloads(size, (end - first) as usize, epoch);
-                    let messages = (first..end).zip(bodies).map(|(i, p)| message(i, p));
-                    publisher.publish_batch("bench", messages).await.map(|_| ())
-                }
-            };
-            let firsts = (0..per_publisher).step_by(batch as usize);
-            if batches_in_flight == 1 {
-                // Each publish awaited in turn, as an application's publish loop is
-                // written (and without a `FuturesUnordered` task per publish).
-                for first in firsts {
-                    publish(first, (batch == 1).then(|| single.next())).await?;
-                }
-                return Ok(());
-            }
-            futures::stream::iter(firsts)
-                .map(|first| publish(first, (batch == 1).then(|| single.next())))
-                .buffer_unordered(batches_in_flight)
-                .fold(
-                    Ok(()),
-                    |acc: weft_peer::Result<()>, r| async move { acc.and(r) },
-                )
-                .await
-        }));
+        let pacer = args
+            .rate
+            .map(|rate| Pacer::start(rate, per_publisher))
+            .transpose()?;
+        tasks.push(
+            thread
+                .handle
+                .spawn(publish_all(publisher.clone(), plan, pacer)),
+        );
     }
+    let mut total = 0;
+    let mut send_lag: Option<Histogram<u64>> = None;
     for t in tasks {
-        t.await.context("publisher task")??;
+        let (published, lag) = t.await.context("publisher task")??;
+        total += published;
+        if let Some(lag) = lag {
+            let merged = send_lag.get_or_insert_with(histogram);
+            let _ = merged.add(&lag);
+        }
     }
+    let pacing = match &send_lag {
+        Some(h) => format!(
+            ",\"rate_per_publisher\":{:.0},\"send_lag_p50_us\":{:.1},\"send_lag_p99_us\":{:.1}",
+            args.rate.unwrap_or(0.0),
+            h.value_at_quantile(0.5) as f64 / 1e3,
+            h.value_at_quantile(0.99) as f64 / 1e3
+        ),
+        None => String::new(),
+    };
     let published_in = start.elapsed();
     // Done when every message is acknowledged by every group (the outboxes drained).
-    let mut last_report = Instant::now();
     for (_, publisher) in &publishers {
-        while !publisher.drain(Duration::from_millis(200)).await {
-            if progress && last_report.elapsed() > Duration::from_secs(1) {
-                eprintln!("  ... {} delivered", delivered.load(Ordering::Relaxed));
-                last_report = Instant::now();
-            }
-        }
+        while !publisher.drain(Duration::from_millis(200)).await {}
+    }
+    if let Some(progress) = progress {
+        progress.abort();
     }
     let elapsed = start.elapsed();
     let expected = total * args.groups as u64;
@@ -554,7 +591,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         max_us: h.max() as f64 / 1e3,
         latency_kind: "publish_to_delivery",
         extra: format!(
-            "\"delivered_msgs_per_s\":{:.0},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"outbox_commits\":{commits},\"expected_deliveries\":{expected}",
+            "\"delivered_msgs_per_s\":{:.0},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"outbox_commits\":{commits},\"expected_deliveries\":{expected}{pacing}",
             expected as f64 / elapsed.as_secs_f64(),
             published_in.as_secs_f64(),
             args.groups,
@@ -570,18 +607,118 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// What one publisher of a throughput run publishes.
+struct PublishPlan {
+    /// Messages (`u64::MAX` when `stop_at` bounds the run).
+    count: u64,
+    /// Messages per `publish_batch` (1: one `publish` each).
+    batch: u64,
+    /// Publishes (single or batches) in flight at once.
+    in_flight: usize,
+    /// Distinct keys (0: unkeyed).
+    keys: u64,
+    /// No publish due at or after this time (`--duration`).
+    stop_at: Option<u64>,
+    shape: PayloadShape,
+}
+
+/// Publishes `plan` as fast as `publisher` takes it, or as `pacer` releases it
+/// (`--rate`); returns the messages published and, when paced, how late each
+/// publish started after it was due.
+async fn publish_all(
+    publisher: Peer,
+    plan: PublishPlan,
+    pacer: Option<(Pacer, tokio::sync::mpsc::Receiver<std::ops::Range<u64>>)>,
+) -> weft_peer::Result<(u64, Option<Histogram<u64>>)> {
+    let PublishPlan {
+        count,
+        batch,
+        keys,
+        stop_at,
+        ..
+    } = plan;
+    let paced = pacer.is_some();
+    let message = move |i: u64, payload: Bytes| {
+        let m = Message::new(payload);
+        if keys > 0 {
+            m.key(format!("k{}", i % keys))
+        } else {
+            m
+        }
+    };
+    let due: futures::stream::BoxStream<'static, (u64, u64)> = match pacer {
+        Some((pacer, released)) => futures::stream::unfold(released, |mut rx| async {
+            rx.recv().await.map(|range| (range, rx))
+        })
+        .flat_map(move |range| {
+            let firsts = range.filter(move |i| i % batch == 0);
+            futures::stream::iter(firsts.map(move |i| (i, pacer.due(i))))
+        })
+        .boxed(),
+        None => futures::stream::iter((0..count).step_by(batch as usize))
+            .map(|i| (i, now_ns()))
+            .boxed(),
+    };
+    let mut due = due
+        .take_while(move |&(_, at)| futures::future::ready(stop_at.is_none_or(|stop| at < stop)));
+    let mut single = ReusedPayload::new(plan.shape.clone());
+    let mut lag = histogram();
+    let mut published = 0u64;
+    {
+        // Publishes `first..` (one message, or a batch) due at `due`; resolves to how
+        // many messages went in.
+        let mut publish = |first: u64, due: u64| {
+            if paced {
+                let _ = lag.record(now_ns().saturating_sub(due).max(1));
+            }
+            let publisher = publisher.clone();
+            let one = (batch == 1).then(|| single.at(due));
+            let shape = plan.shape.clone();
+            async move {
+                if let Some(body) = one {
+                    return publisher
+                        .publish("bench", message(first, body))
+                        .await
+                        .map(|_| 1);
+                }
+                let end = (first + batch).min(count);
+                let bodies = shape.batch((end - first) as usize, due);
+                let messages = (first..end).zip(bodies).map(|(i, p)| message(i, p));
+                publisher
+                    .publish_batch("bench", messages)
+                    .await
+                    .map(|_| end - first)
+            }
+        };
+        if plan.in_flight == 1 {
+            // Each publish awaited in turn, as an application's publish loop is
+            // written (and without a `FuturesUnordered` task per publish).
+            while let Some((first, at)) = due.next().await {
+                published += publish(first, at).await?;
+            }
+        } else {
+            let mut in_flight = due
+                .map(|(first, at)| publish(first, at))
+                .buffer_unordered(plan.in_flight);
+            while let Some(n) = in_flight.next().await {
+                published += n?;
+            }
+        }
+    }
+    Ok((published, paced.then_some(lag)))
+}
+
 /// The subscriber loop of `--batch` runs: deliveries taken and acknowledged in batches
 /// ([`Subscription::recv_many`], [`Delivery::ack_all`]), latencies recorded into the
 /// shared histogram under one lock per batch.
 async fn receive_batches(
     mut sub: Subscription,
-    epoch: Instant,
     delivered: Arc<AtomicU64>,
     latency: Arc<Mutex<Histogram<u64>>>,
 ) {
     let mut batch = Vec::with_capacity(RECEIVE_BATCH);
     while sub.recv_many(&mut batch, RECEIVE_BATCH).await > 0 {
-        let now = epoch.elapsed().as_nanos() as u64;
+        let now = now_ns();
         if let Ok(mut h) = latency.lock() {
             // The messages of one publish batch carry one send time: one record per run.
             let mut sent = batch.iter().map(|d| sent_ns(d.payload())).peekable();
@@ -686,88 +823,6 @@ async fn latency(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-struct Report {
-    system: &'static str,
-    mode: &'static str,
-    size: usize,
-    count: u64,
-    elapsed_s: f64,
-    msgs_per_s: f64,
-    mb_per_s: f64,
-    p50_us: f64,
-    p90_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    max_us: f64,
-    latency_kind: &'static str,
-    extra: String,
-}
-
-impl Report {
-    fn print(&self, json: bool) {
-        let (cpu, rss) = process_usage();
-        if json {
-            let extra = if self.extra.is_empty() {
-                String::new()
-            } else {
-                format!(",{}", self.extra)
-            };
-            println!(
-                "{{\"system\":\"{}\",\"mode\":\"{}\",\"size\":{},\"count\":{},\"elapsed_s\":{:.4},\"msgs_per_s\":{:.1},\"mb_per_s\":{:.2},\"rtt_p50_us\":{:.1},\"rtt_p99_us\":{:.1},\"rtt_p999_us\":{:.1},\"lat_p90_us\":{:.1},\"lat_max_us\":{:.1},\"latency_kind\":\"{}\",\"cpu_s\":{:.2},\"peak_rss_mib\":{:.1}{}}}",
-                self.system, self.mode, self.size, self.count, self.elapsed_s, self.msgs_per_s, self.mb_per_s,
-                self.p50_us, self.p99_us, self.p999_us, self.p90_us, self.max_us, self.latency_kind, cpu, rss, extra
-            );
-        } else {
-            println!(
-                "{} {} size={} count={}",
-                self.system, self.mode, self.size, self.count
-            );
-            println!(
-                "  {:>14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-                "msgs/s", "MB/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
-            );
-            println!(
-                "  {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-                self.msgs_per_s,
-                self.mb_per_s,
-                self.p50_us,
-                self.p90_us,
-                self.p99_us,
-                self.p999_us,
-                self.max_us
-            );
-            println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process)", self.latency_kind, self.elapsed_s, cpu, rss);
-            if !self.extra.is_empty() {
-                println!("  {}", self.extra.replace('"', ""));
-            }
-        }
-    }
-}
-
-/// (CPU seconds used by this process, peak RSS in MiB) from /proc; zeros elsewhere.
-fn process_usage() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let rss_kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let cpu_ticks: f64 = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .skip(11)
-                .take(2)
-                .filter_map(|v| v.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(0.0);
-    (cpu_ticks / 100.0, rss_kib / 1024.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,15 +839,21 @@ mod tests {
     }
 
     #[test]
-    fn single_publishes_share_a_payload_only_within_the_reuse_window() {
-        let window = PAYLOAD_REUSE.as_nanos() as u64;
-        let mut payloads = ReusedPayload::new(128, Instant::now());
-        let a = payloads.at(1_000);
-        let b = payloads.at(1_000 + window - 1);
-        assert_eq!(a.as_ptr(), b.as_ptr(), "within the window: one buffer");
-        assert_eq!((a.len(), sent_ns(&a)), (128, 1_000));
-        let c = payloads.at(1_000 + window);
-        assert_ne!(a.as_ptr(), c.as_ptr(), "past the window: a fresh buffer");
-        assert_eq!(sent_ns(&c), 1_000 + window);
+    fn the_pacer_releases_every_message_once_in_order_and_none_before_it_is_due() {
+        // 20,000 a second: message i is due at i × 50 µs; 400 take ~20 ms.
+        let (pacer, mut released) = Pacer::start(20_000.0, 400).expect("pacing thread");
+        let mut next = 0;
+        while let Some(range) = released.blocking_recv() {
+            assert_eq!(range.start, next, "contiguous, no message twice");
+            assert!(range.end > range.start);
+            let now = now_ns();
+            assert!(
+                pacer.due(range.end - 1) <= now,
+                "released before it was due"
+            );
+            next = range.end;
+        }
+        assert_eq!(next, 400, "every message, then the channel closes");
+        assert!(now_ns() >= pacer.due(399));
     }
 }

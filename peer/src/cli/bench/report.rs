@@ -1,0 +1,85 @@
+//! What `weft bench` prints: a table, or one JSON line in the fields of
+//! `../shared/bench-peers`.
+
+/// One run's figures.
+pub(super) struct Report {
+    pub(super) system: &'static str,
+    pub(super) mode: &'static str,
+    pub(super) size: usize,
+    pub(super) count: u64,
+    pub(super) elapsed_s: f64,
+    pub(super) msgs_per_s: f64,
+    pub(super) mb_per_s: f64,
+    pub(super) p50_us: f64,
+    pub(super) p90_us: f64,
+    pub(super) p99_us: f64,
+    pub(super) p999_us: f64,
+    pub(super) max_us: f64,
+    pub(super) latency_kind: &'static str,
+    pub(super) extra: String,
+}
+
+impl Report {
+    pub(super) fn print(&self, json: bool) {
+        let (cpu, rss) = process_usage();
+        if json {
+            let extra = if self.extra.is_empty() {
+                String::new()
+            } else {
+                format!(",{}", self.extra)
+            };
+            println!(
+                "{{\"system\":\"{}\",\"mode\":\"{}\",\"size\":{},\"count\":{},\"elapsed_s\":{:.4},\"msgs_per_s\":{:.1},\"mb_per_s\":{:.2},\"rtt_p50_us\":{:.1},\"rtt_p99_us\":{:.1},\"rtt_p999_us\":{:.1},\"lat_p90_us\":{:.1},\"lat_max_us\":{:.1},\"latency_kind\":\"{}\",\"cpu_s\":{:.2},\"peak_rss_mib\":{:.1}{}}}",
+                self.system, self.mode, self.size, self.count, self.elapsed_s, self.msgs_per_s, self.mb_per_s,
+                self.p50_us, self.p99_us, self.p999_us, self.p90_us, self.max_us, self.latency_kind, cpu, rss, extra
+            );
+        } else {
+            println!(
+                "{} {} size={} count={}",
+                self.system, self.mode, self.size, self.count
+            );
+            println!(
+                "  {:>14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "msgs/s", "MB/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
+            );
+            println!(
+                "  {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+                self.msgs_per_s,
+                self.mb_per_s,
+                self.p50_us,
+                self.p90_us,
+                self.p99_us,
+                self.p999_us,
+                self.max_us
+            );
+            println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process)", self.latency_kind, self.elapsed_s, cpu, rss);
+            if !self.extra.is_empty() {
+                println!("  {}", self.extra.replace('"', ""));
+            }
+        }
+    }
+}
+
+/// (CPU seconds used by this process, peak RSS in MiB) from /proc; zeros elsewhere.
+pub(super) fn process_usage() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let cpu_ticks: f64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    (cpu_ticks / 100.0, rss_kib / 1024.0)
+}
