@@ -343,6 +343,39 @@ async fn a_delivery_dropped_without_ack_comes_back_after_the_ack_timeout() {
     );
 }
 
+/// Closing a peer ends its subscriptions: a consumer loop (`while let Some(d) =
+/// sub.next().await`) finishes instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_peer_ends_its_subscription_streams() {
+    let fabric = Fabric::start().await;
+    let sender = fabric.peer("closing-sender").await;
+    let (receiver, mut sub) = fabric.subscribed("closing-receiver").await;
+    sender
+        .publish("t", Message::new("before close"))
+        .await
+        .expect("publish");
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("delivered")
+        .expect("open");
+    assert_eq!(&d.payload()[..], b"before close");
+    d.ack();
+    let consumer = tokio::spawn(async move {
+        let mut more = 0;
+        while sub.next().await.is_some() {
+            more += 1;
+        }
+        more
+    });
+    receiver.close().await.expect("close");
+    let more = tokio::time::timeout(Duration::from_secs(10), consumer)
+        .await
+        .expect("the stream ends once the peer is closed")
+        .expect("consumer task");
+    assert_eq!(more, 0);
+    let _ = sender.close().await;
+}
+
 /// `publish_batch` stores a batch as one outbox append; every message reaches every
 /// group, keyed ones in publish order. A batch with an invalid message stores nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -253,3 +253,45 @@ async fn publish_for(publisher: &weft_peer::Peer, published: &mut Vec<String>, s
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// `weft bench` attached to a `weft-directory` process (`--directory`, `--dev-ca`),
+/// its peers in processes of their own, twice in a row on the same directory: each
+/// run has a topic of its own, so the second counts only its own subscribers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_bench_attaches_to_a_running_directory() {
+    init_logs();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (_directory, addr) = spawn_directory(root.path(), "1000").await;
+    for run in 0..2 {
+        let out = Command::new(binary("weft"))
+            .args([
+                "bench",
+                "--json",
+                "--processes",
+                "--count",
+                "3000",
+                "--directory",
+            ])
+            .arg(&addr)
+            .arg("--dev-ca")
+            .arg(root.path().join("dev-ca"))
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("runs weft bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "run {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout.lines().last().expect("a report line");
+        assert!(
+            line.contains("\"count\":3000") && line.contains("\"expected_deliveries\":3000"),
+            "run {run}: {line}"
+        );
+        assert!(
+            line.contains("\"role\":\"subscriber\""),
+            "run {run}: {line}"
+        );
+    }
+}

@@ -570,10 +570,16 @@ impl Peer {
             .is_ok()
     }
 
-    /// Stops the peer: saves dedup state, flushes the outbox bookkeeping, closes every
-    /// connection and waits (up to 5 s) until background work ended and the UDP port is
-    /// released. Unsettled messages stay in the outbox and are resent on the next start.
+    /// Stops the peer: ends its subscriptions (each hands over the deliveries already
+    /// queued, then [`Subscription::recv`] returns `None`), saves dedup state, flushes
+    /// the outbox bookkeeping, closes every connection and waits (up to 5 s) until
+    /// background work ended and the UDP port is released. Unsettled messages stay in
+    /// the outbox and are resent on the next start.
     pub async fn close(self) -> Result<()> {
+        // Subscriptions hand over what is queued, then end.
+        for sub in lock(&self.inner.subscriptions).values() {
+            sub.queue.close();
+        }
         self.inner.persist_dedup().await;
         self.inner.outbox.close().await?;
         let Peer { inner, guard } = self;

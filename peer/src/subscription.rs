@@ -8,6 +8,7 @@ use futures::Stream;
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -332,6 +333,7 @@ pub(crate) fn delivery_queue<T>(
     let max_bytes = u32::try_from(max_bytes).unwrap_or(u32::MAX).max(1);
     let room = Arc::new(Semaphore::new(limit.max(1) as usize));
     let byte_room = Arc::new(Semaphore::new(max_bytes as usize));
+    let closed = Arc::new(AtomicBool::new(false));
     let sender = QueueSender {
         tx,
         room: room.clone(),
@@ -339,6 +341,7 @@ pub(crate) fn delivery_queue<T>(
         limit: limit.max(1),
         max_bytes,
         weight,
+        closed: closed.clone(),
     };
     let receiver = QueueReceiver {
         rx,
@@ -347,6 +350,8 @@ pub(crate) fn delivery_queue<T>(
         current: Vec::new().into_iter(),
         held: 0,
         held_bytes: 0,
+        closed,
+        ended: false,
     };
     (sender, receiver)
 }
@@ -365,6 +370,8 @@ pub(crate) struct QueueSender<T> {
     limit: u32,
     max_bytes: u32,
     weight: fn(&T) -> usize,
+    /// Set by [`close`](Self::close): the receiver ends once it took what came before.
+    closed: Arc<AtomicBool>,
 }
 
 /// The queue was closed: the subscription is gone.
@@ -376,6 +383,9 @@ impl<T> QueueSender<T> {
     /// it is full. Fails only if the subscription is gone.
     pub(crate) async fn send_all(&self, mut items: Vec<T>) -> Result<(), QueueClosed> {
         while !items.is_empty() {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(QueueClosed);
+            }
             let rest = if items.len() > self.limit as usize {
                 items.split_off(self.limit as usize)
             } else {
@@ -400,6 +410,18 @@ impl<T> QueueSender<T> {
         }
         Ok(())
     }
+
+    /// Ends the queue (the peer is closing): the receiver hands over what was queued
+    /// before, then reports the end; later sends fail. (The sender lives as long as the
+    /// subscription, so the channel alone would never end.) Deliveries that do not get
+    /// in are not acknowledged, so their senders deliver them again.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.room.close();
+        self.byte_room.close();
+        // Wakes the receiver: an empty batch is the end marker once `closed` is set.
+        let _ = self.tx.send((Vec::new(), 0));
+    }
 }
 
 /// The application's end of a delivery queue.
@@ -412,6 +434,9 @@ pub(crate) struct QueueReceiver<T> {
     current: std::vec::IntoIter<T>,
     held: u32,
     held_bytes: u32,
+    closed: Arc<AtomicBool>,
+    /// The end marker was taken: nothing more comes.
+    ended: bool,
 }
 
 impl<T> QueueReceiver<T> {
@@ -438,7 +463,14 @@ impl<T> QueueReceiver<T> {
                 self.held = 0;
                 self.held_bytes = 0;
             }
+            if self.ended {
+                break;
+            }
             match self.rx.poll_recv(cx) {
+                Poll::Ready(Some((batch, _))) if batch.is_empty() => {
+                    // Only `close` sends an empty batch.
+                    self.ended = self.closed.load(Ordering::Acquire);
+                }
                 Poll::Ready(Some((batch, bytes))) => {
                     self.held = batch.len() as u32;
                     self.held_bytes = bytes;
@@ -554,6 +586,33 @@ mod tests {
 
     async fn next<T>(rx: &mut QueueReceiver<T>) -> Option<T> {
         std::future::poll_fn(|cx| rx.poll_next(cx)).await
+    }
+
+    #[tokio::test]
+    async fn a_closed_queue_hands_over_what_it_holds_then_ends_and_refuses_more() {
+        let (tx, mut rx) = counted(4);
+        tx.send_all(vec![1, 2, 3]).await.expect("room");
+        tx.close();
+        assert!(tx.send_all(vec![4]).await.is_err(), "closed: refused");
+        assert_eq!(next(&mut rx).await, Some(1));
+        assert_eq!(next(&mut rx).await, Some(2));
+        assert_eq!(next(&mut rx).await, Some(3));
+        assert_eq!(next(&mut rx).await, None, "then the end");
+        assert_eq!(next(&mut rx).await, None, "and it stays ended");
+    }
+
+    #[tokio::test]
+    async fn closing_wakes_a_receiver_waiting_on_an_empty_queue() {
+        let (tx, mut rx) = counted(4);
+        let waiting = tokio::spawn(async move { next(&mut rx).await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "nothing queued: it waits");
+        tx.close();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by close")
+            .expect("task");
+        assert_eq!(got, None);
     }
 
     fn shared() -> Arc<SubShared> {

@@ -83,3 +83,129 @@ fn flags_that_cannot_run_are_refused_with_the_reason() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn with_processes_every_peer_runs_apart_and_reports_its_own_usage() {
+    let r = report(&[
+        "--json",
+        "--processes",
+        "--count",
+        "4000",
+        "--groups",
+        "2",
+        "--batch",
+        "16",
+    ]);
+    assert_eq!(num(&r, "count"), 4000.0);
+    assert_eq!(num(&r, "expected_deliveries"), 8000.0);
+    assert!(
+        num(&r, "delivered") >= 8000.0,
+        "every group got everything: {r}"
+    );
+    let processes = r["processes"].as_array().expect("processes");
+    let mut pids: Vec<u64> = processes.iter().map(|p| num(p, "pid") as u64).collect();
+    let roles: Vec<&str> = processes
+        .iter()
+        .filter_map(|p| p["role"].as_str())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "publisher").count(),
+        1,
+        "{r}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| **r == "subscriber").count(),
+        2,
+        "{r}"
+    );
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "three processes: {r}");
+    for p in processes {
+        assert!(num(p, "cpu_s") > 0.0 && num(p, "peak_rss_mib") > 1.0, "{p}");
+    }
+    assert!(
+        num(&r, "rtt_p50_us") > 0.0,
+        "latency measured across processes"
+    );
+}
+
+/// The processes of `parent` and their command lines, from /proc.
+fn children_of(parent: u32) -> Vec<(i32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .map(|s| s.lines().any(|l| l == format!("PPid:\t{parent}")))
+                .unwrap_or(false)
+        })
+        .filter_map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")))
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_subscriber_process_fails_the_run_with_its_name() {
+    // 20,000 messages at 2,000 a second: ten seconds, time enough to kill one.
+    let run = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args([
+            "bench",
+            "--json",
+            "--processes",
+            "--count",
+            "20000",
+            "--rate",
+            "2000",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts weft bench");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (victim, publisher) = loop {
+        let children = children_of(run.id());
+        let find = |role: &str| children.iter().find(|(_, cmd)| cmd.contains(role));
+        if let (Some((sub, _)), Some((publisher, _))) =
+            (find("--role subscriber"), find("--role publisher"))
+        {
+            break (*sub, *publisher);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no subscriber process seen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // SAFETY: a plain kill(2) of a process this test saw as the run's child.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+    let out = run.wait_with_output().expect("bench ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the run cannot succeed without its subscriber"
+    );
+    assert!(
+        stderr.contains("subscriber sub-0-0 exited") && stderr.contains("SIGKILL"),
+        "{stderr}"
+    );
+    // The publisher is killed with its parent's run (gone, or a zombie until reaped).
+    let gone = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map(|s| s.contains("State:\tZ"))
+            .unwrap_or(true)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !gone(publisher) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publisher {publisher} left running"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -89,14 +89,16 @@ enum Command {
     /// Create a fabric CA and issue node certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Measure throughput and latency on an in-process fabric (embedded directory,
-    /// publishers and subscribers over real QUIC on loopback).
+    /// Measure throughput and latency on a local fabric: an embedded directory (or
+    /// --directory), publishers and subscribers over real QUIC on loopback, in this
+    /// process or each in its own (--processes).
     ///
     /// Examples:
     ///   weft bench --mode thr --size 128 --count 200000 --durability disk
     ///   weft bench --mode lat --size 128 --count 10000
     ///   weft bench --groups 3 --count 100000            # fan-out
     ///   weft bench --rate 50000 --duration 10           # fixed rate, latency from due time
+    ///   weft bench --processes --groups 2 --count 500000  # one process per peer
     ///   weft bench --json --mode thr --size 16384 --count 20000
     #[command(verbatim_doc_comment)]
     Bench(bench::BenchArgs),

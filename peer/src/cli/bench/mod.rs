@@ -3,6 +3,7 @@
 //! output has the fields of `../shared/bench-peers` so Weft lands in the same table.
 
 mod payload;
+mod procs;
 mod report;
 
 use anyhow::{Context, Result};
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -130,9 +132,37 @@ pub struct BenchArgs {
     /// faster, and much faster for latency; see docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "shared")]
     pub threads: Threads,
+    /// thr: run every peer in a process of its own (this binary again), as services
+    /// run; the report adds each process's CPU and peak RSS. The directory stays in
+    /// this process (or is the one of `--directory`).
+    #[arg(long)]
+    pub processes: bool,
+    /// Use this running directory node instead of one embedded in the benchmark (it
+    /// must run with a development CA: `weft-directory --dev --dev-ca DIR`).
+    #[arg(long, value_name = "ADDR", requires = "dev_ca")]
+    pub directory: Option<std::net::SocketAddr>,
+    /// With `--directory`: the directory's development CA, which issues the bench
+    /// peers' certificates.
+    #[arg(long, value_name = "DIR")]
+    pub dev_ca: Option<PathBuf>,
     /// Print one JSON line (bench-peers fields) instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Internal: run one peer of a `--processes` run, for the parent process.
+    #[arg(long, value_enum, hide = true)]
+    pub role: Option<procs::Role>,
+    /// Internal (`--role`): the peer's name.
+    #[arg(long, hide = true)]
+    pub name: Option<String>,
+    /// Internal (`--role subscriber`): the peer's group.
+    #[arg(long, hide = true)]
+    pub group: Option<String>,
+    /// Internal (`--role`): the topic of the run.
+    #[arg(long, hide = true)]
+    pub topic: Option<String>,
+    /// Internal (`--role`): where peers keep their data (`DIR/NAME`).
+    #[arg(long, hide = true)]
+    pub data_dir: Option<PathBuf>,
     /// Accepted for compatibility with the bench-peers harness; ignored.
     #[arg(long, hide = true)]
     pub url: Option<String>,
@@ -169,6 +199,10 @@ fn check_args(args: &BenchArgs) -> Result<()> {
     anyhow::ensure!(
         args.publishers > 0 && args.groups > 0 && args.members > 0,
         "--publishers, --groups and --members must be at least 1"
+    );
+    anyhow::ensure!(
+        !(args.processes && args.mode == Mode::Lat),
+        "--processes runs --mode thr only"
     );
     Ok(())
 }
@@ -305,29 +339,82 @@ impl Drop for PeerThread {
     }
 }
 
+/// Where the benchmark's peers meet: an embedded directory, or a running one
+/// (`--directory` with `--dev-ca`).
 struct Fabric {
-    _dir: tempfile::TempDir,
-    directory: Directory,
-    root: std::path::PathBuf,
+    /// The temporary directory of the peers' data (and an embedded directory's CA);
+    /// `None` in a child process, which uses its parent's.
+    _temp: Option<tempfile::TempDir>,
+    directory: Option<Directory>,
+    addr: std::net::SocketAddr,
+    dev_ca: PathBuf,
+    /// Where peer `name` keeps its data: `root/name`.
+    root: PathBuf,
     /// `--segment-bytes` of every peer.
     segment_bytes: Option<u64>,
+    /// Watches routes when the directory is not embedded.
+    observer: tokio::sync::OnceCell<Peer>,
 }
 
 impl Fabric {
-    async fn start(segment_bytes: Option<u64>) -> Result<Fabric> {
-        let dir = tempfile::tempdir().context("temporary directory")?;
-        let root = dir.path().to_path_buf();
-        let directory = Directory::builder("bench-directory")
-            .listen("127.0.0.1:0".parse()?)
-            .dev(root.join("dev-ca"))
-            .start()
-            .await?;
+    /// The fabric of a run: a directory embedded in this process, or the one given by
+    /// `--directory`.
+    async fn start(args: &BenchArgs) -> Result<Fabric> {
+        let temp = tempfile::tempdir().context("temporary directory")?;
+        let root = temp.path().to_path_buf();
+        let (directory, addr, dev_ca) = match args.directory {
+            Some(addr) => {
+                let dev_ca = args.dev_ca.clone().context(
+                    "--directory needs --dev-ca DIR: the development CA the directory was started with (weft-directory --dev --dev-ca DIR)",
+                )?;
+                (None, addr, dev_ca)
+            }
+            None => {
+                let dev_ca = root.join("dev-ca");
+                let directory = Directory::builder("bench-directory")
+                    .listen("127.0.0.1:0".parse()?)
+                    .dev(&dev_ca)
+                    .start()
+                    .await?;
+                let addr = directory.local_addr();
+                (Some(directory), addr, dev_ca)
+            }
+        };
         Ok(Fabric {
-            _dir: dir,
+            _temp: Some(temp),
             directory,
+            addr,
+            dev_ca,
             root,
-            segment_bytes,
+            segment_bytes: args.segment_bytes,
+            observer: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The fabric of a child process (`--role`): its parent's directory and data root.
+    fn child(args: &BenchArgs) -> Result<Fabric> {
+        let missing = |flag: &str| format!("--role needs {flag} (set by the parent process)");
+        Ok(Fabric {
+            _temp: None,
+            directory: None,
+            addr: args.directory.with_context(|| missing("--directory"))?,
+            dev_ca: args.dev_ca.clone().with_context(|| missing("--dev-ca"))?,
+            root: args
+                .data_dir
+                .clone()
+                .with_context(|| missing("--data-dir"))?,
+            segment_bytes: args.segment_bytes,
+            observer: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The topic of a run: its own on a shared directory, so that the members a
+    /// previous run left registered there are not counted as this one's.
+    fn topic(&self, base: &str) -> String {
+        match self.directory {
+            Some(_) => base.to_string(),
+            None => format!("{base}.{}", std::process::id()),
+        }
     }
 
     /// Starts a peer on `thread`.
@@ -340,8 +427,8 @@ impl Fabric {
     ) -> Result<Peer> {
         let segment_bytes = self.segment_bytes;
         let builder = Peer::builder(name)
-            .directory([self.directory.local_addr()])
-            .dev_ca(self.root.join("dev-ca"))
+            .directory([self.addr])
+            .dev_ca(&self.dev_ca)
             .data_dir(self.root.join(name))
             .durability(durability)
             .when_full(WhenFull::Wait)
@@ -357,17 +444,28 @@ impl Fabric {
         Ok(thread.run(builder.start()).await??)
     }
 
+    /// Members registered for `topic`, all groups together.
+    async fn members(&self, topic: &str) -> Result<usize> {
+        let route = match &self.directory {
+            Some(directory) => directory.route(topic),
+            None => {
+                let observer = self
+                    .observer
+                    .get_or_try_init(|| async {
+                        let name = format!("bench-observer-{}", std::process::id());
+                        let thread = PeerThread::new(Threads::Shared, &name)?;
+                        self.peer(&thread, &name, Durability::Memory, None).await
+                    })
+                    .await?;
+                observer.route(topic).await?
+            }
+        };
+        Ok(route.groups.iter().map(|g| g.members.len()).sum())
+    }
+
     async fn wait_members(&self, topic: &str, members: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self
-            .directory
-            .route(topic)
-            .groups
-            .iter()
-            .map(|g| g.members.len())
-            .sum::<usize>()
-            < members
-        {
+        while self.members(topic).await? < members {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "subscribers did not register in time"
@@ -422,20 +520,23 @@ fn histogram() -> Histogram<u64> {
 }
 
 async fn run_inner(args: &BenchArgs) -> Result<()> {
+    if let Some(role) = args.role {
+        return procs::child(args, role).await;
+    }
     match args.mode {
+        Mode::Thr if args.processes => procs::parent(args).await,
         Mode::Thr => throughput(args).await,
         Mode::Lat => latency(args).await,
     }
 }
 
 async fn throughput(args: &BenchArgs) -> Result<()> {
-    let fabric = Fabric::start(args.segment_bytes).await?;
-    let topic = "bench";
+    let fabric = Fabric::start(args).await?;
+    let topic = fabric.topic("bench");
     let delivered = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(Mutex::new(histogram()));
     let mut subscribers = Vec::new();
     let batch = args.batch.max(1);
-    let window = args.window.unwrap_or(default_window(batch, args.size));
     for g in 0..args.groups {
         for m in 0..args.members {
             let name = format!("sub-{g}-{m}");
@@ -444,43 +545,24 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                 .peer(&thread, &name, Durability::Memory, None)
                 .await?;
             let subscribing = peer
-                .subscribe(topic)
+                .subscribe(topic.clone())
                 .group(format!("group-{g}"))
                 .credit(args.credit)
                 .start();
-            let mut sub = thread.run(subscribing).await??;
-            let delivered = delivered.clone();
-            let latency = latency.clone();
+            let sub = thread.run(subscribing).await??;
+            let (delivered, latency) = (delivered.clone(), latency.clone());
             if batch > 1 {
                 thread
                     .handle
                     .spawn(receive_batches(sub, delivered, latency));
-                subscribers.push((thread, peer));
-                continue;
+            } else {
+                thread.handle.spawn(receive_each(sub, delivered, latency));
             }
-            thread.handle.spawn(async move {
-                let mut local = histogram();
-                let mut n = 0u64;
-                while let Some(d) = sub.next().await {
-                    let sent = sent_ns(d.payload());
-                    let now = now_ns();
-                    let _ = local.record(now.saturating_sub(sent).max(1));
-                    d.ack();
-                    n += 1;
-                    if n.is_multiple_of(1024) {
-                        delivered.fetch_add(1024, Ordering::Relaxed);
-                        if let Ok(mut h) = latency.lock() {
-                            let _ = h.add(&local);
-                        }
-                        local.reset();
-                    }
-                }
-            });
             subscribers.push((thread, peer));
         }
     }
     fabric
-        .wait_members(topic, args.groups * args.members)
+        .wait_members(&topic, args.groups * args.members)
         .await?;
     let mut publishers = Vec::new();
     for p in 0..args.publishers {
@@ -502,7 +584,6 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         None => args.count / args.publishers as u64,
     };
     let stop_at = args.duration.map(|d| now_ns() + (d * 1e9) as u64);
-    let shape = PayloadShape::new(args.size, args.compressible);
     let start = Instant::now();
     let progress = (!args.json).then(|| {
         let delivered = delivered.clone();
@@ -519,18 +600,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     });
     let mut tasks = Vec::new();
     for (thread, publisher) in &publishers {
-        let plan = PublishPlan {
-            count: per_publisher,
-            batch: batch as u64,
-            in_flight: (window as u64).div_ceil(batch as u64).max(1) as usize,
-            keys: args.keys,
-            stop_at,
-            shape: shape.clone(),
-        };
-        let pacer = args
-            .rate
-            .map(|rate| Pacer::start(rate, per_publisher))
-            .transpose()?;
+        let (plan, pacer) = PublishPlan::new(args, &topic, per_publisher, stop_at)?;
         tasks.push(
             thread
                 .handle
@@ -590,6 +660,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
         max_us: h.max() as f64 / 1e3,
         latency_kind: "publish_to_delivery",
+        processes: Vec::new(),
         extra: format!(
             "\"delivered_msgs_per_s\":{:.0},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"outbox_commits\":{commits},\"expected_deliveries\":{expected}{pacing}",
             expected as f64 / elapsed.as_secs_f64(),
@@ -620,7 +691,36 @@ struct PublishPlan {
     /// No publish due at or after this time (`--duration`).
     stop_at: Option<u64>,
     shape: PayloadShape,
+    topic: Arc<str>,
 }
+
+impl PublishPlan {
+    /// The plan of one publisher publishing `count` messages (`u64::MAX`: until
+    /// `stop_at`), and its pacer when `--rate` is given.
+    fn new(
+        args: &BenchArgs,
+        topic: &str,
+        count: u64,
+        stop_at: Option<u64>,
+    ) -> Result<(PublishPlan, Option<PacerHandle>)> {
+        let batch = args.batch.max(1);
+        let window = args.window.unwrap_or(default_window(batch, args.size));
+        let plan = PublishPlan {
+            count,
+            batch: batch as u64,
+            in_flight: window.div_ceil(batch).max(1),
+            keys: args.keys,
+            stop_at,
+            shape: PayloadShape::new(args.size, args.compressible),
+            topic: topic.into(),
+        };
+        let pacer = args.rate.map(|r| Pacer::start(r, count)).transpose()?;
+        Ok((plan, pacer))
+    }
+}
+
+/// A pacer and the message ranges it releases.
+type PacerHandle = (Pacer, tokio::sync::mpsc::Receiver<std::ops::Range<u64>>);
 
 /// Publishes `plan` as fast as `publisher` takes it, or as `pacer` releases it
 /// (`--rate`); returns the messages published and, when paced, how late each
@@ -628,7 +728,7 @@ struct PublishPlan {
 async fn publish_all(
     publisher: Peer,
     plan: PublishPlan,
-    pacer: Option<(Pacer, tokio::sync::mpsc::Receiver<std::ops::Range<u64>>)>,
+    pacer: Option<PacerHandle>,
 ) -> weft_peer::Result<(u64, Option<Histogram<u64>>)> {
     let PublishPlan {
         count,
@@ -674,10 +774,11 @@ async fn publish_all(
             let publisher = publisher.clone();
             let one = (batch == 1).then(|| single.at(due));
             let shape = plan.shape.clone();
+            let topic = plan.topic.clone();
             async move {
                 if let Some(body) = one {
                     return publisher
-                        .publish("bench", message(first, body))
+                        .publish(&topic, message(first, body))
                         .await
                         .map(|_| 1);
                 }
@@ -685,7 +786,7 @@ async fn publish_all(
                 let bodies = shape.batch((end - first) as usize, due);
                 let messages = (first..end).zip(bodies).map(|(i, p)| message(i, p));
                 publisher
-                    .publish_batch("bench", messages)
+                    .publish_batch(&topic, messages)
                     .await
                     .map(|_| end - first)
             }
@@ -706,6 +807,34 @@ async fn publish_all(
         }
     }
     Ok((published, paced.then_some(lag)))
+}
+
+/// The subscriber loop of single-publish runs: each delivery acknowledged on its own,
+/// as an application does; the count and latencies go to the shared ones every 1,024
+/// deliveries and when the subscription ends.
+async fn receive_each(
+    mut sub: Subscription,
+    delivered: Arc<AtomicU64>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+) {
+    let mut local = histogram();
+    let mut n = 0u64;
+    let flush = |n: &mut u64, local: &mut Histogram<u64>| {
+        delivered.fetch_add(std::mem::take(n), Ordering::Relaxed);
+        if let Ok(mut h) = latency.lock() {
+            let _ = h.add(&*local);
+        }
+        local.reset();
+    };
+    while let Some(d) = sub.next().await {
+        let _ = local.record(now_ns().saturating_sub(sent_ns(d.payload())).max(1));
+        n += 1;
+        d.ack();
+        if n == 1024 {
+            flush(&mut n, &mut local);
+        }
+    }
+    flush(&mut n, &mut local);
 }
 
 /// The subscriber loop of `--batch` runs: deliveries taken and acknowledged in batches
@@ -739,7 +868,7 @@ async fn receive_batches(
 const RECEIVE_BATCH: usize = 1024;
 
 async fn latency(args: &BenchArgs) -> Result<()> {
-    let fabric = Fabric::start(args.segment_bytes).await?;
+    let fabric = Fabric::start(args).await?;
     let sender_thread = PeerThread::new(args.threads, "ping")?;
     let echo_thread = PeerThread::new(args.threads, "pong")?;
     let sender = fabric
@@ -748,25 +877,22 @@ async fn latency(args: &BenchArgs) -> Result<()> {
     let echo = fabric
         .peer(&echo_thread, "pong", durability(args.durability), None)
         .await?;
+    let (ping, pong) = (fabric.topic("bench.ping"), fabric.topic("bench.pong"));
     let mut requests = echo_thread
-        .run(echo.subscribe("bench.ping").group("pong").start())
+        .run(echo.subscribe(ping.clone()).group("pong").start())
         .await??;
     let replies = sender_thread
-        .run(sender.subscribe("bench.pong").group("ping").start())
+        .run(sender.subscribe(pong.clone()).group("ping").start())
         .await??;
-    fabric.wait_members("bench.ping", 1).await?;
-    fabric.wait_members("bench.pong", 1).await?;
+    fabric.wait_members(&ping, 1).await?;
+    fabric.wait_members(&pong, 1).await?;
     let echo_task = {
         let echo = echo.clone();
         echo_thread.handle.spawn(async move {
             while let Some(d) = requests.next().await {
                 let body = d.payload().clone();
                 d.ack();
-                if echo
-                    .publish("bench.pong", Message::new(body))
-                    .await
-                    .is_err()
-                {
+                if echo.publish(&pong, Message::new(body)).await.is_err() {
                     return;
                 }
             }
@@ -786,9 +912,7 @@ async fn latency(args: &BenchArgs) -> Result<()> {
                     measured_from = Instant::now();
                 }
                 let t0 = Instant::now();
-                sender
-                    .publish("bench.ping", Message::new(body.clone()))
-                    .await?;
+                sender.publish(&ping, Message::new(body.clone())).await?;
                 let reply = replies.next().await.context("reply stream ended")?;
                 reply.ack();
                 if i >= warmup {
@@ -815,6 +939,7 @@ async fn latency(args: &BenchArgs) -> Result<()> {
         max_us: h.max() as f64 / 1e3,
         latency_kind: "round_trip",
         extra: String::new(),
+        processes: Vec::new(),
     };
     report.print(args.json);
     echo_task.abort();

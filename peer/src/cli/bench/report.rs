@@ -17,17 +17,44 @@ pub(super) struct Report {
     pub(super) max_us: f64,
     pub(super) latency_kind: &'static str,
     pub(super) extra: String,
+    /// The peers' processes (`--processes`); empty when every peer runs in this one.
+    pub(super) processes: Vec<ProcessRow>,
+}
+
+/// What one process of a `--processes` run used.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct ProcessRow {
+    pub(super) role: &'static str,
+    pub(super) name: String,
+    pub(super) pid: u32,
+    /// Published or delivered.
+    pub(super) messages: u64,
+    pub(super) cpu_s: f64,
+    pub(super) peak_rss_mib: f64,
 }
 
 impl Report {
     pub(super) fn print(&self, json: bool) {
-        let (cpu, rss) = process_usage();
+        let (mut cpu, mut rss) = process_usage();
+        if !self.processes.is_empty() {
+            // Every process's CPU (this one's included), the largest peak RSS.
+            cpu += self.processes.iter().map(|p| p.cpu_s).sum::<f64>();
+            rss = self
+                .processes
+                .iter()
+                .map(|p| p.peak_rss_mib)
+                .fold(0.0, f64::max);
+        }
         if json {
-            let extra = if self.extra.is_empty() {
+            let mut extra = if self.extra.is_empty() {
                 String::new()
             } else {
                 format!(",{}", self.extra)
             };
+            if !self.processes.is_empty() {
+                let rows = serde_json::to_string(&self.processes).unwrap_or_default();
+                extra.push_str(&format!(",\"processes\":{rows}"));
+            }
             println!(
                 "{{\"system\":\"{}\",\"mode\":\"{}\",\"size\":{},\"count\":{},\"elapsed_s\":{:.4},\"msgs_per_s\":{:.1},\"mb_per_s\":{:.2},\"rtt_p50_us\":{:.1},\"rtt_p99_us\":{:.1},\"rtt_p999_us\":{:.1},\"lat_p90_us\":{:.1},\"lat_max_us\":{:.1},\"latency_kind\":\"{}\",\"cpu_s\":{:.2},\"peak_rss_mib\":{:.1}{}}}",
                 self.system, self.mode, self.size, self.count, self.elapsed_s, self.msgs_per_s, self.mb_per_s,
@@ -52,7 +79,24 @@ impl Report {
                 self.p999_us,
                 self.max_us
             );
-            println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process)", self.latency_kind, self.elapsed_s, cpu, rss);
+            if self.processes.is_empty() {
+                println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process)", self.latency_kind, self.elapsed_s, cpu, rss);
+            } else {
+                println!(
+                    "  latency: {}; elapsed {:.3} s; CPU {:.2} s in all",
+                    self.latency_kind, self.elapsed_s, cpu
+                );
+                println!(
+                    "  {:<11} {:<10} {:>8} {:>12} {:>8} {:>10}",
+                    "process", "name", "pid", "messages", "CPU s", "RSS MiB"
+                );
+                for p in &self.processes {
+                    println!(
+                        "  {:<11} {:<10} {:>8} {:>12} {:>8.2} {:>10.1}",
+                        p.role, p.name, p.pid, p.messages, p.cpu_s, p.peak_rss_mib
+                    );
+                }
+            }
             if !self.extra.is_empty() {
                 println!("  {}", self.extra.replace('"', ""));
             }

@@ -1,0 +1,449 @@
+//! `weft bench --processes`: every peer in a process of its own, as services run.
+//!
+//! The parent keeps the directory (embedded, or the one of `--directory`) and runs
+//! this binary again once per peer with `--role`. It starts the subscribers, waits
+//! until all of them are registered, then starts the publishers. A publisher publishes
+//! its share, waits until every group acknowledged everything, prints its report as
+//! one JSON line and exits. Then the parent closes the subscribers' standard input,
+//! and each prints its report (deliveries, latency histogram) and exits. A child that
+//! exits before its turn fails the run, with its name and exit status.
+//!
+//! Send times are `CLOCK_MONOTONIC` nanoseconds (see [`payload`](super::payload)),
+//! which every process of the machine shares, so a subscriber measures latency from
+//! a publisher in another process.
+
+use super::report::{ProcessRow, Report};
+use super::{
+    durability, histogram, now_ns, publish_all, receive_batches, receive_each, system_name,
+    BenchArgs, Fabric, PeerThread, PublishPlan,
+};
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use weft_peer::Durability;
+
+/// What a child process of a `--processes` run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Publishes its share, waits until it is acknowledged, reports.
+    Publisher,
+    /// Receives and acknowledges until its standard input closes, reports.
+    Subscriber,
+}
+
+/// The one JSON line a child prints when it is done.
+#[derive(Debug, Serialize, Deserialize)]
+struct ChildReport {
+    role: Role,
+    name: String,
+    pid: u32,
+    /// Messages published (publisher) or delivered (subscriber).
+    messages: u64,
+    /// Publisher: when it started publishing, returned from its last publish, and
+    /// saw every message acknowledged (`CLOCK_MONOTONIC` ns).
+    start_ns: u64,
+    published_ns: u64,
+    drained_ns: u64,
+    /// Publisher: group commits that ended in an fdatasync.
+    commits: u64,
+    cpu_s: f64,
+    peak_rss_mib: f64,
+    /// Subscriber: publish-to-delivery latencies; publisher with `--rate`: how late
+    /// publishes started. An hdrhistogram, V2-serialized, in hex (empty: none).
+    histogram: String,
+}
+
+/// Runs one peer of a `--processes` run (`--role`).
+pub(super) async fn child(args: &BenchArgs, role: Role) -> Result<()> {
+    let fabric = Fabric::child(args)?;
+    let name = args.name.as_deref().context("--role needs --name")?;
+    let topic = args.topic.as_deref().context("--role needs --topic")?;
+    let report = match role {
+        Role::Publisher => publisher(args, &fabric, name, topic).await?,
+        Role::Subscriber => subscriber(args, &fabric, name, topic).await?,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+async fn publisher(
+    args: &BenchArgs,
+    fabric: &Fabric,
+    name: &str,
+    topic: &str,
+) -> Result<ChildReport> {
+    let thread = PeerThread::new(args.threads, name)?;
+    let peer = fabric
+        .peer(
+            &thread,
+            name,
+            durability(args.durability),
+            args.outbox_messages,
+        )
+        .await?;
+    let count = args.duration.map_or(args.count, |_| u64::MAX);
+    let stop_at = args.duration.map(|d| now_ns() + (d * 1e9) as u64);
+    let (plan, pacer) = PublishPlan::new(args, topic, count, stop_at)?;
+    let start_ns = now_ns();
+    let (messages, lag) = thread.run(publish_all(peer.clone(), plan, pacer)).await??;
+    let published_ns = now_ns();
+    while !peer.drain(Duration::from_millis(200)).await {}
+    let drained_ns = now_ns();
+    let commits = peer.outbox_stats().commits;
+    let _ = thread.run(peer.close()).await;
+    let (cpu_s, peak_rss_mib) = super::report::process_usage();
+    Ok(ChildReport {
+        role: Role::Publisher,
+        name: name.to_string(),
+        pid: std::process::id(),
+        messages,
+        start_ns,
+        published_ns,
+        drained_ns,
+        commits,
+        cpu_s,
+        peak_rss_mib,
+        histogram: lag.map(|h| encode(&h)).transpose()?.unwrap_or_default(),
+    })
+}
+
+async fn subscriber(
+    args: &BenchArgs,
+    fabric: &Fabric,
+    name: &str,
+    topic: &str,
+) -> Result<ChildReport> {
+    let group = args
+        .group
+        .clone()
+        .context("--role subscriber needs --group")?;
+    let thread = PeerThread::new(args.threads, name)?;
+    let peer = fabric.peer(&thread, name, Durability::Memory, None).await?;
+    let subscribing = peer
+        .subscribe(topic.to_string())
+        .group(group)
+        .credit(args.credit)
+        .start();
+    let sub = thread.run(subscribing).await??;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let latency = Arc::new(Mutex::new(histogram()));
+    let (d, l) = (delivered.clone(), latency.clone());
+    let receiving = if args.batch > 1 {
+        thread.handle.spawn(receive_batches(sub, d, l))
+    } else {
+        thread.handle.spawn(receive_each(sub, d, l))
+    };
+    // Until the parent says every publisher is done (closes our standard input).
+    let mut rest = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut rest).await;
+    // Closing the peer ends the subscription, and the loop adds its last deliveries.
+    let _ = thread.run(peer.close()).await;
+    let _ = receiving.await;
+    let h = latency
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
+    let (cpu_s, peak_rss_mib) = super::report::process_usage();
+    Ok(ChildReport {
+        role: Role::Subscriber,
+        name: name.to_string(),
+        pid: std::process::id(),
+        messages: delivered.load(Ordering::Relaxed),
+        start_ns: 0,
+        published_ns: 0,
+        drained_ns: 0,
+        commits: 0,
+        cpu_s,
+        peak_rss_mib,
+        histogram: encode(&h)?,
+    })
+}
+
+fn encode(h: &Histogram<u64>) -> Result<String> {
+    let mut bytes = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut bytes)
+        .map_err(|e| anyhow::anyhow!("serializing a histogram: {e:?}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn decode(hex: &str) -> Result<Histogram<u64>> {
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .context("a child's histogram is not hex")?;
+    Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|e| anyhow::anyhow!("a child's histogram does not decode: {e:?}"))
+}
+
+/// A child process that ended: its name, how, and what it printed.
+struct Exit {
+    role: Role,
+    name: String,
+    status: std::io::Result<std::process::ExitStatus>,
+    stdout: Vec<u8>,
+}
+
+impl Exit {
+    /// Its report, or why there is none.
+    fn report(self) -> Result<ChildReport> {
+        let status = self
+            .status
+            .with_context(|| format!("waiting for {}", self.name))?;
+        anyhow::ensure!(
+            status.success(),
+            "{} {} exited ({status}) before reporting (its own errors, if any, are above)",
+            role_name(self.role),
+            self.name
+        );
+        let out = String::from_utf8_lossy(&self.stdout);
+        let line = out.lines().last().unwrap_or_default();
+        serde_json::from_str(line)
+            .with_context(|| format!("{} printed no report: {line:?}", self.name))
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Publisher => "publisher",
+        Role::Subscriber => "subscriber",
+    }
+}
+
+/// The children of a run; each sends one [`Exit`] when it ends. Dropped, they are
+/// killed (a failed or timed-out run leaves no process behind).
+struct Children {
+    exe: std::path::PathBuf,
+    exits: tokio::sync::mpsc::UnboundedSender<Exit>,
+}
+
+impl Children {
+    /// Starts `this binary bench --role ROLE ...` and watches it; returns its
+    /// standard input (open until dropped).
+    fn spawn(
+        &self,
+        role: Role,
+        name: &str,
+        flags: Vec<String>,
+    ) -> Result<tokio::process::ChildStdin> {
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg("bench")
+            .arg("--role")
+            .arg(role_name(role))
+            .arg("--name")
+            .arg(name)
+            .args(flags)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if std::env::var_os("RUST_LOG").is_none() {
+            // Each child would warn again about the development CA.
+            cmd.env("RUST_LOG", "error");
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {} {name}", role_name(role)))?;
+        let stdin = child.stdin.take().context("child stdin")?;
+        let exits = self.exits.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let (status, stdout) = match child.wait_with_output().await {
+                Ok(out) => (Ok(out.status), out.stdout),
+                Err(e) => (Err(e), Vec::new()),
+            };
+            let _ = exits.send(Exit {
+                role,
+                name,
+                status,
+                stdout,
+            });
+        });
+        Ok(stdin)
+    }
+}
+
+/// Runs a throughput benchmark with every peer in its own process.
+pub(super) async fn parent(args: &BenchArgs) -> Result<()> {
+    let fabric = Fabric::start(args).await?;
+    let topic = fabric.topic("bench");
+    let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
+    let children = Children {
+        exe: std::env::current_exe().context("finding this binary to run its peers")?,
+        exits: exits_tx,
+    };
+    let shared = common_flags(args, &fabric, &topic);
+    let mut stdins = Vec::new();
+    for g in 0..args.groups {
+        for m in 0..args.members {
+            let mut flags = shared.clone();
+            flags.extend(["--group".to_string(), format!("group-{g}")]);
+            let name = format!("sub-{g}-{m}");
+            stdins.push(children.spawn(Role::Subscriber, &name, flags)?);
+        }
+    }
+    let subscribers = args.groups * args.members;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fabric.members(&topic).await? < subscribers {
+        if let Ok(exit) = exits.try_recv() {
+            let which = format!("{} {}", role_name(exit.role), exit.name);
+            // A failed child's report is the error that says so.
+            exit.report()?;
+            anyhow::bail!("{which} exited before the run started");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "subscriber processes did not register within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let per_publisher = args.count / args.publishers as u64;
+    for p in 0..args.publishers {
+        let mut flags = shared.clone();
+        flags.extend(["--count".to_string(), per_publisher.to_string()]);
+        children.spawn(Role::Publisher, &format!("pub-{p}"), flags)?;
+    }
+    drop(children);
+    let mut reports = Vec::new();
+    while reports.len() < args.publishers {
+        let exit = exits.recv().await.context("child watchers ended")?;
+        let role = exit.role;
+        let report = exit.report()?;
+        anyhow::ensure!(
+            role == Role::Publisher,
+            "subscriber {} exited while the publishers ran",
+            report.name
+        );
+        reports.push(report);
+    }
+    // Every message is acknowledged by every group: the subscribers may stop.
+    drop(stdins);
+    while let Some(exit) = exits.recv().await {
+        reports.push(exit.report()?);
+    }
+    summarize(args, &reports)?.print(args.json);
+    Ok(())
+}
+
+/// The flags every child gets: where the fabric is, and the run's shape.
+fn common_flags(args: &BenchArgs, fabric: &Fabric, topic: &str) -> Vec<String> {
+    let mut flags = vec![
+        format!("--directory={}", fabric.addr),
+        format!("--dev-ca={}", fabric.dev_ca.display()),
+        format!("--data-dir={}", fabric.root.display()),
+        format!("--topic={topic}"),
+        format!("--size={}", args.size),
+        format!("--batch={}", args.batch),
+        format!("--credit={}", args.credit),
+        format!("--keys={}", args.keys),
+        format!("--compressible={}", args.compressible),
+        format!("--timeout-s={}", args.timeout_s),
+        format!(
+            "--durability={}",
+            args.durability
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+        ),
+        format!(
+            "--threads={}",
+            args.threads
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+        ),
+    ];
+    let optional = [
+        ("--window", args.window.map(|v| v.to_string())),
+        ("--rate", args.rate.map(|v| v.to_string())),
+        ("--duration", args.duration.map(|v| v.to_string())),
+        (
+            "--outbox-messages",
+            args.outbox_messages.map(|v| v.to_string()),
+        ),
+        ("--segment-bytes", args.segment_bytes.map(|v| v.to_string())),
+    ];
+    flags.extend(
+        optional
+            .into_iter()
+            .filter_map(|(flag, value)| value.map(|v| format!("{flag}={v}"))),
+    );
+    flags
+}
+
+/// The run's figures from its children's reports.
+fn summarize(args: &BenchArgs, reports: &[ChildReport]) -> Result<Report> {
+    let publishers: Vec<&ChildReport> = reports
+        .iter()
+        .filter(|r| r.role == Role::Publisher)
+        .collect();
+    let start = publishers.iter().map(|r| r.start_ns).min().unwrap_or(0);
+    let published = publishers.iter().map(|r| r.published_ns).max().unwrap_or(0);
+    let drained = publishers.iter().map(|r| r.drained_ns).max().unwrap_or(0);
+    let elapsed_s = (drained.saturating_sub(start) as f64 / 1e9).max(1e-9);
+    let total: u64 = publishers.iter().map(|r| r.messages).sum();
+    let commits: u64 = publishers.iter().map(|r| r.commits).sum();
+    let delivered: u64 = reports
+        .iter()
+        .filter(|r| r.role == Role::Subscriber)
+        .map(|r| r.messages)
+        .sum();
+    let mut latency = histogram();
+    for r in reports.iter().filter(|r| r.role == Role::Subscriber) {
+        latency
+            .add(decode(&r.histogram)?)
+            .map_err(|e| anyhow::anyhow!("merging latencies: {e:?}"))?;
+    }
+    let h = &latency;
+    let msgs_per_s = total as f64 / elapsed_s;
+    let expected = total * args.groups as u64;
+    let processes: Vec<ProcessRow> = reports
+        .iter()
+        .map(|r| ProcessRow {
+            role: role_name(r.role),
+            name: r.name.clone(),
+            pid: r.pid,
+            messages: r.messages,
+            cpu_s: r.cpu_s,
+            peak_rss_mib: r.peak_rss_mib,
+        })
+        .collect();
+    Ok(Report {
+        system: system_name(args.durability),
+        mode: "thr",
+        size: args.size,
+        count: total,
+        elapsed_s,
+        msgs_per_s,
+        mb_per_s: msgs_per_s * args.size as f64 / 1e6,
+        p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
+        p90_us: h.value_at_quantile(0.90) as f64 / 1e3,
+        p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
+        p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
+        max_us: h.max() as f64 / 1e3,
+        latency_kind: "publish_to_delivery",
+        extra: format!(
+            "\"delivered_msgs_per_s\":{:.0},\"delivered\":{delivered},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"outbox_commits\":{commits},\"expected_deliveries\":{expected}",
+            delivered as f64 / elapsed_s,
+            published.saturating_sub(start) as f64 / 1e9,
+            args.groups,
+            args.members,
+            args.publishers,
+            args.batch.max(1),
+        ),
+        processes,
+    })
+}
