@@ -617,15 +617,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
             let _ = merged.add(&lag);
         }
     }
-    let pacing = match &send_lag {
-        Some(h) => format!(
-            ",\"rate_per_publisher\":{:.0},\"send_lag_p50_us\":{:.1},\"send_lag_p99_us\":{:.1}",
-            args.rate.unwrap_or(0.0),
-            h.value_at_quantile(0.5) as f64 / 1e3,
-            h.value_at_quantile(0.99) as f64 / 1e3
-        ),
-        None => String::new(),
-    };
+    let pacing = pacing_extra(args, send_lag.as_ref());
     let published_in = start.elapsed();
     // Done when every message is acknowledged by every group (the outboxes drained).
     for (_, publisher) in &publishers {
@@ -640,42 +632,57 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         .lock()
         .map(|h| h.clone())
         .unwrap_or_else(|_| histogram());
-    let msgs_per_s = total as f64 / elapsed.as_secs_f64();
     // Group commits that ended in an fdatasync (lease renewals included for `memory`).
     let commits: u64 = publishers
         .iter()
         .map(|(_, p)| p.outbox_stats().commits)
         .sum();
-    let report = Report {
-        system: system_name(args.durability),
-        mode: "thr",
-        size: args.size,
-        count: total,
-        elapsed_s: elapsed.as_secs_f64(),
-        msgs_per_s,
-        mb_per_s: msgs_per_s * args.size as f64 / 1e6,
-        p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
-        p90_us: h.value_at_quantile(0.90) as f64 / 1e3,
-        p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
-        p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
-        max_us: h.max() as f64 / 1e3,
-        latency_kind: "publish_to_delivery",
-        processes: Vec::new(),
-        extra: format!(
-            "\"delivered_msgs_per_s\":{:.0},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"outbox_commits\":{commits},\"expected_deliveries\":{expected}{pacing}",
-            expected as f64 / elapsed.as_secs_f64(),
-            published_in.as_secs_f64(),
-            args.groups,
-            args.members,
-            args.publishers,
-            batch
-        ),
-    };
+    let elapsed_s = elapsed.as_secs_f64();
+    let mut report = Report::new(
+        system_name(args.durability),
+        "thr",
+        (args.size, total, elapsed_s),
+        &h,
+        "publish_to_delivery",
+    );
+    let delivered_per_s = expected as f64 / elapsed_s;
+    let publish_s = published_in.as_secs_f64();
+    report.extra = thr_extra(args, delivered_per_s, publish_s, commits, expected) + &pacing;
     report.print(args.json);
     for (thread, peer) in publishers.into_iter().chain(subscribers) {
         let _ = thread.run(peer.close()).await;
     }
     Ok(())
+}
+
+/// The JSON extras of a `--rate` run: the rate and how late publishes started after
+/// they were due (`lag`, ns, every publisher's); empty without `--rate`.
+fn pacing_extra(args: &BenchArgs, lag: Option<&Histogram<u64>>) -> String {
+    match (args.rate, lag) {
+        (Some(rate), Some(h)) => format!(
+            ",\"rate_per_publisher\":{rate:.0},\"send_lag_p50_us\":{:.1},\"send_lag_p99_us\":{:.1}",
+            h.value_at_quantile(0.5) as f64 / 1e3,
+            h.value_at_quantile(0.99) as f64 / 1e3
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The JSON extras of a throughput run (after the bench-peers fields).
+fn thr_extra(
+    args: &BenchArgs,
+    delivered_per_s: f64,
+    publish_s: f64,
+    commits: u64,
+    expected: u64,
+) -> String {
+    format!(
+        "\"delivered_msgs_per_s\":{delivered_per_s:.0},\"publish_s\":{publish_s:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"outbox_commits\":{commits},\"expected_deliveries\":{expected}",
+        args.groups,
+        args.members,
+        args.publishers,
+        args.batch.max(1)
+    )
 }
 
 /// What one publisher of a throughput run publishes.
@@ -924,23 +931,13 @@ async fn latency(args: &BenchArgs) -> Result<()> {
     };
     let (h, measured_from) = sender_thread.run(round_trips).await??;
     let elapsed = measured_from.elapsed();
-    let report = Report {
-        system: system_name(args.durability),
-        mode: "lat",
-        size: args.size,
-        count: args.count,
-        elapsed_s: elapsed.as_secs_f64(),
-        msgs_per_s: args.count as f64 / elapsed.as_secs_f64(),
-        mb_per_s: args.count as f64 * args.size as f64 / elapsed.as_secs_f64() / 1e6,
-        p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
-        p90_us: h.value_at_quantile(0.90) as f64 / 1e3,
-        p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
-        p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
-        max_us: h.max() as f64 / 1e3,
-        latency_kind: "round_trip",
-        extra: String::new(),
-        processes: Vec::new(),
-    };
+    let report = Report::new(
+        system_name(args.durability),
+        "lat",
+        (args.size, args.count, elapsed.as_secs_f64()),
+        &h,
+        "round_trip",
+    );
     report.print(args.json);
     echo_task.abort();
     let _ = sender_thread.run(sender.close()).await;

@@ -14,8 +14,8 @@
 
 use super::report::{ProcessRow, Report};
 use super::{
-    durability, histogram, now_ns, publish_all, receive_batches, receive_each, system_name,
-    BenchArgs, Fabric, PeerThread, PublishPlan,
+    durability, histogram, now_ns, pacing_extra, publish_all, receive_batches, receive_each,
+    system_name, thr_extra, BenchArgs, Fabric, PeerThread, PublishPlan,
 };
 use anyhow::{Context, Result};
 use clap::ValueEnum;
@@ -401,16 +401,37 @@ fn summarize(args: &BenchArgs, reports: &[ChildReport]) -> Result<Report> {
         .filter(|r| r.role == Role::Subscriber)
         .map(|r| r.messages)
         .sum();
-    let mut latency = histogram();
-    for r in reports.iter().filter(|r| r.role == Role::Subscriber) {
-        latency
-            .add(decode(&r.histogram)?)
-            .map_err(|e| anyhow::anyhow!("merging latencies: {e:?}"))?;
-    }
-    let h = &latency;
-    let msgs_per_s = total as f64 / elapsed_s;
+    let merged = |role: Role| -> Result<Histogram<u64>> {
+        let mut h = histogram();
+        for r in reports
+            .iter()
+            .filter(|r| r.role == role && !r.histogram.is_empty())
+        {
+            h.add(decode(&r.histogram)?)
+                .map_err(|e| anyhow::anyhow!("merging histograms: {e:?}"))?;
+        }
+        Ok(h)
+    };
+    let latency = merged(Role::Subscriber)?;
+    let send_lag = merged(Role::Publisher)?;
     let expected = total * args.groups as u64;
-    let processes: Vec<ProcessRow> = reports
+    let mut report = Report::new(
+        system_name(args.durability),
+        "thr",
+        (args.size, total, elapsed_s),
+        &latency,
+        "publish_to_delivery",
+    );
+    let publish_s = published.saturating_sub(start) as f64 / 1e9;
+    report.extra = thr_extra(
+        args,
+        delivered as f64 / elapsed_s,
+        publish_s,
+        commits,
+        expected,
+    ) + &pacing_extra(args, Some(&send_lag))
+        + &format!(",\"delivered\":{delivered}");
+    report.processes = reports
         .iter()
         .map(|r| ProcessRow {
             role: role_name(r.role),
@@ -421,29 +442,5 @@ fn summarize(args: &BenchArgs, reports: &[ChildReport]) -> Result<Report> {
             peak_rss_mib: r.peak_rss_mib,
         })
         .collect();
-    Ok(Report {
-        system: system_name(args.durability),
-        mode: "thr",
-        size: args.size,
-        count: total,
-        elapsed_s,
-        msgs_per_s,
-        mb_per_s: msgs_per_s * args.size as f64 / 1e6,
-        p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
-        p90_us: h.value_at_quantile(0.90) as f64 / 1e3,
-        p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
-        p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
-        max_us: h.max() as f64 / 1e3,
-        latency_kind: "publish_to_delivery",
-        extra: format!(
-            "\"delivered_msgs_per_s\":{:.0},\"delivered\":{delivered},\"publish_s\":{:.3},\"groups\":{},\"members\":{},\"publishers\":{},\"batch\":{},\"outbox_commits\":{commits},\"expected_deliveries\":{expected}",
-            delivered as f64 / elapsed_s,
-            published.saturating_sub(start) as f64 / 1e9,
-            args.groups,
-            args.members,
-            args.publishers,
-            args.batch.max(1),
-        ),
-        processes,
-    })
+    Ok(report)
 }

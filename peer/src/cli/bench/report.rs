@@ -34,6 +34,36 @@ pub(super) struct ProcessRow {
 }
 
 impl Report {
+    /// The figures of `count` messages of `size` bytes in `elapsed_s`, with latencies
+    /// `h` (ns) of `latency_kind`; no extras, no processes.
+    pub(super) fn new(
+        system: &'static str,
+        mode: &'static str,
+        (size, count, elapsed_s): (usize, u64, f64),
+        h: &hdrhistogram::Histogram<u64>,
+        latency_kind: &'static str,
+    ) -> Self {
+        let msgs_per_s = count as f64 / elapsed_s;
+        let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+        Report {
+            system,
+            mode,
+            size,
+            count,
+            elapsed_s,
+            msgs_per_s,
+            mb_per_s: msgs_per_s * size as f64 / 1e6,
+            p50_us: us(0.50),
+            p90_us: us(0.90),
+            p99_us: us(0.99),
+            p999_us: us(0.999),
+            max_us: h.max() as f64 / 1e3,
+            latency_kind,
+            extra: String::new(),
+            processes: Vec::new(),
+        }
+    }
+
     pub(super) fn print(&self, json: bool) {
         let (mut cpu, mut rss) = process_usage();
         if !self.processes.is_empty() {
