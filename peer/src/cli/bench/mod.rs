@@ -774,18 +774,17 @@ async fn publish_all(
     {
         // Publishes `first..` (one message, or a batch) due at `due`; resolves to how
         // many messages went in.
+        // Borrowed by every publish (no reference count touched per message).
+        let (publisher, shape, topic) = (&publisher, &plan.shape, &*plan.topic);
         let mut publish = |first: u64, due: u64| {
             if paced {
                 let _ = lag.record(now_ns().saturating_sub(due).max(1));
             }
-            let publisher = publisher.clone();
             let one = (batch == 1).then(|| single.at(due));
-            let shape = plan.shape.clone();
-            let topic = plan.topic.clone();
             async move {
                 if let Some(body) = one {
                     return publisher
-                        .publish(&topic, message(first, body))
+                        .publish(topic, message(first, body))
                         .await
                         .map(|_| 1);
                 }
@@ -793,7 +792,7 @@ async fn publish_all(
                 let bodies = shape.batch((end - first) as usize, due);
                 let messages = (first..end).zip(bodies).map(|(i, p)| message(i, p));
                 publisher
-                    .publish_batch(&topic, messages)
+                    .publish_batch(topic, messages)
                     .await
                     .map(|_| end - first)
             }
