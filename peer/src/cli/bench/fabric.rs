@@ -1,0 +1,218 @@
+//! Where a benchmark's peers run (threads and runtimes) and meet (the directory).
+
+use super::{BenchArgs, Threads};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use weft_directory::Directory;
+use weft_peer::{Durability, Peer, WhenFull};
+
+/// Where one peer runs: its own thread with a current-thread runtime
+/// ([`Threads::PerPeer`]), or the caller's runtime ([`Threads::Shared`]). Everything
+/// touching the peer (start, its loops, close) is spawned here, so its tasks stay put.
+pub(super) struct PeerThread {
+    pub(super) handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeerThread {
+    pub(super) fn new(layout: Threads, name: &str) -> Result<PeerThread> {
+        if layout == Threads::Shared {
+            return Ok(PeerThread {
+                handle: tokio::runtime::Handle::current(),
+                stop: None,
+                thread: None,
+            });
+        }
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        let _ = handle_tx.send(Ok(rt.handle().clone()));
+                        rt.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    }
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                    }
+                }
+            })
+            .context("starting a peer thread")?;
+        let handle = handle_rx
+            .recv()
+            .context("peer thread ended at start")?
+            .context("starting a peer runtime")?;
+        Ok(PeerThread {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `work` on this peer's runtime and waits for its result.
+    pub(super) async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        self.handle
+            .spawn(work)
+            .await
+            .context("a peer thread's task failed")
+    }
+}
+
+impl Drop for PeerThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Where the benchmark's peers meet: an embedded directory, or a running one
+/// (`--directory` with `--dev-ca`).
+pub(super) struct Fabric {
+    /// The temporary directory of the peers' data (and an embedded directory's CA);
+    /// `None` in a child process, which uses its parent's.
+    _temp: Option<tempfile::TempDir>,
+    directory: Option<Directory>,
+    pub(super) addr: std::net::SocketAddr,
+    pub(super) dev_ca: PathBuf,
+    /// Where peer `name` keeps its data: `root/name`.
+    pub(super) root: PathBuf,
+    /// `--segment-bytes` of every peer.
+    segment_bytes: Option<u64>,
+    /// Watches routes when the directory is not embedded.
+    observer: tokio::sync::OnceCell<Peer>,
+}
+
+impl Fabric {
+    /// The fabric of a run: a directory embedded in this process, or the one given by
+    /// `--directory`.
+    pub(super) async fn start(args: &BenchArgs) -> Result<Fabric> {
+        let temp = tempfile::tempdir().context("temporary directory")?;
+        let root = temp.path().to_path_buf();
+        let (directory, addr, dev_ca) = match args.directory {
+            Some(addr) => {
+                let dev_ca = args.dev_ca.clone().context(
+                    "--directory needs --dev-ca DIR: the development CA the directory was started with (weft-directory --dev --dev-ca DIR)",
+                )?;
+                (None, addr, dev_ca)
+            }
+            None => {
+                let dev_ca = root.join("dev-ca");
+                let directory = Directory::builder("bench-directory")
+                    .listen("127.0.0.1:0".parse()?)
+                    .dev(&dev_ca)
+                    .start()
+                    .await?;
+                let addr = directory.local_addr();
+                (Some(directory), addr, dev_ca)
+            }
+        };
+        Ok(Fabric {
+            _temp: Some(temp),
+            directory,
+            addr,
+            dev_ca,
+            root,
+            segment_bytes: args.segment_bytes,
+            observer: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The fabric of a child process (`--role`): its parent's directory and data root.
+    pub(super) fn child(args: &BenchArgs) -> Result<Fabric> {
+        let missing = |flag: &str| format!("--role needs {flag} (set by the parent process)");
+        Ok(Fabric {
+            _temp: None,
+            directory: None,
+            addr: args.directory.with_context(|| missing("--directory"))?,
+            dev_ca: args.dev_ca.clone().with_context(|| missing("--dev-ca"))?,
+            root: args
+                .data_dir
+                .clone()
+                .with_context(|| missing("--data-dir"))?,
+            segment_bytes: args.segment_bytes,
+            observer: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The topic of a run: its own on a shared directory, so that the members a
+    /// previous run left registered there are not counted as this one's.
+    pub(super) fn topic(&self, base: &str) -> String {
+        match self.directory {
+            Some(_) => base.to_string(),
+            None => format!("{base}.{}", std::process::id()),
+        }
+    }
+
+    /// Starts a peer on `thread`.
+    pub(super) async fn peer(
+        &self,
+        thread: &PeerThread,
+        name: &str,
+        durability: Durability,
+        outbox_messages: Option<u64>,
+    ) -> Result<Peer> {
+        let segment_bytes = self.segment_bytes;
+        let builder = Peer::builder(name)
+            .directory([self.addr])
+            .dev_ca(&self.dev_ca)
+            .data_dir(self.root.join(name))
+            .durability(durability)
+            .when_full(WhenFull::Wait)
+            .outbox(move |mut cfg| {
+                if let Some(n) = outbox_messages {
+                    cfg.max_messages = n;
+                }
+                if let Some(n) = segment_bytes {
+                    cfg.segment_bytes = n;
+                }
+                cfg
+            });
+        Ok(thread.run(builder.start()).await??)
+    }
+
+    /// Members registered for `topic`, all groups together.
+    pub(super) async fn members(&self, topic: &str) -> Result<usize> {
+        let route = match &self.directory {
+            Some(directory) => directory.route(topic),
+            None => {
+                let observer = self
+                    .observer
+                    .get_or_try_init(|| async {
+                        let name = format!("bench-observer-{}", std::process::id());
+                        let thread = PeerThread::new(Threads::Shared, &name)?;
+                        self.peer(&thread, &name, Durability::Memory, None).await
+                    })
+                    .await?;
+                observer.route(topic).await?
+            }
+        };
+        Ok(route.groups.iter().map(|g| g.members.len()).sum())
+    }
+
+    pub(super) async fn wait_members(&self, topic: &str, members: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.members(topic).await? < members {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "subscribers did not register in time"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}

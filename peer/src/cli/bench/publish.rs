@@ -1,0 +1,198 @@
+//! The publishing and receiving loops of throughput runs, in this process or in the
+//! children of `--processes`.
+
+use super::pacer::{Pacer, PacerHandle};
+use super::payload::{now_ns, sent_ns, PayloadShape, ReusedPayload};
+use super::{default_window, histogram, BenchArgs};
+use anyhow::Result;
+use bytes::Bytes;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use weft_peer::{Delivery, Message, Peer, Subscription};
+
+/// What one publisher of a throughput run publishes.
+pub(super) struct PublishPlan {
+    /// Messages (`u64::MAX` when `stop_at` bounds the run).
+    count: u64,
+    /// Messages per `publish_batch` (1: one `publish` each).
+    batch: u64,
+    /// Publishes (single or batches) in flight at once.
+    pub(super) in_flight: usize,
+    /// Distinct keys (0: unkeyed).
+    keys: u64,
+    /// No publish due at or after this time (`--duration`).
+    stop_at: Option<u64>,
+    shape: PayloadShape,
+    topic: Arc<str>,
+}
+
+impl PublishPlan {
+    /// The plan of one publisher publishing `count` messages (`u64::MAX`: until
+    /// `stop_at`), and its pacer when `--rate` is given.
+    pub(super) fn new(
+        args: &BenchArgs,
+        topic: &str,
+        count: u64,
+        stop_at: Option<u64>,
+    ) -> Result<(PublishPlan, Option<PacerHandle>)> {
+        let batch = args.batch.max(1);
+        let window = args.window.unwrap_or(default_window(batch, args.size));
+        let plan = PublishPlan {
+            count,
+            batch: batch as u64,
+            in_flight: window.div_ceil(batch).max(1),
+            keys: args.keys,
+            stop_at,
+            shape: PayloadShape::new(args.size, args.compressible),
+            topic: topic.into(),
+        };
+        let pacer = args.rate.map(|r| Pacer::start(r, count)).transpose()?;
+        Ok((plan, pacer))
+    }
+}
+
+/// Publishes `plan` as fast as `publisher` takes it, or as `pacer` releases it
+/// (`--rate`); returns the messages published and, when paced, how late each
+/// publish started after it was due.
+pub(super) async fn publish_all(
+    publisher: Peer,
+    plan: PublishPlan,
+    pacer: Option<PacerHandle>,
+) -> weft_peer::Result<(u64, Option<Histogram<u64>>)> {
+    let PublishPlan {
+        count,
+        batch,
+        keys,
+        stop_at,
+        ..
+    } = plan;
+    let paced = pacer.is_some();
+    let message = move |i: u64, payload: Bytes| {
+        let m = Message::new(payload);
+        if keys > 0 {
+            m.key(format!("k{}", i % keys))
+        } else {
+            m
+        }
+    };
+    let due: futures::stream::BoxStream<'static, (u64, u64)> = match pacer {
+        Some((pacer, released)) => futures::stream::unfold(released, |mut rx| async {
+            rx.recv().await.map(|range| (range, rx))
+        })
+        .flat_map(move |range| {
+            let firsts = range.filter(move |i| i % batch == 0);
+            futures::stream::iter(firsts.map(move |i| (i, pacer.due(i))))
+        })
+        .boxed(),
+        None => futures::stream::iter((0..count).step_by(batch as usize))
+            .map(|i| (i, now_ns()))
+            .boxed(),
+    };
+    let mut due = due
+        .take_while(move |&(_, at)| futures::future::ready(stop_at.is_none_or(|stop| at < stop)));
+    let mut single = ReusedPayload::new(plan.shape.clone());
+    let mut lag = histogram();
+    let mut published = 0u64;
+    {
+        // Publishes `first..` (one message, or a batch) due at `due`; resolves to how
+        // many messages went in.
+        // Borrowed by every publish (no reference count touched per message).
+        let (publisher, shape, topic) = (&publisher, &plan.shape, &*plan.topic);
+        let mut publish = |first: u64, due: u64| {
+            if paced {
+                let _ = lag.record(now_ns().saturating_sub(due).max(1));
+            }
+            let one = (batch == 1).then(|| single.at(due));
+            async move {
+                if let Some(body) = one {
+                    return publisher
+                        .publish(topic, message(first, body))
+                        .await
+                        .map(|_| 1);
+                }
+                let end = (first + batch).min(count);
+                let bodies = shape.batch((end - first) as usize, due);
+                let messages = (first..end).zip(bodies).map(|(i, p)| message(i, p));
+                publisher
+                    .publish_batch(topic, messages)
+                    .await
+                    .map(|_| end - first)
+            }
+        };
+        if plan.in_flight == 1 {
+            // Each publish awaited in turn, as an application's publish loop is
+            // written (and without a `FuturesUnordered` task per publish).
+            while let Some((first, at)) = due.next().await {
+                published += publish(first, at).await?;
+            }
+        } else {
+            let mut in_flight = due
+                .map(|(first, at)| publish(first, at))
+                .buffer_unordered(plan.in_flight);
+            while let Some(n) = in_flight.next().await {
+                published += n?;
+            }
+        }
+    }
+    Ok((published, paced.then_some(lag)))
+}
+
+/// The subscriber loop of single-publish runs: each delivery acknowledged on its own,
+/// as an application does; the count and latencies go to the shared ones every 1,024
+/// deliveries and when the subscription ends.
+pub(super) async fn receive_each(
+    mut sub: Subscription,
+    delivered: Arc<AtomicU64>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+) {
+    let mut local = histogram();
+    let mut n = 0u64;
+    let flush = |n: &mut u64, local: &mut Histogram<u64>| {
+        delivered.fetch_add(std::mem::take(n), Ordering::Relaxed);
+        if let Ok(mut h) = latency.lock() {
+            let _ = h.add(&*local);
+        }
+        local.reset();
+    };
+    while let Some(d) = sub.next().await {
+        let _ = local.record(now_ns().saturating_sub(sent_ns(d.payload())).max(1));
+        n += 1;
+        d.ack();
+        if n == 1024 {
+            flush(&mut n, &mut local);
+        }
+    }
+    flush(&mut n, &mut local);
+}
+
+/// The subscriber loop of `--batch` runs: deliveries taken and acknowledged in batches
+/// ([`Subscription::recv_many`], [`Delivery::ack_all`]), latencies recorded into the
+/// shared histogram under one lock per batch.
+pub(super) async fn receive_batches(
+    mut sub: Subscription,
+    delivered: Arc<AtomicU64>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+) {
+    let mut batch = Vec::with_capacity(RECEIVE_BATCH);
+    while sub.recv_many(&mut batch, RECEIVE_BATCH).await > 0 {
+        let now = now_ns();
+        if let Ok(mut h) = latency.lock() {
+            // The messages of one publish batch carry one send time: one record per run.
+            let mut sent = batch.iter().map(|d| sent_ns(d.payload())).peekable();
+            while let Some(t) = sent.next() {
+                let mut n = 1;
+                while sent.next_if_eq(&t).is_some() {
+                    n += 1;
+                }
+                let _ = h.record_n(now.saturating_sub(t).max(1), n);
+            }
+        }
+        delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Delivery::ack_all(batch.drain(..));
+    }
+}
+
+/// Most deliveries a `--batch` subscriber takes at once.
+const RECEIVE_BATCH: usize = 1024;
