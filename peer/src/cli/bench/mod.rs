@@ -1,6 +1,7 @@
-//! `weft bench`: an in-process Weft fabric (embedded directory, publisher and subscriber
-//! peers over real QUIC on loopback) measuring throughput and latency. Its `--json`
-//! output has the fields of `../shared/bench-peers` so Weft lands in the same table.
+//! `weft bench`: a local Weft fabric (an embedded directory or `--directory`, publisher
+//! and subscriber peers over real QUIC on loopback, in this process or each in its own
+//! with `--processes`) measuring throughput and latency. Its `--json` output has the
+//! fields of `../shared/bench-peers` so Weft lands in the same table.
 
 mod fabric;
 mod pacer;
