@@ -416,6 +416,7 @@ struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        self.inner.end_subscriptions();
         for t in &self.tasks {
             t.abort();
         }
@@ -571,15 +572,14 @@ impl Peer {
     }
 
     /// Stops the peer: ends its subscriptions (each hands over the deliveries already
-    /// queued, then [`Subscription::recv`] returns `None`), saves dedup state, flushes
-    /// the outbox bookkeeping, closes every connection and waits (up to 5 s) until
-    /// background work ended and the UDP port is released. Unsettled messages stay in
-    /// the outbox and are resent on the next start.
+    /// queued, then [`Subscription::recv`] returns `None`; acknowledgements of those no
+    /// longer reach their senders, which deliver them again), saves dedup state,
+    /// flushes the outbox bookkeeping, closes every connection and waits (up to 5 s)
+    /// until background work ended and the UDP port is released. Unsettled messages
+    /// stay in the outbox and are resent on the next start. Dropping the last handle
+    /// of a peer stops it too, without waiting.
     pub async fn close(self) -> Result<()> {
-        // Subscriptions hand over what is queued, then end.
-        for sub in lock(&self.inner.subscriptions).values() {
-            sub.queue.close();
-        }
+        self.inner.end_subscriptions();
         self.inner.persist_dedup().await;
         self.inner.outbox.close().await?;
         let Peer { inner, guard } = self;
@@ -777,6 +777,14 @@ impl Inner {
             role: Role::Peer,
             listen_addrs: self.advertised.clone(),
             zone: self.config.zone.clone(),
+        }
+    }
+
+    /// Ends every subscription's delivery queue: each hands over what it holds, then
+    /// its `recv` returns `None` (the peer is stopping).
+    fn end_subscriptions(&self) {
+        for sub in lock(&self.subscriptions).values() {
+            sub.queue.close();
         }
     }
 

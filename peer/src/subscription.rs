@@ -8,7 +8,6 @@ use futures::Stream;
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -333,7 +332,6 @@ pub(crate) fn delivery_queue<T>(
     let max_bytes = u32::try_from(max_bytes).unwrap_or(u32::MAX).max(1);
     let room = Arc::new(Semaphore::new(limit.max(1) as usize));
     let byte_room = Arc::new(Semaphore::new(max_bytes as usize));
-    let closed = Arc::new(AtomicBool::new(false));
     let sender = QueueSender {
         tx,
         room: room.clone(),
@@ -341,7 +339,7 @@ pub(crate) fn delivery_queue<T>(
         limit: limit.max(1),
         max_bytes,
         weight,
-        closed: closed.clone(),
+        closed: Mutex::new(false),
     };
     let receiver = QueueReceiver {
         rx,
@@ -350,7 +348,6 @@ pub(crate) fn delivery_queue<T>(
         current: Vec::new().into_iter(),
         held: 0,
         held_bytes: 0,
-        closed,
         ended: false,
     };
     (sender, receiver)
@@ -370,8 +367,9 @@ pub(crate) struct QueueSender<T> {
     limit: u32,
     max_bytes: u32,
     weight: fn(&T) -> usize,
-    /// Set by [`close`](Self::close): the receiver ends once it took what came before.
-    closed: Arc<AtomicBool>,
+    /// Set by [`close`](Self::close), which then sends the end marker. Held while a
+    /// batch is sent, so that no batch goes after the marker.
+    closed: Mutex<bool>,
 }
 
 /// The queue was closed: the subscription is gone.
@@ -383,9 +381,6 @@ impl<T> QueueSender<T> {
     /// it is full. Fails only if the subscription is gone.
     pub(crate) async fn send_all(&self, mut items: Vec<T>) -> Result<(), QueueClosed> {
         while !items.is_empty() {
-            if self.closed.load(Ordering::Acquire) {
-                return Err(QueueClosed);
-            }
             let rest = if items.len() > self.limit as usize {
                 items.split_off(self.limit as usize)
             } else {
@@ -405,7 +400,13 @@ impl<T> QueueSender<T> {
                 .map_err(|_| QueueClosed)?;
             permits.forget();
             byte_permits.forget();
-            self.tx.send((items, bytes)).map_err(|_| QueueClosed)?;
+            {
+                let closed = lock(&self.closed);
+                if *closed {
+                    return Err(QueueClosed);
+                }
+                self.tx.send((items, bytes)).map_err(|_| QueueClosed)?;
+            }
             items = rest;
         }
         Ok(())
@@ -416,10 +417,13 @@ impl<T> QueueSender<T> {
     /// subscription, so the channel alone would never end.) Deliveries that do not get
     /// in are not acknowledged, so their senders deliver them again.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        let mut closed = lock(&self.closed);
+        if std::mem::replace(&mut *closed, true) {
+            return;
+        }
         self.room.close();
         self.byte_room.close();
-        // Wakes the receiver: an empty batch is the end marker once `closed` is set.
+        // The end marker (`send_all` never sends an empty batch); it wakes the receiver.
         let _ = self.tx.send((Vec::new(), 0));
     }
 }
@@ -434,7 +438,6 @@ pub(crate) struct QueueReceiver<T> {
     current: std::vec::IntoIter<T>,
     held: u32,
     held_bytes: u32,
-    closed: Arc<AtomicBool>,
     /// The end marker was taken: nothing more comes.
     ended: bool,
 }
@@ -468,8 +471,8 @@ impl<T> QueueReceiver<T> {
             }
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some((batch, _))) if batch.is_empty() => {
-                    // Only `close` sends an empty batch.
-                    self.ended = self.closed.load(Ordering::Acquire);
+                    // Only `close` sends an empty batch: the end marker.
+                    self.ended = true;
                 }
                 Poll::Ready(Some((batch, bytes))) => {
                     self.held = batch.len() as u32;

@@ -57,6 +57,26 @@ fn a_fixed_rate_run_takes_as_long_as_its_rate_says_and_delivers_everything() {
 }
 
 #[test]
+fn a_short_run_records_the_latency_of_every_delivery() {
+    // Fewer messages than a subscriber adds to the shared histogram at once (1,024).
+    for batch in ["1", "16"] {
+        let r = report(&["--json", "--count", "500", "--batch", batch]);
+        assert_eq!(num(&r, "count"), 500.0);
+        assert!(
+            num(&r, "rtt_p50_us") > 0.0 && num(&r, "lat_max_us") > 0.0,
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn publishers_share_the_count_to_the_last_message() {
+    let r = report(&["--json", "--count", "1001", "--publishers", "3"]);
+    assert_eq!(num(&r, "count"), 1001.0, "{r}");
+    assert_eq!(num(&r, "expected_deliveries"), 1001.0, "{r}");
+}
+
+#[test]
 fn a_timed_run_publishes_until_its_duration_is_up() {
     let r = report(&["--json", "--duration", "0.3", "--rate", "10000"]);
     let count = num(&r, "count");

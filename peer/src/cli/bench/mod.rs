@@ -67,8 +67,8 @@ pub struct BenchArgs {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 128)]
     pub size: usize,
-    /// Messages (thr, in all, shared among the publishers) or measured round trips
-    /// (lat).
+    /// Messages (thr: in all, shared evenly among the publishers) or measured round
+    /// trips (lat).
     #[arg(long, default_value_t = 200_000)]
     pub count: u64,
     /// thr: publish for this many seconds instead of `--count` messages (then wait
@@ -78,8 +78,9 @@ pub struct BenchArgs {
     /// thr: messages per second per publisher, at fixed intervals, instead of as fast
     /// as the fabric takes them. Latencies then count from when each message was due,
     /// not from when it went out (corrected for coordinated omission): a fabric that
-    /// holds the sender back shows as latency. The pacer wakes at most once per
-    /// millisecond and sends what is due.
+    /// holds the sender back shows as latency. A pacing thread releases what is due
+    /// at most every 100 µs. With `--batch`, a batch goes out when its first message
+    /// is due, and all its messages carry that time.
     #[arg(long, value_name = "MSGS_PER_S")]
     pub rate: Option<f64>,
     /// Percentage of each payload (after its 8-byte send time) that repeats one byte;
@@ -287,14 +288,14 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                 .start();
             let sub = thread.run(subscribing).await??;
             let (delivered, latency) = (delivered.clone(), latency.clone());
-            if batch > 1 {
+            let receiving = if batch > 1 {
                 thread
                     .handle
-                    .spawn(receive_batches(sub, delivered, latency));
+                    .spawn(receive_batches(sub, delivered, latency))
             } else {
-                thread.handle.spawn(receive_each(sub, delivered, latency));
-            }
-            subscribers.push((thread, peer));
+                thread.handle.spawn(receive_each(sub, delivered, latency))
+            };
+            subscribers.push((thread, peer, receiving));
         }
     }
     fabric
@@ -314,11 +315,6 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
             .await?;
         publishers.push((thread, peer));
     }
-    let per_publisher = match args.duration {
-        // Bounded by the clock instead.
-        Some(_) => u64::MAX,
-        None => args.count / args.publishers as u64,
-    };
     let stop_at = args.duration.map(|d| now_ns() + (d * 1e9) as u64);
     let start = Instant::now();
     let progress = (!args.json).then(|| {
@@ -335,8 +331,9 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         })
     });
     let mut tasks = Vec::new();
-    for (thread, publisher) in &publishers {
-        let (plan, pacer) = PublishPlan::new(args, &topic, per_publisher, stop_at)?;
+    for (p, (thread, publisher)) in publishers.iter().enumerate() {
+        let count = share(args, p);
+        let (plan, pacer) = PublishPlan::new(args, &topic, count, stop_at)?;
         tasks.push(
             thread
                 .handle
@@ -364,15 +361,24 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     }
     let elapsed = start.elapsed();
     let expected = total * args.groups as u64;
-    let h = latency
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|_| histogram());
     // Group commits that ended in an fdatasync (lease renewals included for `memory`).
     let commits: u64 = publishers
         .iter()
         .map(|(_, p)| p.outbox_stats().commits)
         .sum();
+    // Everything is acknowledged, so delivered. Publishers first (their links close),
+    // then the subscribers, whose loops then add the latencies they hold yet.
+    for (thread, peer) in publishers {
+        let _ = thread.run(peer.close()).await;
+    }
+    for (thread, peer, receiving) in subscribers {
+        let _ = thread.run(peer.close()).await;
+        let _ = receiving.await;
+    }
+    let h = latency
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
     let elapsed_s = elapsed.as_secs_f64();
     let mut report = Report::new(
         system_name(args.durability),
@@ -385,10 +391,18 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let publish_s = published_in.as_secs_f64();
     report.extra = thr_extra(args, delivered_per_s, publish_s, commits, expected) + &pacing;
     report.print(args.json);
-    for (thread, peer) in publishers.into_iter().chain(subscribers) {
-        let _ = thread.run(peer.close()).await;
-    }
     Ok(())
+}
+
+/// The messages publisher `p` publishes: an even share of `--count`, the first
+/// publishers taking one more each until the remainder is gone (`u64::MAX` with
+/// `--duration`, which bounds the run instead).
+fn share(args: &BenchArgs, p: usize) -> u64 {
+    if args.duration.is_some() {
+        return u64::MAX;
+    }
+    let n = args.publishers as u64;
+    args.count / n + u64::from((p as u64) < args.count % n)
 }
 
 /// The JSON extras of a `--rate` run: the rate and how late publishes started after

@@ -56,6 +56,10 @@ impl Pacer {
                 }
                 next = due_upto;
             }
+            if next == limit {
+                // All released: the channel closes now, not an interval later.
+                return;
+            }
             let now = now_ns();
             let wake = self.due(next).max(now + PACER_TICK.as_nanos() as u64);
             std::thread::sleep(Duration::from_nanos(wake - now));

@@ -154,7 +154,7 @@ mod tests {
     }
 
     #[test]
-    fn the_clock_is_the_monotonic_clock_of_instant() {
+    fn send_stamps_follow_real_time() {
         let before = now_ns();
         std::thread::sleep(Duration::from_millis(2));
         let after = now_ns();

@@ -223,8 +223,9 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// The children of a run; each sends one [`Exit`] when it ends. Dropped, they are
-/// killed (a failed or timed-out run leaves no process behind).
+/// Starts the children of a run; each sends one [`Exit`] when it ends. A child is
+/// killed if its watcher task is dropped (when a failed or timed-out run returns and
+/// the runtime shuts down), so no process outlives the run.
 struct Children {
     exe: std::path::PathBuf,
     exits: tokio::sync::mpsc::UnboundedSender<Exit>,
@@ -310,10 +311,12 @@ pub(super) async fn parent(args: &BenchArgs) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let per_publisher = args.count / args.publishers as u64;
     for p in 0..args.publishers {
         let mut flags = shared.clone();
-        flags.extend(["--count".to_string(), per_publisher.to_string()]);
+        flags.extend([
+            "--count".to_string(),
+            super::share(args, p).min(args.count).to_string(),
+        ]);
         children.spawn(Role::Publisher, &format!("pub-{p}"), flags)?;
     }
     drop(children);

@@ -134,26 +134,15 @@ impl Report {
     }
 }
 
-/// (CPU seconds used by this process, peak RSS in MiB) from /proc; zeros elsewhere.
+/// (CPU seconds this process used, its peak RSS in MiB), from `getrusage` (CPU to the
+/// microsecond: /proc counts 10 ms ticks, which rounds a short-lived child to 0).
 pub(super) fn process_usage() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let rss_kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let cpu_ticks: f64 = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .skip(11)
-                .take(2)
-                .filter_map(|v| v.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(0.0);
-    (cpu_ticks / 100.0, rss_kib / 1024.0)
+    // SAFETY: an all-zero `rusage` is a valid value, and `getrusage` only writes it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer; on failure `usage` stays zero.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let cpu = seconds(usage.ru_utime) + seconds(usage.ru_stime);
+    // Linux reports the peak resident set in KiB.
+    (cpu, usage.ru_maxrss as f64 / 1024.0)
 }
