@@ -376,6 +376,18 @@ async fn closing_a_peer_ends_its_subscription_streams() {
     let _ = sender.close().await;
 }
 
+/// Dropping the last handle of a peer stops it, and ends its subscription streams too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_peer_ends_its_subscription_streams() {
+    let fabric = Fabric::start().await;
+    let (receiver, mut sub) = fabric.subscribed("dropped-receiver").await;
+    drop(receiver);
+    let end = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the stream ends once the peer is dropped");
+    assert!(end.is_none());
+}
+
 /// `publish_batch` stores a batch as one outbox append; every message reaches every
 /// group, keyed ones in publish order. A batch with an invalid message stores nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
