@@ -317,19 +317,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     }
     let stop_at = args.duration.map(|d| now_ns() + (d * 1e9) as u64);
     let start = Instant::now();
-    let progress = (!args.json).then(|| {
-        let delivered = delivered.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let n = delivered.load(Ordering::Relaxed);
-                let s = start.elapsed().as_secs_f64();
-                eprintln!("  {s:5.1} s: {n} delivered ({:.0} msgs/s)", n as f64 / s);
-            }
-        })
-    });
+    let progress = (!args.json).then(|| show_progress(delivered.clone(), String::new()));
     let mut tasks = Vec::new();
     for (p, (thread, publisher)) in publishers.iter().enumerate() {
         let count = share(args, p);
@@ -392,6 +380,24 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     report.extra = thr_extra(args, delivered_per_s, publish_s, commits, expected) + &pacing;
     report.print(args.json);
     Ok(())
+}
+
+/// Prints `who`'s deliveries so far once a second (on standard error), until aborted.
+fn show_progress(delivered: Arc<AtomicU64>, who: String) -> tokio::task::JoinHandle<()> {
+    let start = Instant::now();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let n = delivered.load(Ordering::Relaxed);
+            let s = start.elapsed().as_secs_f64();
+            eprintln!(
+                "  {s:5.1} s: {who}{n} delivered ({:.0} msgs/s)",
+                n as f64 / s
+            );
+        }
+    })
 }
 
 /// The messages publisher `p` publishes: an even share of `--count`, the first

@@ -15,7 +15,7 @@
 use super::report::{ProcessRow, Report};
 use super::{
     durability, histogram, now_ns, pacing_extra, publish_all, receive_batches, receive_each,
-    system_name, thr_extra, BenchArgs, Fabric, PeerThread, PublishPlan,
+    show_progress, system_name, thr_extra, BenchArgs, Fabric, PeerThread, PublishPlan,
 };
 use anyhow::{Context, Result};
 use clap::ValueEnum;
@@ -141,9 +141,13 @@ async fn subscriber(
     } else {
         thread.handle.spawn(receive_each(sub, d, l))
     };
+    let progress = (!args.json).then(|| show_progress(delivered.clone(), format!("{name}: ")));
     // Until the parent says every publisher is done (closes our standard input).
     let mut rest = Vec::new();
     let _ = tokio::io::stdin().read_to_end(&mut rest).await;
+    if let Some(progress) = progress {
+        progress.abort();
+    }
     // Closing the peer ends the subscription, and the loop adds its last deliveries.
     let _ = thread.run(peer.close()).await;
     let _ = receiving.await;
@@ -384,6 +388,10 @@ fn common_flags(args: &BenchArgs, fabric: &Fabric, topic: &str) -> Vec<String> {
             .into_iter()
             .filter_map(|(flag, value)| value.map(|v| format!("{flag}={v}"))),
     );
+    if args.json {
+        // Without it, each subscriber prints its progress (on the shared stderr).
+        flags.push("--json".to_string());
+    }
     flags
 }
 
