@@ -23,7 +23,7 @@ use weft_peer::{Durability, Message};
 
 use fabric::{Fabric, PeerThread};
 use payload::now_ns;
-use publish::{publish_all, receive_batches, receive_each, PublishPlan};
+use publish::{publish_all, receive_batches, receive_each, recorded, PublishPlan};
 use report::Report;
 
 /// What to measure.
@@ -363,10 +363,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         let _ = thread.run(peer.close()).await;
         let _ = receiving.await;
     }
-    let h = latency
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|_| histogram());
+    let h = recorded(&latency);
     let elapsed_s = elapsed.as_secs_f64();
     let mut report = Report::new(
         system_name(args.durability),

@@ -15,7 +15,7 @@
 use super::report::{ProcessRow, Report};
 use super::{
     durability, histogram, now_ns, pacing_extra, publish_all, receive_batches, receive_each,
-    show_progress, system_name, thr_extra, BenchArgs, Fabric, PeerThread, PublishPlan,
+    recorded, show_progress, system_name, thr_extra, BenchArgs, Fabric, PeerThread, PublishPlan,
 };
 use anyhow::{Context, Result};
 use clap::ValueEnum;
@@ -151,10 +151,7 @@ async fn subscriber(
     // Closing the peer ends the subscription, and the loop adds its last deliveries.
     let _ = thread.run(peer.close()).await;
     let _ = receiving.await;
-    let h = latency
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|_| histogram());
+    let h = recorded(&latency);
     let (cpu_s, peak_rss_mib) = super::report::process_usage();
     Ok(ChildReport {
         role: Role::Subscriber,

@@ -139,6 +139,14 @@ pub(super) async fn publish_all(
     Ok((published, paced.then_some(lag)))
 }
 
+/// The latencies the subscriber loops recorded so far.
+pub(super) fn recorded(latency: &Mutex<Histogram<u64>>) -> Histogram<u64> {
+    latency
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram())
+}
+
 /// The subscriber loop of single-publish runs: each delivery acknowledged on its own,
 /// as an application does; the count and latencies go to the shared ones every 1,024
 /// deliveries and when the subscription ends.
