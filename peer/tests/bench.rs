@@ -229,3 +229,31 @@ fn a_killed_subscriber_process_fails_the_run_with_its_name() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[test]
+fn round_trips_between_two_processes() {
+    let r = report(&[
+        "--json",
+        "--processes",
+        "--mode",
+        "lat",
+        "--count",
+        "300",
+        "--warmup",
+        "50",
+    ]);
+    assert_eq!(r["mode"], "lat");
+    assert_eq!(num(&r, "count"), 300.0);
+    assert!(num(&r, "rtt_p50_us") > 0.0, "{r}");
+    let processes = r["processes"].as_array().expect("processes");
+    let roles: Vec<&str> = processes
+        .iter()
+        .filter_map(|p| p["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["ping", "pong"], "{r}");
+    assert_eq!(
+        num(&processes[1], "messages"),
+        350.0,
+        "pong echoed warm-up and measured"
+    );
+}

@@ -198,7 +198,7 @@ impl Fabric {
                         self.peer(&thread, &name, Durability::Memory, None).await
                     })
                     .await?;
-                observer.route(topic).await?
+                return route_members(observer, topic).await;
             }
         };
         Ok(route.groups.iter().map(|g| g.members.len()).sum())
@@ -215,4 +215,10 @@ impl Fabric {
         }
         Ok(())
     }
+}
+
+/// Members registered for `topic`, all groups together, as `peer` sees the route.
+pub(super) async fn route_members(peer: &Peer, topic: &str) -> Result<usize> {
+    let route = peer.route(topic).await?;
+    Ok(route.groups.iter().map(|g| g.members.len()).sum())
 }

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weft_peer::{Durability, Message};
+use weft_peer::{Durability, Message, Peer, Subscription};
 
 use fabric::{Fabric, PeerThread};
 use payload::now_ns;
@@ -138,8 +138,8 @@ pub struct BenchArgs {
     /// faster, and much faster for latency; see docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "shared")]
     pub threads: Threads,
-    /// thr: run every peer in a process of its own (this binary again), as services
-    /// run; the report adds each process's CPU and peak RSS. The directory stays in
+    /// Run every peer in a process of its own (this binary again), as services run;
+    /// the report adds each process's CPU and peak RSS. The directory stays in
     /// this process (or is the one of `--directory`).
     #[arg(long)]
     pub processes: bool,
@@ -206,10 +206,6 @@ fn check_args(args: &BenchArgs) -> Result<()> {
         args.publishers > 0 && args.groups > 0 && args.members > 0,
         "--publishers, --groups and --members must be at least 1"
     );
-    anyhow::ensure!(
-        !(args.processes && args.mode == Mode::Lat),
-        "--processes runs --mode thr only"
-    );
     Ok(())
 }
 
@@ -263,6 +259,7 @@ async fn run_inner(args: &BenchArgs) -> Result<()> {
     match args.mode {
         Mode::Thr if args.processes => procs::parent(args).await,
         Mode::Thr => throughput(args).await,
+        Mode::Lat if args.processes => procs::parent_latency(args).await,
         Mode::Lat => latency(args).await,
     }
 }
@@ -449,7 +446,7 @@ async fn latency(args: &BenchArgs) -> Result<()> {
         .peer(&echo_thread, "pong", durability(args.durability), None)
         .await?;
     let (ping, pong) = (fabric.topic("bench.ping"), fabric.topic("bench.pong"));
-    let mut requests = echo_thread
+    let requests = echo_thread
         .run(echo.subscribe(ping.clone()).group("pong").start())
         .await??;
     let replies = sender_thread
@@ -457,44 +454,19 @@ async fn latency(args: &BenchArgs) -> Result<()> {
         .await??;
     fabric.wait_members(&ping, 1).await?;
     fabric.wait_members(&pong, 1).await?;
-    let echo_task = {
-        let echo = echo.clone();
-        echo_thread.handle.spawn(async move {
-            while let Some(d) = requests.next().await {
-                let body = d.payload().clone();
-                d.ack();
-                if echo.publish(&pong, Message::new(body)).await.is_err() {
-                    return;
-                }
-            }
-        })
-    };
+    let echo_task = echo_thread
+        .handle
+        .spawn(echo_loop(echo.clone(), requests, pong.clone()));
     // The measuring loop runs on the sender's thread, like its application would.
-    let (warmup, count, size) = (args.warmup, args.count, args.size);
-    let round_trips = {
-        let sender = sender.clone();
-        async move {
-            let mut replies = replies;
-            let mut h = histogram();
-            let body = Bytes::from(vec![0x5au8; size]);
-            let mut measured_from = Instant::now();
-            for i in 0..(warmup + count) {
-                if i == warmup {
-                    measured_from = Instant::now();
-                }
-                let t0 = Instant::now();
-                sender.publish(&ping, Message::new(body.clone())).await?;
-                let reply = replies.next().await.context("reply stream ended")?;
-                reply.ack();
-                if i >= warmup {
-                    let _ = h.record((t0.elapsed().as_nanos() as u64).max(1));
-                }
-            }
-            Ok::<_, anyhow::Error>((h, measured_from))
-        }
-    };
-    let (h, measured_from) = sender_thread.run(round_trips).await??;
-    let elapsed = measured_from.elapsed();
+    let measuring = round_trips(
+        sender.clone(),
+        replies,
+        ping,
+        args.warmup,
+        args.count,
+        args.size,
+    );
+    let (h, elapsed) = sender_thread.run(measuring).await??;
     let report = Report::new(
         system_name(args.durability),
         "lat",
@@ -507,6 +479,50 @@ async fn latency(args: &BenchArgs) -> Result<()> {
     let _ = sender_thread.run(sender.close()).await;
     let _ = echo_thread.run(echo.close()).await;
     Ok(())
+}
+
+/// The echo side of a latency run: re-publishes each request's payload on `pong`.
+/// Returns how many it echoed when the subscription or the peer ends.
+async fn echo_loop(echo: Peer, mut requests: Subscription, pong: String) -> u64 {
+    let mut echoed = 0;
+    while let Some(d) = requests.next().await {
+        let body = d.payload().clone();
+        d.ack();
+        if echo.publish(&pong, Message::new(body)).await.is_err() {
+            break;
+        }
+        echoed += 1;
+    }
+    echoed
+}
+
+/// The measuring side of a latency run: `warmup` unrecorded, then `count` recorded
+/// round trips (publish on `ping`, wait for the echo); returns the round-trip
+/// latencies (ns) and how long the recorded ones took.
+async fn round_trips(
+    sender: Peer,
+    mut replies: Subscription,
+    ping: String,
+    warmup: u64,
+    count: u64,
+    size: usize,
+) -> Result<(Histogram<u64>, Duration)> {
+    let mut h = histogram();
+    let body = Bytes::from(vec![0x5au8; size]);
+    let mut measured_from = Instant::now();
+    for i in 0..(warmup + count) {
+        if i == warmup {
+            measured_from = Instant::now();
+        }
+        let t0 = Instant::now();
+        sender.publish(&ping, Message::new(body.clone())).await?;
+        let reply = replies.next().await.context("reply stream ended")?;
+        reply.ack();
+        if i >= warmup {
+            let _ = h.record((t0.elapsed().as_nanos() as u64).max(1));
+        }
+    }
+    Ok((h, measured_from.elapsed()))
 }
 
 #[cfg(test)]

@@ -12,10 +12,12 @@
 //! which every process of the machine shares, so a subscriber measures latency from
 //! a publisher in another process.
 
+use super::fabric::route_members;
 use super::report::{ProcessRow, Report};
 use super::{
-    durability, histogram, now_ns, pacing_extra, publish_all, receive_batches, receive_each,
-    recorded, show_progress, system_name, thr_extra, BenchArgs, Fabric, PeerThread, PublishPlan,
+    durability, echo_loop, histogram, now_ns, pacing_extra, publish_all, receive_batches,
+    receive_each, recorded, round_trips, show_progress, system_name, thr_extra, BenchArgs, Fabric,
+    PeerThread, PublishPlan,
 };
 use anyhow::{Context, Result};
 use clap::ValueEnum;
@@ -37,6 +39,10 @@ pub enum Role {
     Publisher,
     /// Receives and acknowledges until its standard input closes, reports.
     Subscriber,
+    /// `--mode lat`: measures round trips through the pong process, reports.
+    Ping,
+    /// `--mode lat`: echoes every request until its standard input closes.
+    Pong,
 }
 
 /// The one JSON line a child prints when it is done.
@@ -69,6 +75,8 @@ pub(super) async fn child(args: &BenchArgs, role: Role) -> Result<()> {
     let report = match role {
         Role::Publisher => publisher(args, &fabric, name, topic).await?,
         Role::Subscriber => subscriber(args, &fabric, name, topic).await?,
+        Role::Ping => ping(args, &fabric, name, topic).await?,
+        Role::Pong => pong(args, &fabric, name, topic).await?,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -168,6 +176,87 @@ async fn subscriber(
     })
 }
 
+/// `--mode lat`: subscribes to `topic.pong`, waits until both topics have their
+/// member, then measures round trips through the pong process on `topic.ping`.
+async fn ping(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Result<ChildReport> {
+    let thread = PeerThread::new(args.threads, name)?;
+    let peer = fabric
+        .peer(&thread, name, durability(args.durability), None)
+        .await?;
+    let (ping_topic, pong_topic) = (format!("{topic}.ping"), format!("{topic}.pong"));
+    let replies = thread
+        .run(peer.subscribe(pong_topic.clone()).group("ping").start())
+        .await??;
+    for t in [&ping_topic, &pong_topic] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while route_members(&peer, t).await? < 1 {
+            anyhow::ensure!(Instant::now() < deadline, "{t} has no member after 30 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let measuring = round_trips(
+        peer.clone(),
+        replies,
+        ping_topic,
+        args.warmup,
+        args.count,
+        args.size,
+    );
+    let (h, elapsed) = thread.run(measuring).await??;
+    let _ = thread.run(peer.close()).await;
+    let (cpu_s, peak_rss_mib) = super::report::process_usage();
+    Ok(ChildReport {
+        role: Role::Ping,
+        name: name.to_string(),
+        pid: std::process::id(),
+        messages: args.count,
+        start_ns: 0,
+        published_ns: 0,
+        drained_ns: elapsed.as_nanos() as u64,
+        commits: 0,
+        cpu_s,
+        peak_rss_mib,
+        histogram: encode(&h)?,
+    })
+}
+
+/// `--mode lat`: echoes `topic.ping` requests on `topic.pong` until its standard input
+/// closes.
+async fn pong(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Result<ChildReport> {
+    let thread = PeerThread::new(args.threads, name)?;
+    let peer = fabric
+        .peer(&thread, name, durability(args.durability), None)
+        .await?;
+    let requests = thread
+        .run(
+            peer.subscribe(format!("{topic}.ping"))
+                .group("pong")
+                .start(),
+        )
+        .await??;
+    let echoing = thread
+        .handle
+        .spawn(echo_loop(peer.clone(), requests, format!("{topic}.pong")));
+    let mut rest = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut rest).await;
+    let _ = thread.run(peer.close()).await;
+    let echoed = echoing.await.unwrap_or(0);
+    let (cpu_s, peak_rss_mib) = super::report::process_usage();
+    Ok(ChildReport {
+        role: Role::Pong,
+        name: name.to_string(),
+        pid: std::process::id(),
+        messages: echoed,
+        start_ns: 0,
+        published_ns: 0,
+        drained_ns: 0,
+        commits: 0,
+        cpu_s,
+        peak_rss_mib,
+        histogram: String::new(),
+    })
+}
+
 fn encode(h: &Histogram<u64>) -> Result<String> {
     let mut bytes = Vec::new();
     V2Serializer::new()
@@ -221,6 +310,8 @@ fn role_name(role: Role) -> &'static str {
     match role {
         Role::Publisher => "publisher",
         Role::Subscriber => "subscriber",
+        Role::Ping => "ping",
+        Role::Pong => "pong",
     }
 }
 
@@ -297,21 +388,7 @@ pub(super) async fn parent(args: &BenchArgs) -> Result<()> {
             stdins.push(children.spawn(Role::Subscriber, &name, flags)?);
         }
     }
-    let subscribers = args.groups * args.members;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fabric.members(&topic).await? < subscribers {
-        if let Ok(exit) = exits.try_recv() {
-            let which = format!("{} {}", role_name(exit.role), exit.name);
-            // A failed child's report is the error that says so.
-            exit.report()?;
-            anyhow::bail!("{which} exited before the run started");
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "subscriber processes did not register within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_registered(&fabric, &topic, args.groups * args.members, &mut exits).await?;
     for p in 0..args.publishers {
         let mut flags = shared.clone();
         flags.extend([
@@ -340,6 +417,83 @@ pub(super) async fn parent(args: &BenchArgs) -> Result<()> {
     }
     summarize(args, &reports)?.print(args.json);
     Ok(())
+}
+
+/// Waits until `topic` has `members` registered, failing if a child exits first.
+async fn wait_registered(
+    fabric: &Fabric,
+    topic: &str,
+    members: usize,
+    exits: &mut tokio::sync::mpsc::UnboundedReceiver<Exit>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fabric.members(topic).await? < members {
+        if let Ok(exit) = exits.try_recv() {
+            let which = format!("{} {}", role_name(exit.role), exit.name);
+            // A failed child's report is the error that says so.
+            exit.report()?;
+            anyhow::bail!("{which} exited before the run started");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{topic}: the child processes did not register within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Runs a latency benchmark with the sender (ping) and the echo (pong) in processes
+/// of their own.
+pub(super) async fn parent_latency(args: &BenchArgs) -> Result<()> {
+    let fabric = Fabric::start(args).await?;
+    let topic = fabric.topic("bench");
+    let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
+    let children = Children {
+        exe: std::env::current_exe().context("finding this binary to run its peers")?,
+        exits: exits_tx,
+    };
+    let mut flags = common_flags(args, &fabric, &topic);
+    let pong_stdin = children.spawn(Role::Pong, "pong", flags.clone())?;
+    wait_registered(&fabric, &format!("{topic}.ping"), 1, &mut exits).await?;
+    flags.extend([
+        format!("--count={}", args.count),
+        format!("--warmup={}", args.warmup),
+    ]);
+    children.spawn(Role::Ping, "ping", flags)?;
+    drop(children);
+    let exit = exits.recv().await.context("child watchers ended")?;
+    let role = exit.role;
+    let ping = exit.report()?;
+    anyhow::ensure!(role == Role::Ping, "pong exited while ping measured");
+    drop(pong_stdin);
+    let pong = exits
+        .recv()
+        .await
+        .context("child watchers ended")?
+        .report()?;
+    let elapsed_s = (ping.drained_ns as f64 / 1e9).max(1e-9);
+    let mut report = Report::new(
+        system_name(args.durability),
+        "lat",
+        (args.size, args.count, elapsed_s),
+        &decode(&ping.histogram)?,
+        "round_trip",
+    );
+    report.processes = [&ping, &pong].iter().map(|r| process_row(r)).collect();
+    report.print(args.json);
+    Ok(())
+}
+
+fn process_row(r: &ChildReport) -> ProcessRow {
+    ProcessRow {
+        role: role_name(r.role),
+        name: r.name.clone(),
+        pid: r.pid,
+        messages: r.messages,
+        cpu_s: r.cpu_s,
+        peak_rss_mib: r.peak_rss_mib,
+    }
 }
 
 /// The flags every child gets: where the fabric is, and the run's shape.
@@ -439,16 +593,6 @@ fn summarize(args: &BenchArgs, reports: &[ChildReport]) -> Result<Report> {
         expected,
     ) + &pacing_extra(args, Some(&send_lag))
         + &format!(",\"delivered\":{delivered}");
-    report.processes = reports
-        .iter()
-        .map(|r| ProcessRow {
-            role: role_name(r.role),
-            name: r.name.clone(),
-            pid: r.pid,
-            messages: r.messages,
-            cpu_s: r.cpu_s,
-            peak_rss_mib: r.peak_rss_mib,
-        })
-        .collect();
+    report.processes = reports.iter().map(process_row).collect();
     Ok(report)
 }
