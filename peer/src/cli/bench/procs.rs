@@ -67,6 +67,37 @@ struct ChildReport {
     histogram: String,
 }
 
+impl ChildReport {
+    /// The report of a child that is done: this process's usage, no timings.
+    fn finished(
+        role: Role,
+        name: &str,
+        messages: u64,
+        histogram: Option<&Histogram<u64>>,
+    ) -> Result<ChildReport> {
+        let (cpu_s, peak_rss_mib) = super::report::process_usage();
+        Ok(ChildReport {
+            role,
+            name: name.to_string(),
+            pid: std::process::id(),
+            messages,
+            start_ns: 0,
+            published_ns: 0,
+            drained_ns: 0,
+            commits: 0,
+            cpu_s,
+            peak_rss_mib,
+            histogram: histogram.map(encode).transpose()?.unwrap_or_default(),
+        })
+    }
+}
+
+/// Returns when the parent closes this process's standard input (its signal to stop).
+async fn until_stdin_closes() {
+    let mut rest = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut rest).await;
+}
+
 /// Runs one peer of a `--processes` run (`--role`).
 pub(super) async fn child(args: &BenchArgs, role: Role) -> Result<()> {
     let fabric = Fabric::child(args)?;
@@ -107,19 +138,13 @@ async fn publisher(
     let drained_ns = now_ns();
     let commits = peer.outbox_stats().commits;
     let _ = thread.run(peer.close()).await;
-    let (cpu_s, peak_rss_mib) = super::report::process_usage();
+    let histogram = lag.as_ref();
     Ok(ChildReport {
-        role: Role::Publisher,
-        name: name.to_string(),
-        pid: std::process::id(),
-        messages,
         start_ns,
         published_ns,
         drained_ns,
         commits,
-        cpu_s,
-        peak_rss_mib,
-        histogram: lag.map(|h| encode(&h)).transpose()?.unwrap_or_default(),
+        ..ChildReport::finished(Role::Publisher, name, messages, histogram)?
     })
 }
 
@@ -151,8 +176,7 @@ async fn subscriber(
     };
     let progress = (!args.json).then(|| show_progress(delivered.clone(), format!("{name}: ")));
     // Until the parent says every publisher is done (closes our standard input).
-    let mut rest = Vec::new();
-    let _ = tokio::io::stdin().read_to_end(&mut rest).await;
+    until_stdin_closes().await;
     if let Some(progress) = progress {
         progress.abort();
     }
@@ -160,20 +184,8 @@ async fn subscriber(
     let _ = thread.run(peer.close()).await;
     let _ = receiving.await;
     let h = recorded(&latency);
-    let (cpu_s, peak_rss_mib) = super::report::process_usage();
-    Ok(ChildReport {
-        role: Role::Subscriber,
-        name: name.to_string(),
-        pid: std::process::id(),
-        messages: delivered.load(Ordering::Relaxed),
-        start_ns: 0,
-        published_ns: 0,
-        drained_ns: 0,
-        commits: 0,
-        cpu_s,
-        peak_rss_mib,
-        histogram: encode(&h)?,
-    })
+    let delivered = delivered.load(Ordering::Relaxed);
+    ChildReport::finished(Role::Subscriber, name, delivered, Some(&h))
 }
 
 /// `--mode lat`: subscribes to `topic.pong`, waits until both topics have their
@@ -204,19 +216,10 @@ async fn ping(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Res
     );
     let (h, elapsed) = thread.run(measuring).await??;
     let _ = thread.run(peer.close()).await;
-    let (cpu_s, peak_rss_mib) = super::report::process_usage();
     Ok(ChildReport {
-        role: Role::Ping,
-        name: name.to_string(),
-        pid: std::process::id(),
-        messages: args.count,
-        start_ns: 0,
-        published_ns: 0,
+        // The measured round trips took this long.
         drained_ns: elapsed.as_nanos() as u64,
-        commits: 0,
-        cpu_s,
-        peak_rss_mib,
-        histogram: encode(&h)?,
+        ..ChildReport::finished(Role::Ping, name, args.count, Some(&h))?
     })
 }
 
@@ -237,24 +240,10 @@ async fn pong(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Res
     let echoing = thread
         .handle
         .spawn(echo_loop(peer.clone(), requests, format!("{topic}.pong")));
-    let mut rest = Vec::new();
-    let _ = tokio::io::stdin().read_to_end(&mut rest).await;
+    until_stdin_closes().await;
     let _ = thread.run(peer.close()).await;
     let echoed = echoing.await.unwrap_or(0);
-    let (cpu_s, peak_rss_mib) = super::report::process_usage();
-    Ok(ChildReport {
-        role: Role::Pong,
-        name: name.to_string(),
-        pid: std::process::id(),
-        messages: echoed,
-        start_ns: 0,
-        published_ns: 0,
-        drained_ns: 0,
-        commits: 0,
-        cpu_s,
-        peak_rss_mib,
-        histogram: String::new(),
-    })
+    ChildReport::finished(Role::Pong, name, echoed, None)
 }
 
 fn encode(h: &Histogram<u64>) -> Result<String> {
@@ -324,6 +313,13 @@ struct Children {
 }
 
 impl Children {
+    /// No children yet, and where their exits will arrive (one each).
+    fn new() -> Result<(Children, tokio::sync::mpsc::UnboundedReceiver<Exit>)> {
+        let (exits, exited) = tokio::sync::mpsc::unbounded_channel();
+        let exe = std::env::current_exe().context("finding this binary to run its peers")?;
+        Ok((Children { exe, exits }, exited))
+    }
+
     /// Starts `this binary bench --role ROLE ...` and watches it; returns its
     /// standard input (open until dropped).
     fn spawn(
@@ -373,11 +369,7 @@ impl Children {
 pub(super) async fn parent(args: &BenchArgs) -> Result<()> {
     let fabric = Fabric::start(args).await?;
     let topic = fabric.topic("bench");
-    let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
-    let children = Children {
-        exe: std::env::current_exe().context("finding this binary to run its peers")?,
-        exits: exits_tx,
-    };
+    let (children, mut exits) = Children::new()?;
     let shared = common_flags(args, &fabric, &topic);
     let mut stdins = Vec::new();
     for g in 0..args.groups {
@@ -448,11 +440,7 @@ async fn wait_registered(
 pub(super) async fn parent_latency(args: &BenchArgs) -> Result<()> {
     let fabric = Fabric::start(args).await?;
     let topic = fabric.topic("bench");
-    let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
-    let children = Children {
-        exe: std::env::current_exe().context("finding this binary to run its peers")?,
-        exits: exits_tx,
-    };
+    let (children, mut exits) = Children::new()?;
     let mut flags = common_flags(args, &fabric, &topic);
     let pong_stdin = children.spawn(Role::Pong, "pong", flags.clone())?;
     wait_registered(&fabric, &format!("{topic}.ping"), 1, &mut exits).await?;
