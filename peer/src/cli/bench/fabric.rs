@@ -217,6 +217,22 @@ impl Fabric {
     }
 }
 
+/// Waits until `peer` sees at least `members` members in the route of `topic`. A
+/// publisher does this before its clock starts, so that its route is cached and its
+/// links are opening: otherwise every publish of the first window misses the route
+/// cache and waits for the directory, and the run measures that start-up.
+pub(super) async fn await_route(peer: &Peer, topic: &str, members: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while route_members(peer, topic).await? < members {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{topic} has fewer than {members} members after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
 /// Members registered for `topic`, all groups together, as `peer` sees the route.
 pub(super) async fn route_members(peer: &Peer, topic: &str) -> Result<usize> {
     let route = peer.route(topic).await?;

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_peer::{Durability, Message, Peer, Subscription};
 
-use fabric::{Fabric, PeerThread};
+use fabric::{await_route, Fabric, PeerThread};
 use payload::now_ns;
 use publish::{publish_all, receive_batches, receive_each, recorded, PublishPlan};
 use report::Report;
@@ -310,6 +310,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                 args.outbox_messages,
             )
             .await?;
+        await_route(&peer, &topic, args.groups * args.members).await?;
         publishers.push((thread, peer));
     }
     let stop_at = args.duration.map(|d| now_ns() + (d * 1e9) as u64);

@@ -12,7 +12,7 @@
 //! which every process of the machine shares, so a subscriber measures latency from
 //! a publisher in another process.
 
-use super::fabric::route_members;
+use super::fabric::await_route;
 use super::report::{ProcessRow, Report};
 use super::{
     durability, echo_loop, histogram, now_ns, pacing_extra, publish_all, receive_batches,
@@ -128,6 +128,7 @@ async fn publisher(
             args.outbox_messages,
         )
         .await?;
+    await_route(&peer, topic, args.groups * args.members).await?;
     let count = args.duration.map_or(args.count, |_| u64::MAX);
     let stop_at = args.duration.map(|d| now_ns() + (d * 1e9) as u64);
     let (plan, pacer) = PublishPlan::new(args, topic, count, stop_at)?;
@@ -200,11 +201,7 @@ async fn ping(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Res
         .run(peer.subscribe(pong_topic.clone()).group("ping").start())
         .await??;
     for t in [&ping_topic, &pong_topic] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while route_members(&peer, t).await? < 1 {
-            anyhow::ensure!(Instant::now() < deadline, "{t} has no member after 30 s");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        await_route(&peer, t, 1).await?;
     }
     let measuring = round_trips(
         peer.clone(),
