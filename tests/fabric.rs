@@ -702,3 +702,77 @@ async fn an_abandoned_disk_publish_is_still_delivered_once() {
         "a publish never polled was delivered: {late:?}"
     );
 }
+
+/// Publishes that miss the route cache at once (the first burst to a new topic) share
+/// one directory lookup instead of sending one `Watch` each, and all of them are
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_to_a_new_topic_share_one_directory_lookup() {
+    let fabric = Fabric::start().await;
+    let (_receiver, mut sub) = fabric.subscribed("receiver").await;
+    let sender = fabric.peer("sender").await;
+    let before = fabric.directory.requests_answered();
+    let publishes = (0..100).map(|n| sender.publish("t", Message::new(format!("m{n}"))));
+    for receipt in futures::future::join_all(publishes).await {
+        assert_eq!(receipt.expect("published").groups, 1);
+    }
+    let lookups = fabric.directory.requests_answered() - before;
+    // One lookup; a second only if the run outlasted the client's 3 s resync of its
+    // watched topics.
+    assert!(
+        (1..=2).contains(&lookups),
+        "{lookups} directory requests for 100 publishes"
+    );
+    let mut got = HashSet::new();
+    while got.len() < 100 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("delivered")
+            .expect("open");
+        assert!(got.insert(d.payload().clone()), "delivered twice");
+        d.ack();
+    }
+}
+
+/// When the directory does not answer, every publish waiting on the shared lookup
+/// fails with `DirectoryUnavailable`; the failure is not remembered: once a node
+/// listens at the address, the next publish looks the route up again and goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lookup_fails_every_waiting_publish_and_the_next_one_asks_again() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = weft_tests::free_udp_addr();
+    let ca = dir.path().join("dev-ca");
+    let sender = Peer::builder("sender")
+        .directory([addr])
+        .data_dir(dir.path().join("sender"))
+        .dev_ca(&ca)
+        .directory_timeout(Duration::from_millis(300))
+        .start()
+        .await
+        .expect("a peer starts without its directory");
+    let publishes = (0..20).map(|n| sender.publish("t", Message::new(format!("m{n}"))));
+    for result in futures::future::join_all(publishes).await {
+        let e = result.expect_err("no directory");
+        assert_eq!(e.kind(), weft_peer::ErrorKind::DirectoryUnavailable, "{e}");
+    }
+    let directory = Directory::builder("dir-1")
+        .listen(addr)
+        .dev(&ca)
+        .start()
+        .await
+        .expect("directory starts");
+    let receipt = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            // The client reconnects with a backoff: the first tries may still time out.
+            match sender.publish("t", Message::new("late")).await {
+                Ok(receipt) => return receipt,
+                Err(e) => assert_eq!(e.kind(), weft_peer::ErrorKind::DirectoryUnavailable),
+            }
+        }
+    })
+    .await
+    .expect("published once the directory is up");
+    assert_eq!(receipt.groups, 0, "no group subscribed to t");
+    assert!(directory.requests_answered() >= 1);
+}

@@ -324,6 +324,12 @@ impl Directory {
         self.node.shared.route(topic)
     }
 
+    /// Requests from peers this node answered so far (registrations, resolves,
+    /// watches), a measure of the load peers put on it.
+    pub fn requests_answered(&self) -> u64 {
+        self.node.shared.requests.load(Ordering::Relaxed)
+    }
+
     /// The UDP address this node gossips on (`None` when not in a cluster).
     pub fn gossip_addr(&self) -> Option<SocketAddr> {
         self.cluster.as_ref().map(|c| c.gossip_addr)

@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) name: String,
     state: Mutex<State>,
     pub(crate) hook: Mutex<Option<LocalUpdateHook>>,
+    /// Requests from peers answered so far (register, unregister, resolve, watch...).
+    pub(crate) requests: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -184,6 +186,7 @@ pub(crate) fn start(
             queues: HashMap::new(),
         }),
         hook: Mutex::new(None),
+        requests: std::sync::atomic::AtomicU64::new(0),
     });
     let accept = tokio::spawn(accept_loop(
         endpoint.clone(),
@@ -325,6 +328,9 @@ async fn request_loop(
 }
 
 fn handle_request(shared: &Shared, conn_id: ConnId, request: DirRequest) -> DirResponse {
+    shared
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut state = shared.lock();
     match request {
         DirRequest::Register(sub) | DirRequest::Unregister(sub)
