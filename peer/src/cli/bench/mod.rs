@@ -4,6 +4,7 @@
 //! fields of `../shared/bench-peers` so Weft lands in the same table.
 
 mod fabric;
+mod host;
 mod pacer;
 mod payload;
 mod procs;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use weft_peer::{Durability, Message, Peer, Subscription};
 
 use fabric::{await_route, Fabric, PeerThread};
+use host::CpuTimes;
 use payload::now_ns;
 use publish::{publish_all, receive_batches, receive_each, recorded, PublishPlan};
 use report::Report;
@@ -315,6 +317,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     }
     let stop_at = args.duration.map(|d| now_ns() + (d * 1e9) as u64);
     let start = Instant::now();
+    let host = CpuTimes::now();
     let progress = (!args.json).then(|| show_progress(delivered.clone(), String::new()));
     let mut tasks = Vec::new();
     for (p, (thread, publisher)) in publishers.iter().enumerate() {
@@ -346,6 +349,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
         progress.abort();
     }
     let elapsed = start.elapsed();
+    let host = host.and_then(|h| h.share_until_now());
     let expected = total * args.groups as u64;
     // Group commits that ended in an fdatasync (lease renewals included for `memory`).
     let commits: u64 = publishers
@@ -373,6 +377,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let delivered_per_s = expected as f64 / elapsed_s;
     let publish_s = published_in.as_secs_f64();
     report.extra = thr_extra(args, delivered_per_s, publish_s, commits, expected) + &pacing;
+    report.host = host;
     report.print(args.json);
     Ok(())
 }
@@ -467,14 +472,16 @@ async fn latency(args: &BenchArgs) -> Result<()> {
         args.count,
         args.size,
     );
+    let host = CpuTimes::now();
     let (h, elapsed) = sender_thread.run(measuring).await??;
-    let report = Report::new(
+    let mut report = Report::new(
         system_name(args.durability),
         "lat",
         (args.size, args.count, elapsed.as_secs_f64()),
         &h,
         "round_trip",
     );
+    report.host = host.and_then(|h| h.share_until_now());
     report.print(args.json);
     echo_task.abort();
     let _ = sender_thread.run(sender.close()).await;

@@ -13,6 +13,7 @@
 //! a publisher in another process.
 
 use super::fabric::await_route;
+use super::host::CpuTimes;
 use super::report::{ProcessRow, Report};
 use super::{
     durability, echo_loop, histogram, now_ns, pacing_extra, publish_all, receive_batches,
@@ -378,6 +379,8 @@ pub(super) async fn parent(args: &BenchArgs) -> Result<()> {
         }
     }
     wait_registered(&fabric, &topic, args.groups * args.members, &mut exits).await?;
+    // From the publishers' start (their processes' start-up included) to their end.
+    let host = CpuTimes::now();
     for p in 0..args.publishers {
         let mut flags = shared.clone();
         flags.extend([
@@ -399,12 +402,15 @@ pub(super) async fn parent(args: &BenchArgs) -> Result<()> {
         );
         reports.push(report);
     }
+    let host = host.and_then(|h| h.share_until_now());
     // Every message is acknowledged by every group: the subscribers may stop.
     drop(stdins);
     while let Some(exit) = exits.recv().await {
         reports.push(exit.report()?);
     }
-    summarize(args, &reports)?.print(args.json);
+    let mut report = summarize(args, &reports)?;
+    report.host = host;
+    report.print(args.json);
     Ok(())
 }
 
@@ -445,9 +451,12 @@ pub(super) async fn parent_latency(args: &BenchArgs) -> Result<()> {
         format!("--count={}", args.count),
         format!("--warmup={}", args.warmup),
     ]);
+    // From the ping process's start (its start-up and warm-up included) to its end.
+    let host = CpuTimes::now();
     children.spawn(Role::Ping, "ping", flags)?;
     drop(children);
     let exit = exits.recv().await.context("child watchers ended")?;
+    let host = host.and_then(|h| h.share_until_now());
     let role = exit.role;
     let ping = exit.report()?;
     anyhow::ensure!(role == Role::Ping, "pong exited while ping measured");
@@ -466,6 +475,7 @@ pub(super) async fn parent_latency(args: &BenchArgs) -> Result<()> {
         "round_trip",
     );
     report.processes = [&ping, &pong].iter().map(|r| process_row(r)).collect();
+    report.host = host;
     report.print(args.json);
     Ok(())
 }

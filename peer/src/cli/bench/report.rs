@@ -1,6 +1,8 @@
 //! What `weft bench` prints: a table, or one JSON line in the fields of
 //! `../shared/bench-peers`.
 
+use super::host::HostShare;
+
 /// One run's figures.
 pub(super) struct Report {
     pub(super) system: &'static str,
@@ -19,6 +21,8 @@ pub(super) struct Report {
     pub(super) extra: String,
     /// The peers' processes (`--processes`); empty when every peer runs in this one.
     pub(super) processes: Vec<ProcessRow>,
+    /// How the machine's CPU time went during the run (steal, idle), where known.
+    pub(super) host: Option<HostShare>,
 }
 
 /// What one process of a `--processes` run used.
@@ -61,6 +65,7 @@ impl Report {
             latency_kind,
             extra: String::new(),
             processes: Vec::new(),
+            host: None,
         }
     }
 
@@ -81,6 +86,12 @@ impl Report {
             } else {
                 format!(",{}", self.extra)
             };
+            if let Some(host) = self.host {
+                extra.push_str(&format!(
+                    ",\"host_steal_pct\":{:.1},\"host_idle_pct\":{:.1}",
+                    host.steal_pct, host.idle_pct
+                ));
+            }
             if !self.processes.is_empty() {
                 let rows = serde_json::to_string(&self.processes).unwrap_or_default();
                 extra.push_str(&format!(",\"processes\":{rows}"));
@@ -126,6 +137,18 @@ impl Report {
                         p.role, p.name, p.pid, p.messages, p.cpu_s, p.peak_rss_mib
                     );
                 }
+            }
+            if let Some(host) = self.host {
+                println!(
+                    "  machine during the run: {:.1} % idle, {:.1} % stolen by the hypervisor{}",
+                    host.idle_pct,
+                    host.steal_pct,
+                    if host.steal_pct >= 5.0 {
+                        " (other guests took CPU time: compare with care)"
+                    } else {
+                        ""
+                    }
+                );
             }
             if !self.extra.is_empty() {
                 println!("  {}", self.extra.replace('"', ""));
