@@ -841,7 +841,11 @@ impl Inner {
         self.members.learn(&route);
         let actions = self.core().on_route(crate::clock::now(), &route);
         lock(&self.targets).insert(route.topic.clone(), targets_of(&route));
-        lock(&self.routes).insert(route.topic.clone(), route);
+        let topic = route.topic.clone();
+        lock(&self.routes).insert(topic.clone(), route);
+        // The cache answers from now on: a lookup still listed (its callers gone before
+        // it finished, say) is not joined by later misses.
+        lock(&self.lookups).remove(&topic);
         self.execute(actions);
     }
 

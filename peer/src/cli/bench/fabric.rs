@@ -204,16 +204,9 @@ impl Fabric {
         Ok(route.groups.iter().map(|g| g.members.len()).sum())
     }
 
+    /// Waits until the directory lists `members` members of `topic`.
     pub(super) async fn wait_members(&self, topic: &str, members: usize) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.members(topic).await? < members {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "subscribers did not register in time"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Ok(())
+        until_members(topic, members, || self.members(topic)).await
     }
 }
 
@@ -222,8 +215,17 @@ impl Fabric {
 /// links are opening: otherwise every publish of the first window misses the route
 /// cache and waits for the directory, and the run measures that start-up.
 pub(super) async fn await_route(peer: &Peer, topic: &str, members: usize) -> Result<()> {
+    until_members(topic, members, || route_members(peer, topic)).await
+}
+
+/// Polls `count` until it reaches `members`, for at most 30 s.
+async fn until_members<F, Fut>(topic: &str, members: usize, mut count: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<usize>>,
+{
     let deadline = Instant::now() + Duration::from_secs(30);
-    while route_members(peer, topic).await? < members {
+    while count().await? < members {
         anyhow::ensure!(
             Instant::now() < deadline,
             "{topic} has fewer than {members} members after 30 s"
