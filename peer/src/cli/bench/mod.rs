@@ -96,7 +96,7 @@ pub struct BenchArgs {
     /// thr: messages in flight at once per publisher (publishes not yet returned; 1 =
     /// each awaited in turn, as a plain publish loop). Default: 512 for single
     /// publishes, 4096 with `--batch` (the best measured on 2 cores; see
-    /// docs/benchmarks.md, sessions 18 and 19), at most 8 MiB of payload and at
+    /// docs/benchmarks-history.md, sessions 18 and 19), at most 8 MiB of payload and at
     /// least one batch.
     #[arg(long)]
     pub window: Option<usize>,
