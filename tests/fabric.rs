@@ -75,6 +75,14 @@ impl Fabric {
 
 type Seen = Arc<Mutex<HashMap<String, Vec<u64>>>>;
 
+/// The subscription's next delivery, within 10 s.
+async fn next_delivery(sub: &mut weft_peer::Subscription) -> weft_peer::Delivery {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("delivered")
+        .expect("open")
+}
+
 /// Consumes a subscription, recording (member → numbers) and acking everything.
 fn consume(
     member: &str,
@@ -354,10 +362,7 @@ async fn closing_a_peer_ends_its_subscription_streams() {
         .publish("t", Message::new("before close"))
         .await
         .expect("publish");
-    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("delivered")
-        .expect("open");
+    let d = next_delivery(&mut sub).await;
     assert_eq!(&d.payload()[..], b"before close");
     d.ack();
     let consumer = tokio::spawn(async move {
@@ -637,10 +642,7 @@ async fn large_memory_payloads_arrive_intact_with_their_metadata() {
     sender.publish_batch("t", batch).await.expect("batch");
     let mut got = HashSet::new();
     while got.len() < 2 * sizes.len() {
-        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("delivered")
-            .expect("open");
+        let d = next_delivery(&mut sub).await;
         let n: usize = d.headers()[0].1.parse().expect("number");
         let len = sizes[n % sizes.len()];
         assert_eq!(&d.payload()[..], &payload(n, len)[..], "message {n}");
@@ -684,10 +686,7 @@ async fn an_abandoned_disk_publish_is_still_delivered_once() {
     drop(never);
     let mut got = HashSet::new();
     while got.len() < 21 {
-        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("delivered")
-            .expect("open");
+        let d = next_delivery(&mut sub).await;
         let body = String::from_utf8(d.payload().to_vec()).expect("utf-8");
         if let Some(n) = body.strip_prefix('m') {
             assert_eq!(d.key(), Some(format!("k{n}").as_str()), "{body}");
@@ -725,10 +724,7 @@ async fn concurrent_publishes_to_a_new_topic_share_one_directory_lookup() {
     );
     let mut got = HashSet::new();
     while got.len() < 100 {
-        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("delivered")
-            .expect("open");
+        let d = next_delivery(&mut sub).await;
         assert!(got.insert(d.payload().clone()), "delivered twice");
         d.ack();
     }
