@@ -105,6 +105,34 @@ fn flags_that_cannot_run_are_refused_with_the_reason() {
 }
 
 #[test]
+fn the_memory_limit_flag_reaches_the_outbox_and_the_machine_share_is_reported() {
+    // 64 messages held at most: publishers wait for acks, and everything arrives.
+    let r = report(&[
+        "--json",
+        "--count",
+        "3000",
+        "--rate",
+        "20000",
+        "--memory-messages",
+        "64",
+    ]);
+    assert_eq!(num(&r, "expected_deliveries"), 3000.0, "{r}");
+    if std::path::Path::new("/proc/stat").exists() {
+        // 150 ms: clock ticks passed, so the shares are known.
+        let (steal, idle) = (num(&r, "host_steal_pct"), num(&r, "host_idle_pct"));
+        assert!(steal >= 0.0 && idle >= 0.0 && steal + idle <= 100.0, "{r}");
+    }
+    // No room at all: the outbox refuses every publish, and the run says why.
+    let out = bench(&["--json", "--count", "100", "--memory-messages", "0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ran with no memory room");
+    assert!(
+        stderr.contains("outbox full of Memory messages"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn with_processes_every_peer_runs_apart_and_reports_its_own_usage() {
     let r = report(&[
         "--json",

@@ -158,13 +158,13 @@ impl Fabric {
         }
     }
 
-    /// Starts a peer on `thread`.
+    /// Starts a peer on `thread`, with `limits` on its outbox.
     pub(super) async fn peer(
         &self,
         thread: &PeerThread,
         name: &str,
         durability: Durability,
-        outbox_messages: Option<u64>,
+        limits: OutboxLimits,
     ) -> Result<Peer> {
         let segment_bytes = self.segment_bytes;
         let builder = Peer::builder(name)
@@ -174,8 +174,11 @@ impl Fabric {
             .durability(durability)
             .when_full(WhenFull::Wait)
             .outbox(move |mut cfg| {
-                if let Some(n) = outbox_messages {
+                if let Some(n) = limits.messages {
                     cfg.max_messages = n;
+                }
+                if let Some(n) = limits.memory_messages {
+                    cfg.max_memory_messages = n;
                 }
                 if let Some(n) = segment_bytes {
                     cfg.segment_bytes = n;
@@ -195,7 +198,8 @@ impl Fabric {
                     .get_or_try_init(|| async {
                         let name = format!("bench-observer-{}", std::process::id());
                         let thread = PeerThread::new(Threads::Shared, &name)?;
-                        self.peer(&thread, &name, Durability::Memory, None).await
+                        self.peer(&thread, &name, Durability::Memory, OutboxLimits::default())
+                            .await
                     })
                     .await?;
                 return route_members(observer, topic).await;
@@ -207,6 +211,25 @@ impl Fabric {
     /// Waits until the directory lists `members` members of `topic`.
     pub(super) async fn wait_members(&self, topic: &str, members: usize) -> Result<()> {
         until_members(topic, members, || self.members(topic)).await
+    }
+}
+
+/// Outbox limits of a bench peer (`None`: the peer's default).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct OutboxLimits {
+    /// `--outbox-messages`: the quota of messages.
+    pub(super) messages: Option<u64>,
+    /// `--memory-messages`: `Memory` messages held before publishers wait.
+    pub(super) memory_messages: Option<u64>,
+}
+
+impl OutboxLimits {
+    /// A publisher's limits, from the command line.
+    pub(super) fn of(args: &BenchArgs) -> Self {
+        OutboxLimits {
+            messages: args.outbox_messages,
+            memory_messages: args.memory_messages,
+        }
     }
 }
 

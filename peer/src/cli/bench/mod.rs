@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_peer::{Durability, Message, Peer, Subscription};
 
-use fabric::{await_route, Fabric, PeerThread};
+use fabric::{await_route, Fabric, OutboxLimits, PeerThread};
 use host::CpuTimes;
 use payload::now_ns;
 use publish::{publish_all, receive_batches, receive_each, recorded, PublishPlan};
@@ -131,6 +131,11 @@ pub struct BenchArgs {
     /// publisher that is this far ahead of its receivers waits.
     #[arg(long)]
     pub outbox_messages: Option<u64>,
+    /// `Memory` messages each publisher holds before `publish` waits (default: the
+    /// peer's, 65,536). Under saturation this backlog is the queue a message waits in:
+    /// smaller means lower publish-to-delivery latency (docs/benchmarks.md).
+    #[arg(long)]
+    pub memory_messages: Option<u64>,
     /// Size of the outbox segment files of every bench peer (default: the peer's
     /// default, 64 MiB). Smaller segments roll, settle and are recycled sooner, so a
     /// short run measures the steady state of a long-running sender.
@@ -278,7 +283,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
             let name = format!("sub-{g}-{m}");
             let thread = PeerThread::new(args.threads, &name)?;
             let peer = fabric
-                .peer(&thread, &name, Durability::Memory, None)
+                .peer(&thread, &name, Durability::Memory, OutboxLimits::default())
                 .await?;
             let subscribing = peer
                 .subscribe(topic.clone())
@@ -309,7 +314,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
                 &thread,
                 &name,
                 durability(args.durability),
-                args.outbox_messages,
+                OutboxLimits::of(args),
             )
             .await?;
         await_route(&peer, &topic, args.groups * args.members).await?;
@@ -446,10 +451,20 @@ async fn latency(args: &BenchArgs) -> Result<()> {
     let sender_thread = PeerThread::new(args.threads, "ping")?;
     let echo_thread = PeerThread::new(args.threads, "pong")?;
     let sender = fabric
-        .peer(&sender_thread, "ping", durability(args.durability), None)
+        .peer(
+            &sender_thread,
+            "ping",
+            durability(args.durability),
+            OutboxLimits::default(),
+        )
         .await?;
     let echo = fabric
-        .peer(&echo_thread, "pong", durability(args.durability), None)
+        .peer(
+            &echo_thread,
+            "pong",
+            durability(args.durability),
+            OutboxLimits::default(),
+        )
         .await?;
     let (ping, pong) = (fabric.topic("bench.ping"), fabric.topic("bench.pong"));
     let requests = echo_thread

@@ -12,7 +12,7 @@
 //! which every process of the machine shares, so a subscriber measures latency from
 //! a publisher in another process.
 
-use super::fabric::await_route;
+use super::fabric::{await_route, OutboxLimits};
 use super::host::CpuTimes;
 use super::report::{ProcessRow, Report};
 use super::{
@@ -126,7 +126,7 @@ async fn publisher(
             &thread,
             name,
             durability(args.durability),
-            args.outbox_messages,
+            OutboxLimits::of(args),
         )
         .await?;
     await_route(&peer, topic, args.groups * args.members).await?;
@@ -161,7 +161,9 @@ async fn subscriber(
         .clone()
         .context("--role subscriber needs --group")?;
     let thread = PeerThread::new(args.threads, name)?;
-    let peer = fabric.peer(&thread, name, Durability::Memory, None).await?;
+    let peer = fabric
+        .peer(&thread, name, Durability::Memory, OutboxLimits::default())
+        .await?;
     let subscribing = peer
         .subscribe(topic.to_string())
         .group(group)
@@ -195,7 +197,12 @@ async fn subscriber(
 async fn ping(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Result<ChildReport> {
     let thread = PeerThread::new(args.threads, name)?;
     let peer = fabric
-        .peer(&thread, name, durability(args.durability), None)
+        .peer(
+            &thread,
+            name,
+            durability(args.durability),
+            OutboxLimits::default(),
+        )
         .await?;
     let (ping_topic, pong_topic) = (format!("{topic}.ping"), format!("{topic}.pong"));
     let replies = thread
@@ -226,7 +233,12 @@ async fn ping(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Res
 async fn pong(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Result<ChildReport> {
     let thread = PeerThread::new(args.threads, name)?;
     let peer = fabric
-        .peer(&thread, name, durability(args.durability), None)
+        .peer(
+            &thread,
+            name,
+            durability(args.durability),
+            OutboxLimits::default(),
+        )
         .await?;
     let requests = thread
         .run(
@@ -526,6 +538,10 @@ fn common_flags(args: &BenchArgs, fabric: &Fabric, topic: &str) -> Vec<String> {
         (
             "--outbox-messages",
             args.outbox_messages.map(|v| v.to_string()),
+        ),
+        (
+            "--memory-messages",
+            args.memory_messages.map(|v| v.to_string()),
         ),
         ("--segment-bytes", args.segment_bytes.map(|v| v.to_string())),
     ];
