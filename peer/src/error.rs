@@ -90,7 +90,7 @@ impl From<crate::outbox::OutboxError> for Error {
     fn from(e: crate::outbox::OutboxError) -> Self {
         use crate::outbox::OutboxError as O;
         let kind = match &e {
-            O::Full { .. } | O::MemoryFull { .. } => ErrorKind::OutboxFull,
+            O::Full { .. } | O::MemoryFull { .. } | O::NeverFits { .. } => ErrorKind::OutboxFull,
             O::TooLarge { .. } => ErrorKind::TooLarge,
             O::Closed => ErrorKind::Closed,
             _ => ErrorKind::Io,

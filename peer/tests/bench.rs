@@ -127,7 +127,7 @@ fn the_memory_limit_flag_reaches_the_outbox_and_the_machine_share_is_reported() 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "ran with no memory room");
     assert!(
-        stderr.contains("outbox full of Memory messages"),
+        stderr.contains("can never fit the limit on Memory messages"),
         "{stderr}"
     );
 }

@@ -331,6 +331,27 @@ pub enum OutboxError {
         /// Size of the rejected bodies.
         needed_bytes: u64,
     },
+    /// An append larger than a limit could ever hold, even with nothing else pending:
+    /// waiting would not help.
+    #[error(
+        "{messages} message(s) of {bytes} bytes can never fit {}: it holds at most \
+         {max_messages} messages and {max_bytes} bytes; raise it or append fewer at once{}",
+        if *.memory { "the limit on Memory messages (max_memory_messages/max_memory_bytes)" }
+        else { "the outbox quota (max_messages/max_bytes)" },
+        if *.memory { ", or publish with Disk durability" } else { "" }
+    )]
+    NeverFits {
+        /// Messages of the append.
+        messages: u64,
+        /// Body bytes of the append.
+        bytes: u64,
+        /// The limit's messages.
+        max_messages: u64,
+        /// The limit's bytes.
+        max_bytes: u64,
+        /// The limit is the one on `Memory` messages (else the outbox quota).
+        memory: bool,
+    },
     /// A disk operation failed.
     #[error("outbox I/O error on {}: {source}", path.display())]
     Io {
@@ -978,16 +999,24 @@ impl Outbox {
                 let mut core = shared.core();
                 match attempt(&mut core) {
                     Ok(done) => return Ok(done),
-                    Err(full)
-                        if when_full == WhenFull::Fail
-                            || !core.state.could_fit(messages, size, full.memory) =>
-                    {
-                        return Err(full_error(full, size))
-                    }
-                    // Registered before the lock is released, so no release is missed.
-                    // Boxed: only a full outbox waits, and the future of every append
-                    // stays small without it.
-                    Err(_) => {
+                    Err(full) => {
+                        if let Some((memory, max_messages, max_bytes)) =
+                            core.state.never_fits(messages, size, full.memory)
+                        {
+                            return Err(OutboxError::NeverFits {
+                                messages,
+                                bytes: size,
+                                max_messages,
+                                max_bytes,
+                                memory,
+                            });
+                        }
+                        if when_full == WhenFull::Fail {
+                            return Err(full_error(full, size));
+                        }
+                        // Registered before the lock is released, so no release is
+                        // missed. Boxed: only a full outbox waits, and the future of
+                        // every append stays small without it.
                         let mut notified = Box::pin(shared.space.notified());
                         notified.as_mut().enable();
                         notified

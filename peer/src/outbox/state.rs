@@ -327,8 +327,22 @@ impl OutboxState {
     /// Whether `messages` messages of `bytes` bytes could ever fit the quota (and, for
     /// `memory`, the memory limit).
     pub fn could_fit(&self, messages: u64, bytes: u64, memory: bool) -> bool {
+        self.never_fits(messages, bytes, memory).is_none()
+    }
+
+    /// The limit that could never hold `messages` of `bytes` (`memory`: `Memory`
+    /// messages, held against the memory limit too), even with nothing else pending:
+    /// `(memory limit?, its messages, its bytes)`. Waiting would not help such an append.
+    pub fn never_fits(&self, messages: u64, bytes: u64, memory: bool) -> Option<(bool, u64, u64)> {
         let fits = |l: Limit| messages <= l.messages && bytes <= l.bytes;
-        fits(self.quota) && (!memory || fits(self.memory_limit))
+        if !fits(self.quota) {
+            return Some((false, self.quota.messages, self.quota.bytes));
+        }
+        (memory && !fits(self.memory_limit)).then_some((
+            true,
+            self.memory_limit.messages,
+            self.memory_limit.bytes,
+        ))
     }
 
     fn intern(&mut self, name: &str) -> u32 {

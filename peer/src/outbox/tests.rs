@@ -865,12 +865,28 @@ async fn a_batch_reserves_quota_for_all_or_none() {
         .unwrap_err();
     assert!(matches!(e, OutboxError::Full { .. }), "{e:?}");
     assert_eq!(o.pending_messages(), 8);
-    // A batch larger than the whole quota fails even when the caller would wait.
+    // A batch larger than the whole quota fails even when the caller would wait, and
+    // says that waiting cannot help.
     let e = o
         .submit_batch(g(&["a"]), batch(11), Durability::Memory, WhenFull::Wait)
         .await
         .unwrap_err();
-    assert!(matches!(e, OutboxError::Full { .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            OutboxError::NeverFits {
+                messages: 11,
+                max_messages: 10,
+                memory: false,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("can never fit the outbox quota"),
+        "{e}"
+    );
     // An oversized body fails the whole batch before anything is reserved.
     let mut bodies = batch(1);
     bodies.push(Bytes::from(vec![0u8; record::MAX_BODY + 1]));
@@ -927,8 +943,32 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
     // ...a Disk message still fits the quota...
     append_disk(&o, &["a"], b"d").await;
 
+    // ...more Memory messages at once than the limit holds never fit, waiting or not...
+    let (targets, mut three) = (g(&["a"]), vec![x().into(), x().into(), x().into()]);
+    let e = o
+        .append_memory_many(&targets, &mut three, WhenFull::Wait, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            OutboxError::NeverFits {
+                messages: 3,
+                max_messages: 2,
+                memory: true,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("publish with Disk durability"),
+        "{e}"
+    );
+    assert_eq!(three.len(), 3, "nothing of a refused append is taken");
+
     // ...and a waiting one goes in once a Memory message is settled.
-    let (targets, mut bodies) = (g(&["a"]), vec![x().into()]);
+    let mut bodies = vec![x().into()];
     let mut waiter = Box::pin(o.append_memory_many(&targets, &mut bodies, WhenFull::Wait, 0));
     assert!(futures::poll!(&mut waiter).is_pending(), "full: it waits");
     o.settle(first, "a");
