@@ -868,8 +868,9 @@ impl Inner {
             lookup.clone()
         };
         let answer = lookup.clone().await;
-        // The first caller back ends the lookup; the answer is in the route cache now
-        // (or, after an error, the next miss asks again).
+        // An answer already ended the lookup (`on_route` removed it when it cached the
+        // route); after an error the first caller back ends it, so the next miss asks
+        // again instead of getting the old error.
         let mut lookups = lock(&self.lookups);
         if lookups.get(topic).is_some_and(|l| l.ptr_eq(&lookup)) {
             lookups.remove(topic);
