@@ -94,10 +94,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000)]
     pub warmup: u64,
     /// thr: messages in flight at once per publisher (publishes not yet returned; 1 =
-    /// each awaited in turn, as a plain publish loop). Default: 512 for single
-    /// publishes, 4096 with `--batch` (the best measured on 2 cores; see
-    /// docs/benchmarks-history.md, sessions 18 and 19), at most 8 MiB of payload and at
-    /// least one batch.
+    /// each awaited in turn, as a plain publish loop). Default: 1 for single `memory`
+    /// publishes, 512 for single `disk` and `confirmed` ones, 4096 with `--batch` (the
+    /// best measured on 2 cores; see docs/benchmarks-history.md, sessions 18, 19 and
+    /// 29), at most 8 MiB of payload and at least one batch.
     #[arg(long)]
     pub window: Option<usize>,
     /// thr: messages per `publish_batch` call (1 = one `publish` per message). A batch
@@ -232,19 +232,25 @@ fn system_name(d: BenchDurability) -> &'static str {
     }
 }
 
-/// Messages in flight per publisher unless `--window` says otherwise. Single disk
-/// publishes peaked at 512 in flight: with fewer, the group commit's latency limits;
-/// with more, the sender runs ahead of its receiver, and the growing backlog cost
-/// 1.6 × the CPU per message in the same instructions (more page faults and context
-/// switches). Batches did best at 4,096. Single `memory` publishes keep 512 too: on
-/// the shared runtime, one at a time (`--window 1`) hands each few messages to the
-/// link on the other worker thread and stays near 0.75 M msgs/s, while 512 in flight
-/// let a backlog form and ran at ~1.5 M in four runs out of five; with
-/// `--threads per-peer`, one at a time is the faster (~1.8 M against ~1.7 M). Large
-/// messages are capped at [`DEFAULT_WINDOW_BYTES`] of payload, and never under one
-/// batch.
-fn default_window(batch: usize, size: usize) -> usize {
-    let messages = if batch > 1 { 4096 } else { 512 };
+/// Messages in flight per publisher unless `--window` says otherwise. Single `memory`
+/// publishes go one at a time, as an application's publish loop awaits each: such a
+/// publish returns once its message is in the outbox, so more in flight only adds a
+/// `FuturesUnordered` task per message. In session 29, alternating runs (`--size 128
+/// --count 1000000`, four each) gave 624–706 k msgs/s one at a time against 555–634 k
+/// with 512 in flight, and ~10 % less CPU (sessions before 28 measured the reverse,
+/// while the first window of every run still waited for the directory). Single disk
+/// and confirmed publishes wait for a group commit or for the groups' acks, and peaked
+/// at 512 in flight: with fewer, the commit's latency limits; with more, the sender
+/// runs ahead of its receiver, and the growing backlog cost 1.6 × the CPU per message
+/// in the same instructions (more page faults and context switches). Batches did best
+/// at 4,096 (session 29: 256 and 4,096 alike in `memory`). Large messages are capped
+/// at [`DEFAULT_WINDOW_BYTES`] of payload, and never under one batch.
+fn default_window(batch: usize, size: usize, durability: BenchDurability) -> usize {
+    let messages = match (batch > 1, durability) {
+        (true, _) => 4096,
+        (false, BenchDurability::Memory) => 1,
+        (false, BenchDurability::Disk | BenchDurability::Confirmed) => 512,
+    };
     messages.min(DEFAULT_WINDOW_BYTES / size.max(1)).max(batch)
 }
 
@@ -554,12 +560,14 @@ mod tests {
 
     #[test]
     fn the_default_window_caps_payload_bytes_in_flight_but_keeps_a_batch() {
-        assert_eq!(default_window(1, 128), 512);
-        assert_eq!(default_window(256, 128), 4096);
-        assert_eq!(default_window(1, 16384), 512);
-        assert_eq!(default_window(256, 16384), 512);
-        assert_eq!(default_window(1, 1 << 20), 8);
-        assert_eq!(default_window(64, 1 << 20), 64, "at least one batch");
-        assert_eq!(default_window(1, 64 << 20), 1);
+        use BenchDurability::{Disk, Memory};
+        assert_eq!(default_window(1, 128, Disk), 512);
+        assert_eq!(default_window(1, 128, Memory), 1, "a publish loop");
+        assert_eq!(default_window(256, 128, Memory), 4096);
+        assert_eq!(default_window(1, 16384, Disk), 512);
+        assert_eq!(default_window(256, 16384, Disk), 512);
+        assert_eq!(default_window(1, 1 << 20, Disk), 8);
+        assert_eq!(default_window(64, 1 << 20, Disk), 64, "at least one batch");
+        assert_eq!(default_window(1, 64 << 20, Disk), 1);
     }
 }

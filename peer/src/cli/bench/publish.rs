@@ -38,7 +38,9 @@ impl PublishPlan {
         stop_at: Option<u64>,
     ) -> Result<(PublishPlan, Option<PacerHandle>)> {
         let batch = args.batch.max(1);
-        let window = args.window.unwrap_or(default_window(batch, args.size));
+        let window = args
+            .window
+            .unwrap_or(default_window(batch, args.size, args.durability));
         let plan = PublishPlan {
             count,
             batch: batch as u64,
