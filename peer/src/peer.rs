@@ -1,5 +1,6 @@
 //! The peer runtime: builder, handle, and the glue that drives the state machines.
 
+use crate::clock::WallClock;
 use crate::directory_client::{ClientSettings, DirectoryClient, Freshness};
 use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkEpoch, Seq};
 use crate::error::{Error, ErrorKind, Result};
@@ -311,6 +312,7 @@ impl PeerBuilder {
             subscriptions: Mutex::new(FxHashMap::default()),
             directory: OnceLock::new(),
             jitter: Jitter::new(self.rng_seed.map(|s| s ^ 0x6c69_6e6b)),
+            wall: WallClock::new(crate::clock::now()),
         });
         *lock(&inner.core) = Dispatcher::new(inner.config.ack_timeout);
         let sink_inner = Arc::downgrade(&inner);
@@ -739,6 +741,8 @@ pub(crate) struct Inner {
     directory: OnceLock<DirectoryClient>,
     /// Reconnect jitter of the links.
     pub(crate) jitter: Jitter,
+    /// Publish times, from the instant a publish reads for the dispatcher.
+    wall: WallClock,
 }
 
 /// A directory lookup of one topic's route, awaited by every caller that missed the
@@ -911,21 +915,21 @@ impl Inner {
 
     /// Checks and encodes one message as stored in the outbox: its record, its payload
     /// when it stays a buffer of its own (see [`separate_payload`]), the hash of its
-    /// key and the publish time. Takes the message, so that no publish future holds it.
+    /// key. Takes the message, so that no publish future holds it.
     fn encode_one(
         &self,
         topic: &str,
         message: Message,
         durability: Durability,
-    ) -> Result<(Bytes, Option<Bytes>, Option<u64>, u64)> {
+        unix_ms: u64,
+    ) -> Result<(Bytes, Option<Bytes>, Option<u64>)> {
         check_topic(topic)?;
         let separate = separate_payload(durability, &message);
-        let unix_ms = crate::clock::unix_ms();
         let mut buf = Vec::with_capacity(message::stored_len(topic, &message, unix_ms, !separate));
         let encoder = message::StoredEncoder::single(topic, unix_ms);
         let (_, key_hash) = self.prepare(&encoder, &message, &mut buf, !separate)?;
         let tail = separate.then_some(message.payload);
-        Ok((Bytes::from(buf), tail, key_hash, unix_ms))
+        Ok((Bytes::from(buf), tail, key_hash))
     }
 
     async fn publish(
@@ -935,8 +939,19 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<Receipt> {
-        let (mut record, tail, key_hash, unix_ms) = self.encode_one(topic, message, durability)?;
-        let targets = self.targets(topic).await?;
+        // One clock reading for the publish time and the dispatcher (read again only
+        // after a wait).
+        let mut now = crate::clock::now();
+        let unix_ms = self.wall.unix_ms(now);
+        let (mut record, tail, key_hash) = self.encode_one(topic, message, durability, unix_ms)?;
+        let targets = match self.cached_targets(topic) {
+            Some(targets) => targets,
+            None => {
+                let targets = self.targets(topic).await?;
+                now = crate::clock::now();
+                targets
+            }
+        };
         // Disk records are whole (`separate_payload`), so the record is all there is.
         if durability == Durability::Disk && tail.is_none() {
             // Fast path: a free writer slot and room in the quota, taken without the
@@ -958,12 +973,18 @@ impl Inner {
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
             // and handing it to the dispatcher.
-            let appended = self
-                .outbox
-                .append_memory_many(&targets, &mut bodies, outbox_when_full(when_full), unix_ms)
-                .await?;
-            if let Some(seqs) = appended {
-                self.hand_off(seqs.start, topic, &[key_hash], &targets, false);
+            let (appended, waited) = ready_or_waited(self.outbox.append_memory_many(
+                &targets,
+                &mut bodies,
+                outbox_when_full(when_full),
+                unix_ms,
+            ))
+            .await;
+            if waited {
+                now = crate::clock::now();
+            }
+            if let Some(seqs) = appended? {
+                self.hand_off(now, seqs.start, topic, &[key_hash], &targets, false);
                 return Ok(self.receipt(seqs.start, &targets));
             }
         }
@@ -988,7 +1009,8 @@ impl Inner {
         let mut records = Vec::with_capacity(messages.len());
         let mut key_hashes = Vec::with_capacity(messages.len());
         // One allocation and one clock reading for the whole batch.
-        let unix_ms = crate::clock::unix_ms();
+        let mut now = crate::clock::now();
+        let unix_ms = self.wall.unix_ms(now);
         let size = messages
             .iter()
             .map(|m| message::stored_len(topic, m, unix_ms, !separate_payload(durability, m)))
@@ -1012,15 +1034,28 @@ impl Inner {
         if bodies.is_empty() {
             return Ok(Vec::new());
         }
-        let targets = self.targets(topic).await?;
+        let targets = match self.cached_targets(topic) {
+            Some(targets) => targets,
+            None => {
+                let targets = self.targets(topic).await?;
+                now = crate::clock::now();
+                targets
+            }
+        };
         if durability == Durability::Memory {
             // As in `publish`: no writer round trip when the quota and lease allow.
-            let appended = self
-                .outbox
-                .append_memory_many(&targets, &mut bodies, outbox_when_full(when_full), unix_ms)
-                .await?;
-            if let Some(seqs) = appended {
-                self.hand_off(seqs.start, topic, &key_hashes, &targets, false);
+            let (appended, waited) = ready_or_waited(self.outbox.append_memory_many(
+                &targets,
+                &mut bodies,
+                outbox_when_full(when_full),
+                unix_ms,
+            ))
+            .await;
+            if waited {
+                now = crate::clock::now();
+            }
+            if let Some(seqs) = appended? {
+                self.hand_off(now, seqs.start, topic, &key_hashes, &targets, false);
                 return Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect());
             }
         }
@@ -1116,10 +1151,15 @@ impl Inner {
         Ok((seqs, waiters))
     }
 
+    /// The target groups of `topic` if its route is cached.
+    fn cached_targets(&self, topic: &str) -> Option<Arc<[String]>> {
+        lock(&self.targets).get(topic).cloned()
+    }
+
     /// The target groups of `topic`, from the route cache or the directory.
     async fn targets(&self, topic: &str) -> Result<Arc<[String]>> {
-        if let Some(targets) = lock(&self.targets).get(topic) {
-            return Ok(targets.clone());
+        if let Some(targets) = self.cached_targets(topic) {
+            return Ok(targets);
         }
         // Boxed, as the writer path in `publish`: a route miss is rare.
         Ok(targets_of(&Box::pin(self.route(topic)).await?))
@@ -1130,6 +1170,7 @@ impl Inner {
     /// each of them.
     fn hand_off(
         self: &Arc<Self>,
+        now: std::time::Instant,
         first: Seq,
         topic: &str,
         key_hashes: &[Option<u64>],
@@ -1145,14 +1186,9 @@ impl Inner {
                 waiters.push(rx);
             }
         }
-        let actions = self.core().on_publish_many(
-            crate::clock::now(),
-            first,
-            topic,
-            key_hashes,
-            targets,
-            confirmed,
-        );
+        let actions = self
+            .core()
+            .on_publish_many(now, first, topic, key_hashes, targets, confirmed);
         self.execute(actions);
         waiters
     }
@@ -1256,8 +1292,14 @@ impl PendingAppend<'_> {
     }
 
     fn dispatch(&self, first: Seq, confirmed: bool) -> Vec<oneshot::Receiver<()>> {
-        self.inner
-            .hand_off(first, self.topic, self.key_hashes, &self.targets, confirmed)
+        self.inner.hand_off(
+            crate::clock::now(),
+            first,
+            self.topic,
+            self.key_hashes,
+            &self.targets,
+            confirmed,
+        )
     }
 }
 
@@ -1273,9 +1315,53 @@ impl Drop for PendingAppend<'_> {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Ok(seqs) = ticket.wait().await {
-                    inner.hand_off(seqs.start, &topic, &key_hashes, &targets, false);
+                    inner.hand_off(
+                        crate::clock::now(),
+                        seqs.start,
+                        &topic,
+                        &key_hashes,
+                        &targets,
+                        false,
+                    );
                 }
             });
+        }
+    }
+}
+
+/// Awaits `future`, also saying whether it had to wait (was ever pending): a publish
+/// that waited for room reads the clock again for the dispatcher.
+fn ready_or_waited<F: Future>(future: F) -> ReadyOrWaited<F> {
+    ReadyOrWaited {
+        future,
+        waited: false,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`ready_or_waited`] (a struct, not an `async fn`, so that the
+    /// publish future holds the inner one once).
+    struct ReadyOrWaited<F> {
+        #[pin]
+        future: F,
+        waited: bool,
+    }
+}
+
+impl<F: Future> Future for ReadyOrWaited<F> {
+    type Output = (F::Output, bool);
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        match this.future.poll(cx) {
+            std::task::Poll::Ready(output) => std::task::Poll::Ready((output, *this.waited)),
+            std::task::Poll::Pending => {
+                *this.waited = true;
+                std::task::Poll::Pending
+            }
         }
     }
 }
@@ -1328,7 +1414,9 @@ async fn tick_loop(inner: std::sync::Weak<Inner>) {
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let actions = inner.core().tick(crate::clock::now());
+        let now = crate::clock::now();
+        inner.wall.resync(now);
+        let actions = inner.core().tick(now);
         inner.execute(actions);
     }
 }
