@@ -259,6 +259,31 @@ fn a_killed_subscriber_process_fails_the_run_with_its_name() {
 }
 
 #[test]
+fn round_trips_run_on_one_thread_by_default_and_on_the_layout_asked_for() {
+    for (flags, layout) in [
+        (&[][..], "single"),
+        (&["--threads", "shared"][..], "shared"),
+        (&["--threads", "per-peer"][..], "per-peer"),
+    ] {
+        let mut args = vec![
+            "--json", "--mode", "lat", "--count", "300", "--warmup", "50",
+        ];
+        args.extend_from_slice(flags);
+        let r = report(&args);
+        assert_eq!(r["threads"], layout, "{r}");
+        assert_eq!(num(&r, "count"), 300.0);
+        assert!(num(&r, "rtt_p50_us") > 0.0, "{r}");
+    }
+    let out = bench(&["--mode", "lat", "--threads", "two"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid value 'two'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn round_trips_between_two_processes() {
     let r = report(&[
         "--json",

@@ -3,26 +3,37 @@
 use super::{BenchArgs, Threads};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_directory::Directory;
 use weft_peer::{Durability, Peer, WhenFull};
 
-/// Where one peer runs: its own thread with a current-thread runtime
-/// ([`Threads::PerPeer`]), or the caller's runtime ([`Threads::Shared`]). Everything
-/// touching the peer (start, its loops, close) is spawned here, so its tasks stay put.
+/// Where one peer runs: a thread of its own with a current-thread runtime
+/// ([`Threads::PerPeer`]), one such thread shared with the run's other peers
+/// ([`Threads::Single`], see [`Placement`]), or the caller's runtime
+/// ([`Threads::Shared`]). Everything touching the peer (start, its loops, close) is
+/// spawned here, so its tasks stay put.
+#[derive(Clone)]
 pub(super) struct PeerThread {
     pub(super) handle: tokio::runtime::Handle,
+    /// Stops and joins the thread when the last peer placed on it is done.
+    _thread: Option<Arc<RuntimeThread>>,
+}
+
+/// A thread running a current-thread runtime until dropped.
+struct RuntimeThread {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl PeerThread {
+    /// A place for one peer; [`Threads::Single`] alone (outside a [`Placement`]) is a
+    /// thread of its own, as [`Threads::PerPeer`].
     pub(super) fn new(layout: Threads, name: &str) -> Result<PeerThread> {
         if layout == Threads::Shared {
             return Ok(PeerThread {
                 handle: tokio::runtime::Handle::current(),
-                stop: None,
-                thread: None,
+                _thread: None,
             });
         }
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
@@ -52,8 +63,10 @@ impl PeerThread {
             .context("starting a peer runtime")?;
         Ok(PeerThread {
             handle,
-            stop: Some(stop),
-            thread: Some(thread),
+            _thread: Some(Arc::new(RuntimeThread {
+                stop: Some(stop),
+                thread: Some(thread),
+            })),
         })
     }
 
@@ -69,7 +82,7 @@ impl PeerThread {
     }
 }
 
-impl Drop for PeerThread {
+impl Drop for RuntimeThread {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -77,6 +90,35 @@ impl Drop for PeerThread {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Places the peers of one run by `--threads`: with [`Threads::Single`] every peer
+/// gets the same thread (made for the first).
+pub(super) struct Placement {
+    layout: Threads,
+    single: Option<PeerThread>,
+}
+
+impl Placement {
+    pub(super) fn new(layout: Threads) -> Self {
+        Placement {
+            layout,
+            single: None,
+        }
+    }
+
+    /// Where the peer `name` runs.
+    pub(super) fn thread(&mut self, name: &str) -> Result<PeerThread> {
+        if self.layout != Threads::Single {
+            return PeerThread::new(self.layout, name);
+        }
+        if let Some(thread) = &self.single {
+            return Ok(thread.clone());
+        }
+        let thread = PeerThread::new(Threads::Single, "peers")?;
+        self.single = Some(thread.clone());
+        Ok(thread)
     }
 }
 
@@ -262,4 +304,29 @@ where
 pub(super) async fn route_members(peer: &Peer, topic: &str) -> Result<usize> {
     let route = peer.route(topic).await?;
     Ok(route.groups.iter().map(|g| g.members.len()).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The thread a task spawned on `place` runs on.
+    fn thread_of(place: &PeerThread) -> std::thread::ThreadId {
+        futures::executor::block_on(place.handle.spawn(async { std::thread::current().id() }))
+            .expect("the task runs")
+    }
+
+    #[test]
+    fn single_places_every_peer_on_one_thread_and_per_peer_each_on_its_own() {
+        let mut single = Placement::new(Threads::Single);
+        let (a, b) = (single.thread("a").unwrap(), single.thread("b").unwrap());
+        assert_eq!(thread_of(&a), thread_of(&b));
+        assert_ne!(thread_of(&a), std::thread::current().id());
+        let mut per_peer = Placement::new(Threads::PerPeer);
+        let (c, d) = (per_peer.thread("c").unwrap(), per_peer.thread("d").unwrap());
+        assert_ne!(thread_of(&c), thread_of(&d));
+        // The shared thread stops once its last peer's place is dropped.
+        drop((a, single));
+        assert_ne!(thread_of(&b), thread_of(&c), "still running for b");
+    }
 }

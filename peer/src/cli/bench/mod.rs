@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_peer::{Durability, Message, Peer, Subscription};
 
-use fabric::{await_route, Fabric, OutboxLimits, PeerThread};
+use fabric::{await_route, Fabric, OutboxLimits, PeerThread, Placement};
 use host::CpuTimes;
 use payload::now_ns;
 use publish::{publish_all, receive_batches, receive_each, recorded, PublishPlan};
@@ -58,6 +58,11 @@ pub enum Threads {
     PerPeer,
     /// Every peer on one shared multi-threaded runtime.
     Shared,
+    /// Every peer on one thread with a single-threaded runtime (with `--processes`,
+    /// each process's one peer on its own: as `per-peer`). A round trip is serial
+    /// work: one thread hands it from task to task without waking another thread at
+    /// each hop.
+    Single,
 }
 
 /// Flags of `weft bench` (a superset of the bench-peers harness flags).
@@ -141,10 +146,11 @@ pub struct BenchArgs {
     /// short run measures the steady state of a long-running sender.
     #[arg(long)]
     pub segment_bytes: Option<u64>,
-    /// Thread layout of the peers (measured on 2 cores: `shared` was as fast or
-    /// faster, and much faster for latency; see docs/benchmarks.md).
-    #[arg(long, value_enum, default_value = "shared")]
-    pub threads: Threads,
+    /// Thread layout of the peers. Default: `shared` for thr (as fast as `per-peer`
+    /// or faster on 2 cores), `single` for lat (37–53 µs round trips against 55–69
+    /// with `shared`, in session 29); see docs/benchmarks.md.
+    #[arg(long, value_enum)]
+    pub threads: Option<Threads>,
     /// Run every peer in a process of its own (this binary again), as services run;
     /// the report adds each process's CPU and peak RSS. The directory stays in
     /// this process (or is the one of `--directory`).
@@ -224,6 +230,25 @@ fn durability(d: BenchDurability) -> Durability {
     }
 }
 
+impl BenchArgs {
+    /// The thread layout: `--threads`, or the default of the mode.
+    pub(crate) fn thread_layout(&self) -> Threads {
+        self.threads.unwrap_or(match self.mode {
+            Mode::Thr => Threads::Shared,
+            Mode::Lat => Threads::Single,
+        })
+    }
+}
+
+/// `--threads`' spelling of `layout`.
+fn layout_name(layout: Threads) -> &'static str {
+    match layout {
+        Threads::PerPeer => "per-peer",
+        Threads::Shared => "shared",
+        Threads::Single => "single",
+    }
+}
+
 fn system_name(d: BenchDurability) -> &'static str {
     match d {
         BenchDurability::Memory => "weft_memory",
@@ -283,11 +308,12 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let delivered = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(Mutex::new(histogram()));
     let mut subscribers = Vec::new();
+    let mut placement = Placement::new(args.thread_layout());
     let batch = args.batch.max(1);
     for g in 0..args.groups {
         for m in 0..args.members {
             let name = format!("sub-{g}-{m}");
-            let thread = PeerThread::new(args.threads, &name)?;
+            let thread = placement.thread(&name)?;
             let peer = fabric
                 .peer(&thread, &name, Durability::Memory, OutboxLimits::default())
                 .await?;
@@ -314,7 +340,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let mut publishers = Vec::new();
     for p in 0..args.publishers {
         let name = format!("pub-{p}");
-        let thread = PeerThread::new(args.threads, &name)?;
+        let thread = placement.thread(&name)?;
         let peer = fabric
             .peer(
                 &thread,
@@ -389,6 +415,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let publish_s = published_in.as_secs_f64();
     report.extra = thr_extra(args, delivered_per_s, publish_s, commits, expected) + &pacing;
     report.host = host;
+    report.threads = Some(layout_name(args.thread_layout()));
     report.print(args.json);
     Ok(())
 }
@@ -454,8 +481,9 @@ fn thr_extra(
 
 async fn latency(args: &BenchArgs) -> Result<()> {
     let fabric = Fabric::start(args).await?;
-    let sender_thread = PeerThread::new(args.threads, "ping")?;
-    let echo_thread = PeerThread::new(args.threads, "pong")?;
+    let mut placement = Placement::new(args.thread_layout());
+    let sender_thread = placement.thread("ping")?;
+    let echo_thread = placement.thread("pong")?;
     let sender = fabric
         .peer(
             &sender_thread,
@@ -503,6 +531,7 @@ async fn latency(args: &BenchArgs) -> Result<()> {
         "round_trip",
     );
     report.host = host.and_then(|h| h.share_until_now());
+    report.threads = Some(layout_name(args.thread_layout()));
     report.print(args.json);
     echo_task.abort();
     let _ = sender_thread.run(sender.close()).await;

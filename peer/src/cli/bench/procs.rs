@@ -120,7 +120,7 @@ async fn publisher(
     name: &str,
     topic: &str,
 ) -> Result<ChildReport> {
-    let thread = PeerThread::new(args.threads, name)?;
+    let thread = PeerThread::new(args.thread_layout(), name)?;
     let peer = fabric
         .peer(
             &thread,
@@ -160,7 +160,7 @@ async fn subscriber(
         .group
         .clone()
         .context("--role subscriber needs --group")?;
-    let thread = PeerThread::new(args.threads, name)?;
+    let thread = PeerThread::new(args.thread_layout(), name)?;
     let peer = fabric
         .peer(&thread, name, Durability::Memory, OutboxLimits::default())
         .await?;
@@ -195,7 +195,7 @@ async fn subscriber(
 /// `--mode lat`: subscribes to `topic.pong`, waits until both topics have their
 /// member, then measures round trips through the pong process on `topic.ping`.
 async fn ping(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Result<ChildReport> {
-    let thread = PeerThread::new(args.threads, name)?;
+    let thread = PeerThread::new(args.thread_layout(), name)?;
     let peer = fabric
         .peer(
             &thread,
@@ -231,7 +231,7 @@ async fn ping(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Res
 /// `--mode lat`: echoes `topic.ping` requests on `topic.pong` until its standard input
 /// closes.
 async fn pong(args: &BenchArgs, fabric: &Fabric, name: &str, topic: &str) -> Result<ChildReport> {
-    let thread = PeerThread::new(args.threads, name)?;
+    let thread = PeerThread::new(args.thread_layout(), name)?;
     let peer = fabric
         .peer(
             &thread,
@@ -525,7 +525,7 @@ fn common_flags(args: &BenchArgs, fabric: &Fabric, topic: &str) -> Vec<String> {
         ),
         format!(
             "--threads={}",
-            args.threads
+            args.thread_layout()
                 .to_possible_value()
                 .map(|v| v.get_name().to_string())
                 .unwrap_or_default()

@@ -23,6 +23,8 @@ pub(super) struct Report {
     pub(super) processes: Vec<ProcessRow>,
     /// How the machine's CPU time went during the run (steal, idle), where known.
     pub(super) host: Option<HostShare>,
+    /// The thread layout of the peers (`--threads`) when they share this process.
+    pub(super) threads: Option<&'static str>,
 }
 
 /// What one process of a `--processes` run used.
@@ -66,6 +68,7 @@ impl Report {
             extra: String::new(),
             processes: Vec::new(),
             host: None,
+            threads: None,
         }
     }
 
@@ -91,6 +94,9 @@ impl Report {
                     ",\"host_steal_pct\":{:.1},\"host_idle_pct\":{:.1}",
                     host.steal_pct, host.idle_pct
                 ));
+            }
+            if let Some(threads) = self.threads {
+                extra.push_str(&format!(",\"threads\":\"{threads}\""));
             }
             if !self.processes.is_empty() {
                 let rows = serde_json::to_string(&self.processes).unwrap_or_default();
@@ -121,7 +127,7 @@ impl Report {
                 self.max_us
             );
             if self.processes.is_empty() {
-                println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process)", self.latency_kind, self.elapsed_s, cpu, rss);
+                println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process, threads: {})", self.latency_kind, self.elapsed_s, cpu, rss, self.threads.unwrap_or("?"));
             } else {
                 println!(
                     "  latency: {}; elapsed {:.3} s; CPU {:.2} s in all",
