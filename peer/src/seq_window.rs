@@ -121,6 +121,17 @@ impl<V> SeqWindow<V> {
         let Some(i) = self.slot(seq) else {
             return self.spill.remove(&seq);
         };
+        if i == 0 {
+            // The usual case: the oldest leaves first. Popped at once, the value moves
+            // out of the ring once (taking it and then popping its empty slot moved
+            // the whole slot twice: 5 % of a batched run's samples).
+            let old = self.slots.pop_front().flatten();
+            self.base += 1;
+            self.in_ring -= usize::from(old.is_some());
+            self.pop_empty_front();
+            self.compact();
+            return old;
+        }
         let old = self.slots[i].take()?;
         self.in_ring -= 1;
         self.pop_empty_front();
