@@ -9,6 +9,7 @@
 use crate::seq_map::SeqMap;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 use smallvec::SmallVec;
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 use weft_proto::wire::Route;
 
@@ -19,12 +20,47 @@ use queues::{InFlightWindow, Offer, WaitQueue};
 pub(crate) type Seq = u64;
 
 /// One data stream: messages of `topic` for `member`'s membership in `group`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// The dispatcher looks a link up by its key on every publish (twice per member in a
+/// pump) and every ack; the key carries the hash of its three names, computed once,
+/// so that a lookup hashes one number instead of three strings.
+#[derive(Debug, Clone)]
 pub(crate) struct LinkKey {
     pub member: String,
     pub topic: String,
     pub group: String,
+    hash: u64,
 }
+
+impl LinkKey {
+    pub(crate) fn new(member: &str, topic: &str, group: &str) -> Self {
+        let mut hasher = rustc_hash::FxHasher::default();
+        (member, topic, group).hash(&mut hasher);
+        LinkKey {
+            member: member.to_string(),
+            topic: topic.to_string(),
+            group: group.to_string(),
+            hash: hasher.finish(),
+        }
+    }
+}
+
+impl Hash for LinkKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialEq for LinkKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && self.member == other.member
+            && self.topic == other.topic
+            && self.group == other.group
+    }
+}
+
+impl Eq for LinkKey {}
 
 /// Tells one link task from a later one with the same key: a task that outlives its
 /// link (closed while connecting, say) must not touch its successor's state, whose
@@ -267,30 +303,18 @@ impl Dispatcher {
         let queue = queue_entry(&mut self.groups, topic, group);
         queue.links = members
             .iter()
-            .map(|member| LinkKey {
-                member: member.clone(),
-                topic: topic.to_string(),
-                group: group.to_string(),
-            })
+            .map(|member| LinkKey::new(member, topic, group))
             .collect();
         let old = std::mem::replace(&mut queue.members, members.clone());
         for member in old.iter().filter(|m| !members.contains(m)) {
-            let key = LinkKey {
-                member: member.clone(),
-                topic: topic.to_string(),
-                group: group.to_string(),
-            };
+            let key = LinkKey::new(member, topic, group);
             self.requeue_link(&key);
             if let Some(link) = self.links.remove(&key) {
                 actions.push(Action::CloseLink(link.epoch));
             }
         }
         for member in members.iter().filter(|m| !old.contains(m)) {
-            let key = LinkKey {
-                member: member.clone(),
-                topic: topic.to_string(),
-                group: group.to_string(),
-            };
+            let key = LinkKey::new(member, topic, group);
             let epoch = self.next_epoch;
             self.next_epoch += 1;
             self.links.insert(key.clone(), Link::new(epoch));

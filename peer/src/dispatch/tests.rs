@@ -24,11 +24,7 @@ fn route(topic: &str, groups: &[(&str, &[&str])]) -> Route {
 }
 
 fn key(member: &str, group: &str) -> LinkKey {
-    LinkKey {
-        member: member.into(),
-        topic: "t".into(),
-        group: group.into(),
-    }
+    LinkKey::new(member, "t", group)
 }
 
 fn groups(gs: &[&str]) -> Vec<String> {
@@ -260,4 +256,19 @@ fn a_requeued_key_goes_first_to_its_new_member() {
         .map(|x| x.1)
         .collect();
     assert_eq!(moved, vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn link_keys_are_equal_and_hash_alike_exactly_when_their_names_are() {
+    use std::hash::BuildHasher;
+    let hasher = rustc_hash::FxBuildHasher;
+    let a = LinkKey::new("m", "t", "g");
+    assert_eq!(a, LinkKey::new("m", "t", "g"));
+    assert_eq!(
+        hasher.hash_one(&a),
+        hasher.hash_one(LinkKey::new("m", "t", "g"))
+    );
+    // The same letters split differently, or swapped between the names.
+    assert_ne!(a, LinkKey::new("m", "tg", ""));
+    assert_ne!(a, LinkKey::new("g", "t", "m"));
 }
