@@ -10,6 +10,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use weft_proto::wire::{GroupRoute, Member, Route, Subscription};
 
+/// Up to this many subscriptions, a record's groups for a topic are found by a scan
+/// rather than a range lookup (whose lower bound is an allocated key).
+const SCAN_SUBSCRIPTIONS: usize = 8;
+
 /// Where a registration came from: this node (`local`) or another directory node.
 pub type SourceId = String;
 
@@ -43,6 +47,28 @@ impl PeerRecord {
 
     fn topics(&self) -> impl Iterator<Item = &str> {
         self.subscriptions.iter().map(|s| s.topic.as_str())
+    }
+
+    /// The groups this record subscribes to `topic` with. Subscriptions are ordered by
+    /// topic, then group, so a topic's are one range of the set: found in O(log n), not
+    /// by scanning every subscription of the peer (a peer with 1,000 subscriptions
+    /// made each route of its topics cost 1,000 comparisons per member, and one
+    /// re-registration of it 0.6 s of the directory's lock).
+    fn groups_of<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        // A few subscriptions (most peers) are scanned: cheaper than the range's key.
+        let from = if self.subscriptions.len() <= SCAN_SUBSCRIPTIONS {
+            self.subscriptions.range(..)
+        } else {
+            self.subscriptions.range(
+                Subscription {
+                    topic: topic.to_string(),
+                    group: String::new(),
+                }..,
+            )
+        };
+        from.skip_while(move |s| s.topic.as_str() < topic)
+            .take_while(move |s| s.topic == topic)
+            .map(|s| s.group.as_str())
     }
 }
 
@@ -152,9 +178,7 @@ impl RouteTable {
             // route while the new process registers again, as on a single node.
             let member_groups: BTreeSet<&str> = self
                 .records_of(identity)
-                .flat_map(|r| r.subscriptions.iter())
-                .filter(|s| s.topic == topic)
-                .map(|s| s.group.as_str())
+                .flat_map(|r| r.groups_of(topic))
                 .collect();
             for group in member_groups {
                 groups.entry(group).or_default().push(winner.member());
@@ -251,7 +275,7 @@ impl RouteTable {
         for topic in topics {
             let subscribed = self
                 .records_of(identity)
-                .any(|r| r.topics().any(|t| t == topic));
+                .any(|r| r.groups_of(topic).next().is_some());
             if subscribed {
                 self.by_topic
                     .entry(topic.clone())
@@ -453,5 +477,30 @@ mod tests {
         assert_eq!(Arc::strong_count(&shared), 1);
         assert_eq!(t.peer_count(), 0);
         assert!(t.route("orders").groups.is_empty());
+    }
+
+    proptest::proptest! {
+        /// A record's groups for a topic are exactly those a scan of all its
+        /// subscriptions finds, for topics that prefix or extend one another too.
+        #[test]
+        fn groups_of_a_topic_are_those_a_full_scan_finds(
+            subs in proptest::collection::btree_set(
+                (proptest::sample::select(vec!["a", "a.b", "ab", "b", ""]),
+                 proptest::sample::select(vec!["", "g", "h", "g2"])),
+                0..12,
+            ),
+            topic in proptest::sample::select(vec!["a", "a.b", "ab", "b", "", "c"]),
+        ) {
+            let subs: Vec<(&str, &str)> = subs.into_iter().collect();
+            let r = record("p", 1, &subs);
+            let found: Vec<&str> = r.groups_of(topic).collect();
+            let scanned: Vec<&str> = r
+                .subscriptions
+                .iter()
+                .filter(|s| s.topic == topic)
+                .map(|s| s.group.as_str())
+                .collect();
+            proptest::prop_assert_eq!(found, scanned);
+        }
     }
 }
