@@ -280,7 +280,8 @@ impl Delivery {
         self.envelope.headers()
     }
 
-    /// Publish time in milliseconds since the Unix epoch.
+    /// Publish time in milliseconds since the Unix epoch, by the publisher's system
+    /// clock (a step of that clock shows in publish times within 100 ms).
     pub fn publish_time_ms(&self) -> u64 {
         self.envelope.publish_time_ms
     }
