@@ -26,9 +26,10 @@ pub(crate) type Seq = u64;
 /// so that a lookup hashes one number instead of three strings.
 #[derive(Debug, Clone)]
 pub(crate) struct LinkKey {
-    pub member: String,
-    pub topic: String,
-    pub group: String,
+    member: String,
+    topic: String,
+    group: String,
+    /// Of the three names, which never change after [`LinkKey::new`].
     hash: u64,
 }
 
@@ -42,6 +43,21 @@ impl LinkKey {
             group: group.to_string(),
             hash: hasher.finish(),
         }
+    }
+
+    /// The member the link sends to.
+    pub(crate) fn member(&self) -> &str {
+        &self.member
+    }
+
+    /// The topic of the link's messages.
+    pub(crate) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The member's group.
+    pub(crate) fn group(&self) -> &str {
+        &self.group
     }
 }
 
@@ -340,7 +356,7 @@ impl Dispatcher {
             }
             link.up = true;
             link.window = window;
-            self.pump(now, &key.topic, &key.group, &mut actions);
+            self.pump(now, key.topic(), key.group(), &mut actions);
         }
         actions
     }
@@ -356,7 +372,7 @@ impl Dispatcher {
         let mut actions = Vec::new();
         if let Some(link) = self.link_mut(key, epoch).filter(|l| l.up) {
             link.window = window;
-            self.pump(now, &key.topic, &key.group, &mut actions);
+            self.pump(now, key.topic(), key.group(), &mut actions);
         }
         actions
     }
@@ -377,7 +393,7 @@ impl Dispatcher {
         if let Some(link) = self.links.get_mut(key) {
             link.up = false;
         }
-        self.pump(now, &key.topic, &key.group, &mut actions);
+        self.pump(now, key.topic(), key.group(), &mut actions);
         actions
     }
 
@@ -396,11 +412,11 @@ impl Dispatcher {
         };
         let acked = link.inflight.ack(upto, extra);
         let seqs = acked.iter().map(|f| f.seq).collect();
-        if let Some(queue) = self.queue_mut(&key.topic, &key.group) {
+        if let Some(queue) = self.queue_mut(key.topic(), key.group()) {
             queue.unfence(acked);
         }
-        self.settle(seqs, &key.group, &mut actions);
-        self.pump(now, &key.topic, &key.group, &mut actions);
+        self.settle(seqs, key.group(), &mut actions);
+        self.pump(now, key.topic(), key.group(), &mut actions);
         actions
     }
 
@@ -419,9 +435,9 @@ impl Dispatcher {
             .collect();
         let mut actions = Vec::new();
         for key in stuck {
-            tracing::warn!(member = %key.member, topic = %key.topic, group = %key.group, "ack timeout: redelivering unacknowledged messages");
+            tracing::warn!(member = %key.member(), topic = %key.topic(), group = %key.group(), "ack timeout: redelivering unacknowledged messages");
             self.requeue_link(&key);
-            self.pump(now, &key.topic, &key.group, &mut actions);
+            self.pump(now, key.topic(), key.group(), &mut actions);
         }
         actions
     }
@@ -513,7 +529,7 @@ impl Dispatcher {
         };
         link.outgoing.clear();
         let inflight = link.inflight.take_all();
-        if let Some(queue) = self.queue_mut(&key.topic, &key.group) {
+        if let Some(queue) = self.queue_mut(key.topic(), key.group()) {
             queue
                 .waiting
                 .requeue(inflight.iter().map(|f| (f.seq, f.entry)).collect());
@@ -656,7 +672,7 @@ fn rendezvous(key_hash: u64, keys: &[&LinkKey]) -> usize {
     let mut best = 0;
     let mut best_score = 0u64;
     for (i, k) in keys.iter().enumerate() {
-        let score = mix(key_hash ^ crate::message::key_hash(&k.member));
+        let score = mix(key_hash ^ crate::message::key_hash(k.member()));
         if i == 0 || score > best_score {
             best = i;
             best_score = score;

@@ -53,7 +53,7 @@ pub(crate) async fn run(
         match serve(&inner, &key, epoch, &control).await {
             Ok(()) => return,
             Err(e) => {
-                debug!(member = %key.member, topic = %key.topic, group = %key.group, error = %e, "link down")
+                debug!(member = %key.member(), topic = %key.topic(), group = %key.group(), error = %e, "link down")
             }
         }
         let actions = inner.core().on_link_down(crate::clock::now(), &key, epoch);
@@ -76,7 +76,7 @@ async fn serve(
     epoch: LinkEpoch,
     control: &LinkControl,
 ) -> Result<()> {
-    let conn = inner.members.connection(&key.member).await?;
+    let conn = inner.members.connection(key.member()).await?;
     let (send, recv) = conn
         .open_bi()
         .await
@@ -90,11 +90,11 @@ async fn serve(
         .map_err(wire_err)?;
     inner
         .members
-        .observed(&key.member, &conn, welcome.incarnation);
+        .observed(key.member(), &conn, welcome.incarnation);
     writer
         .send(&Frame::Open(Open {
-            topic: key.topic.clone(),
-            group: key.group.clone(),
+            topic: key.topic().to_string(),
+            group: key.group().to_string(),
         }))
         .await
         .map_err(wire_err)?;
@@ -107,12 +107,12 @@ async fn serve(
             ))
         }
     };
-    info!(member = %key.member, topic = %key.topic, group = %key.group, window, "link up");
+    info!(member = %key.member(), topic = %key.topic(), group = %key.group(), window, "link up");
     let actions = inner
         .core()
         .on_link_up(crate::clock::now(), key, epoch, window);
     inner.execute(actions);
-    let records = RecordSplitter::new(&key.topic);
+    let records = RecordSplitter::new(key.topic());
     let mut outgoing = Vec::new();
     loop {
         if control.is_closed() {
@@ -258,7 +258,7 @@ fn queue(
     messages: &[PreEncoded<'_>],
 ) -> Result<()> {
     writer
-        .queue_deliver(&key.group, first, messages)
+        .queue_deliver(key.group(), first, messages)
         .map_err(|e| Error::with_source(ErrorKind::TooLarge, "encoding a batch", e))
 }
 

@@ -944,14 +944,7 @@ impl Inner {
         let mut now = crate::clock::now();
         let unix_ms = self.wall.unix_ms(now);
         let (mut record, tail, key_hash) = self.encode_one(topic, message, durability, unix_ms)?;
-        let targets = match self.cached_targets(topic) {
-            Some(targets) => targets,
-            None => {
-                let targets = self.targets(topic).await?;
-                now = crate::clock::now();
-                targets
-            }
-        };
+        let targets = self.targets_since(topic, &mut now).await?;
         // Disk records are whole (`separate_payload`), so the record is all there is.
         if durability == Durability::Disk && tail.is_none() {
             // Fast path: a free writer slot and room in the quota, taken without the
@@ -973,17 +966,10 @@ impl Inner {
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
             // and handing it to the dispatcher.
-            let (appended, waited) = ready_or_waited(self.outbox.append_memory_many(
-                &targets,
-                &mut bodies,
-                outbox_when_full(when_full),
-                unix_ms,
-            ))
-            .await;
-            if waited {
-                now = crate::clock::now();
-            }
-            if let Some(seqs) = appended? {
+            let appended = self
+                .append_memory_since(&targets, &mut bodies, when_full, unix_ms, &mut now)
+                .await?;
+            if let Some(seqs) = appended {
                 self.hand_off(now, seqs.start, topic, &[key_hash], &targets, false);
                 return Ok(self.receipt(seqs.start, &targets));
             }
@@ -1034,27 +1020,13 @@ impl Inner {
         if bodies.is_empty() {
             return Ok(Vec::new());
         }
-        let targets = match self.cached_targets(topic) {
-            Some(targets) => targets,
-            None => {
-                let targets = self.targets(topic).await?;
-                now = crate::clock::now();
-                targets
-            }
-        };
+        let targets = self.targets_since(topic, &mut now).await?;
         if durability == Durability::Memory {
             // As in `publish`: no writer round trip when the quota and lease allow.
-            let (appended, waited) = ready_or_waited(self.outbox.append_memory_many(
-                &targets,
-                &mut bodies,
-                outbox_when_full(when_full),
-                unix_ms,
-            ))
-            .await;
-            if waited {
-                now = crate::clock::now();
-            }
-            if let Some(seqs) = appended? {
+            let appended = self
+                .append_memory_since(&targets, &mut bodies, when_full, unix_ms, &mut now)
+                .await?;
+            if let Some(seqs) = appended {
                 self.hand_off(now, seqs.start, topic, &key_hashes, &targets, false);
                 return Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect());
             }
@@ -1149,6 +1121,43 @@ impl Inner {
         let seqs = pending.stored().await?;
         let waiters = pending.dispatch(seqs.start, confirmed);
         Ok((seqs, waiters))
+    }
+
+    /// The target groups of `topic`; `now` is read again if they had to be looked up.
+    async fn targets_since(
+        &self,
+        topic: &str,
+        now: &mut std::time::Instant,
+    ) -> Result<Arc<[String]>> {
+        if let Some(targets) = self.cached_targets(topic) {
+            return Ok(targets);
+        }
+        let targets = self.targets(topic).await?;
+        *now = crate::clock::now();
+        Ok(targets)
+    }
+
+    /// [`Outbox::append_memory_many`]; `now` is read again if it waited for room, so
+    /// that no message is handed to the dispatcher with a stale `now`.
+    async fn append_memory_since(
+        &self,
+        targets: &[String],
+        bodies: &mut Vec<MemoryRecord>,
+        when_full: WhenFull,
+        unix_ms: u64,
+        now: &mut std::time::Instant,
+    ) -> Result<Option<std::ops::Range<Seq>>> {
+        let (appended, waited) = ready_or_waited(self.outbox.append_memory_many(
+            targets,
+            bodies,
+            outbox_when_full(when_full),
+            unix_ms,
+        ))
+        .await;
+        if waited {
+            *now = crate::clock::now();
+        }
+        Ok(appended?)
     }
 
     /// The target groups of `topic` if its route is cached.

@@ -240,13 +240,12 @@ impl BenchArgs {
     }
 }
 
-/// `--threads`' spelling of `layout`.
-fn layout_name(layout: Threads) -> &'static str {
-    match layout {
-        Threads::PerPeer => "per-peer",
-        Threads::Shared => "shared",
-        Threads::Single => "single",
-    }
+/// How `value` is spelled on the command line.
+pub(crate) fn flag_value(value: &impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
 }
 
 fn system_name(d: BenchDurability) -> &'static str {
@@ -415,7 +414,7 @@ async fn throughput(args: &BenchArgs) -> Result<()> {
     let publish_s = published_in.as_secs_f64();
     report.extra = thr_extra(args, delivered_per_s, publish_s, commits, expected) + &pacing;
     report.host = host;
-    report.threads = Some(layout_name(args.thread_layout()));
+    report.threads = Some(flag_value(&args.thread_layout()));
     report.print(args.json);
     Ok(())
 }
@@ -531,7 +530,7 @@ async fn latency(args: &BenchArgs) -> Result<()> {
         "round_trip",
     );
     report.host = host.and_then(|h| h.share_until_now());
-    report.threads = Some(layout_name(args.thread_layout()));
+    report.threads = Some(flag_value(&args.thread_layout()));
     report.print(args.json);
     echo_task.abort();
     let _ = sender_thread.run(sender.close()).await;

@@ -16,9 +16,9 @@ use super::fabric::{await_route, OutboxLimits};
 use super::host::CpuTimes;
 use super::report::{ProcessRow, Report};
 use super::{
-    durability, echo_loop, histogram, now_ns, pacing_extra, publish_all, receive_batches,
-    receive_each, recorded, round_trips, show_progress, system_name, thr_extra, BenchArgs, Fabric,
-    PeerThread, PublishPlan,
+    durability, echo_loop, flag_value, histogram, now_ns, pacing_extra, publish_all,
+    receive_batches, receive_each, recorded, round_trips, show_progress, system_name, thr_extra,
+    BenchArgs, Fabric, PeerThread, PublishPlan,
 };
 use anyhow::{Context, Result};
 use clap::ValueEnum;
@@ -516,20 +516,8 @@ fn common_flags(args: &BenchArgs, fabric: &Fabric, topic: &str) -> Vec<String> {
         format!("--keys={}", args.keys),
         format!("--compressible={}", args.compressible),
         format!("--timeout-s={}", args.timeout_s),
-        format!(
-            "--durability={}",
-            args.durability
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default()
-        ),
-        format!(
-            "--threads={}",
-            args.thread_layout()
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default()
-        ),
+        format!("--durability={}", flag_value(&args.durability)),
+        format!("--threads={}", flag_value(&args.thread_layout())),
     ];
     let optional = [
         ("--window", args.window.map(|v| v.to_string())),

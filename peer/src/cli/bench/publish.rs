@@ -135,10 +135,14 @@ pub(super) async fn publish_all(
                     (false, 1) => clock.now(),
                     (false, _) => now_ns(),
                 };
-                let (n, waited) = ready_or_waited(publish(first, at)).await;
-                if waited {
-                    clock.waited();
-                }
+                let mut one = std::pin::pin!(publish(first, at));
+                let n = match futures::poll!(one.as_mut()) {
+                    std::task::Poll::Ready(n) => n,
+                    std::task::Poll::Pending => {
+                        clock.waited();
+                        one.await
+                    }
+                };
                 published += n?;
             }
         } else {
@@ -182,19 +186,6 @@ impl SendClock {
     fn waited(&mut self) {
         self.unread = 0;
     }
-}
-
-/// Awaits `future`, also saying whether it was ever pending.
-async fn ready_or_waited<F: std::future::Future>(future: F) -> (F::Output, bool) {
-    let mut future = std::pin::pin!(future);
-    let mut waited = false;
-    let output = std::future::poll_fn(|cx| {
-        let poll = future.as_mut().poll(cx);
-        waited |= poll.is_pending();
-        poll
-    })
-    .await;
-    (output, waited)
 }
 
 /// The latencies the subscriber loops recorded so far.

@@ -24,7 +24,7 @@ pub(super) struct Report {
     /// How the machine's CPU time went during the run (steal, idle), where known.
     pub(super) host: Option<HostShare>,
     /// The thread layout of the peers (`--threads`) when they share this process.
-    pub(super) threads: Option<&'static str>,
+    pub(super) threads: Option<String>,
 }
 
 /// What one process of a `--processes` run used.
@@ -95,7 +95,7 @@ impl Report {
                     host.steal_pct, host.idle_pct
                 ));
             }
-            if let Some(threads) = self.threads {
+            if let Some(threads) = &self.threads {
                 extra.push_str(&format!(",\"threads\":\"{threads}\""));
             }
             if !self.processes.is_empty() {
@@ -127,7 +127,7 @@ impl Report {
                 self.max_us
             );
             if self.processes.is_empty() {
-                println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process, threads: {})", self.latency_kind, self.elapsed_s, cpu, rss, self.threads.unwrap_or("?"));
+                println!("  latency: {}; elapsed {:.3} s; process CPU {:.2} s, peak RSS {:.1} MiB (all peers share this process, threads: {})", self.latency_kind, self.elapsed_s, cpu, rss, self.threads.as_deref().unwrap_or("?"));
             } else {
                 println!(
                     "  latency: {}; elapsed {:.3} s; CPU {:.2} s in all",
