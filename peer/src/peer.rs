@@ -1123,16 +1123,18 @@ impl Inner {
         Ok((seqs, waiters))
     }
 
-    /// The target groups of `topic`; `now` is read again if they had to be looked up.
+    /// The target groups of `topic`, from the route cache or the directory; `now` is
+    /// read again if they had to be looked up.
     async fn targets_since(
         &self,
         topic: &str,
         now: &mut std::time::Instant,
     ) -> Result<Arc<[String]>> {
-        if let Some(targets) = self.cached_targets(topic) {
-            return Ok(targets);
+        if let Some(targets) = lock(&self.targets).get(topic) {
+            return Ok(targets.clone());
         }
-        let targets = self.targets(topic).await?;
+        // Boxed, as the writer path in `publish`: a route miss is rare.
+        let targets = targets_of(&Box::pin(self.route(topic)).await?);
         *now = crate::clock::now();
         Ok(targets)
     }
@@ -1158,20 +1160,6 @@ impl Inner {
             *now = crate::clock::now();
         }
         Ok(appended?)
-    }
-
-    /// The target groups of `topic` if its route is cached.
-    fn cached_targets(&self, topic: &str) -> Option<Arc<[String]>> {
-        lock(&self.targets).get(topic).cloned()
-    }
-
-    /// The target groups of `topic`, from the route cache or the directory.
-    async fn targets(&self, topic: &str) -> Result<Arc<[String]>> {
-        if let Some(targets) = self.cached_targets(topic) {
-            return Ok(targets);
-        }
-        // Boxed, as the writer path in `publish`: a route miss is rare.
-        Ok(targets_of(&Box::pin(self.route(topic)).await?))
     }
 
     /// Gives stored messages `first..` (one per key hash) to the dispatcher; with
