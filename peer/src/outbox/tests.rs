@@ -14,6 +14,20 @@ fn g(names: &[&str]) -> Vec<String> {
     names.iter().map(|s| s.to_string()).collect()
 }
 
+/// `e` is a `NeverFits` for `(messages, max_messages, memory)` whose message says
+/// `says`.
+fn assert_never_fits(e: &OutboxError, (n, max, in_memory): (u64, u64, bool), says: &str) {
+    assert!(
+        matches!(
+            e,
+            OutboxError::NeverFits { messages, max_messages, memory, .. }
+                if *messages == n && *max_messages == max && *memory == in_memory
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(says), "{e}");
+}
+
 fn cfg(dir: &Path) -> OutboxConfig {
     OutboxConfig::new(dir)
 }
@@ -871,22 +885,7 @@ async fn a_batch_reserves_quota_for_all_or_none() {
         .submit_batch(g(&["a"]), batch(11), Durability::Memory, WhenFull::Wait)
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            OutboxError::NeverFits {
-                messages: 11,
-                max_messages: 10,
-                memory: false,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    assert!(
-        e.to_string().contains("can never fit the outbox quota"),
-        "{e}"
-    );
+    assert_never_fits(&e, (11, 10, false), "can never fit the outbox quota");
     // An oversized body fails the whole batch before anything is reserved.
     let mut bodies = batch(1);
     bodies.push(Bytes::from(vec![0u8; record::MAX_BODY + 1]));
@@ -949,22 +948,7 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
         .append_memory_many(&targets, &mut three, WhenFull::Wait, 0)
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            OutboxError::NeverFits {
-                messages: 3,
-                max_messages: 2,
-                memory: true,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert!(
-        e.to_string().contains("publish with Disk durability"),
-        "{e}"
-    );
+    assert_never_fits(&e, (3, 2, true), "publish with Disk durability");
     assert_eq!(three.len(), 3, "nothing of a refused append is taken");
 
     // ...and a waiting one goes in once a Memory message is settled.
