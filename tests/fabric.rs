@@ -772,3 +772,45 @@ async fn a_failed_lookup_fails_every_waiting_publish_and_the_next_one_asks_again
     assert_eq!(receipt.groups, 0, "no group subscribed to t");
     assert!(directory.requests_answered() >= 1);
 }
+
+/// A peer's tasks run on the runtime it was started on, not on the caller's: disk
+/// publishes abandoned on another runtime (here a thread's own, dropped as soon as
+/// they were polled once) are still handed to the dispatcher once stored, and
+/// delivered, after that runtime is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_abandoned_on_another_runtime_are_delivered_after_it_ends() {
+    let fabric = Fabric::start().await;
+    let sender = fabric
+        .peer_with("disk-sender", |b| b.durability(weft_peer::Durability::Disk))
+        .await;
+    let (_receiver, mut sub) = fabric.subscribed("receiver").await;
+    sender
+        .publish("t", Message::new("warm-up"))
+        .await
+        .expect("route known");
+    let publisher = sender.clone();
+    let abandoned = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _entered = runtime.enter();
+        (0..20)
+            .filter(|n| {
+                let publish = publisher.publish("t", Message::new(format!("m{n}")));
+                futures::FutureExt::now_or_never(publish).is_none()
+            })
+            .count()
+    })
+    .join()
+    .expect("publishing thread");
+    assert!(abandoned > 0, "no publish was left waiting on its commit");
+    let mut got = HashSet::new();
+    while got.len() < 21 {
+        let d = next_delivery(&mut sub).await;
+        let body = String::from_utf8(d.payload().to_vec()).expect("utf-8");
+        assert!(got.insert(body.clone()), "{body} delivered twice");
+        d.ack();
+    }
+    assert!(sender.drain(Duration::from_secs(10)).await, "all settled");
+}

@@ -313,6 +313,7 @@ impl PeerBuilder {
             directory: OnceLock::new(),
             jitter: Jitter::new(self.rng_seed.map(|s| s ^ 0x6c69_6e6b)),
             wall: WallClock::new(crate::clock::now()),
+            runtime: tokio::runtime::Handle::current(),
         });
         *lock(&inner.core) = Dispatcher::new(inner.config.ack_timeout);
         let sink_inner = Arc::downgrade(&inner);
@@ -702,11 +703,9 @@ impl SubscribeBuilder {
                     }
                     let directory = inner.directory().clone();
                     let timeout = inner.config.directory_timeout;
-                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                        rt.spawn(async move {
-                            let _ = directory.unregister(sub_key, timeout).await;
-                        });
-                    }
+                    inner.runtime.spawn(async move {
+                        let _ = directory.unregister(sub_key, timeout).await;
+                    });
                 }
             })),
         })
@@ -743,6 +742,10 @@ pub(crate) struct Inner {
     pub(crate) jitter: Jitter,
     /// Publish times, from the instant a publish reads for the dispatcher.
     wall: WallClock,
+    /// The runtime the peer was started on: its tasks run there, whichever runtime or
+    /// thread the call that starts one (a publish opening a link, say) runs on, so
+    /// that they live as long as the peer, not as the caller's runtime.
+    pub(crate) runtime: tokio::runtime::Handle,
 }
 
 /// A directory lookup of one topic's route, awaited by every caller that missed the
@@ -814,7 +817,8 @@ impl Inner {
                 Action::OpenLink(key, epoch) => {
                     let control = Arc::new(LinkControl::default());
                     lock(&self.links).insert(epoch, control.clone());
-                    tokio::spawn(link::run(self.clone(), key, epoch, control));
+                    self.runtime
+                        .spawn(link::run(self.clone(), key, epoch, control));
                 }
                 Action::CloseLink(epoch) => {
                     if let Some(control) = lock(&self.links).remove(&epoch) {
@@ -1228,7 +1232,7 @@ impl Inner {
         self.execute(actions);
         for topic in topics {
             let inner = self.clone();
-            tokio::spawn(async move {
+            self.runtime.spawn(async move {
                 if let Err(e) = inner.route(&topic).await {
                     warn!(%topic, error = %e, "cannot resolve the route of recovered messages yet");
                 }
@@ -1309,20 +1313,19 @@ impl Drop for PendingAppend<'_> {
         let topic = self.topic.to_string();
         let key_hashes = self.key_hashes.to_vec();
         let targets = self.targets.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Ok(seqs) = ticket.wait().await {
-                    inner.hand_off(
-                        crate::clock::now(),
-                        seqs.start,
-                        &topic,
-                        &key_hashes,
-                        &targets,
-                        false,
-                    );
-                }
-            });
-        }
+        let runtime = inner.runtime.clone();
+        runtime.spawn(async move {
+            if let Ok(seqs) = ticket.wait().await {
+                inner.hand_off(
+                    crate::clock::now(),
+                    seqs.start,
+                    &topic,
+                    &key_hashes,
+                    &targets,
+                    false,
+                );
+            }
+        });
     }
 }
 
