@@ -814,3 +814,53 @@ async fn publishes_abandoned_on_another_runtime_are_delivered_after_it_ends() {
     }
     assert!(sender.drain(Duration::from_secs(10)).await, "all settled");
 }
+
+/// A loop of publishes that never wait for room still lets the other tasks of its
+/// thread run (the peer's links, which send the messages, are such tasks): a task
+/// that counts its turns gets one at least every 2,048 publishes or so.
+#[tokio::test(flavor = "current_thread")]
+async fn a_publish_loop_that_never_waits_lets_other_tasks_run() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let fabric = Fabric::start().await;
+    let sender = fabric
+        .peer_with("sender", |b| b.durability(weft_peer::Durability::Memory))
+        .await;
+    let (_receiver, _sub) = fabric.subscribed("receiver").await;
+    sender
+        .publish("t", Message::new("warm-up"))
+        .await
+        .expect("route known");
+    let (turns, done) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let counter = {
+        let (turns, done) = (turns.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                turns.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let (mut last_turn, mut since_turn, mut longest) = (0, 0u32, 0u32);
+    for _ in 0..12_000 {
+        sender
+            .publish("t", Message::new("m"))
+            .await
+            .expect("published");
+        let turn = turns.load(Ordering::Relaxed);
+        if turn == last_turn {
+            since_turn += 1;
+            longest = longest.max(since_turn);
+        } else {
+            (last_turn, since_turn) = (turn, 0);
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    counter.await.expect("counter");
+    assert!(
+        longest <= 2_048 + 16,
+        "{longest} publishes in a row without the other task running"
+    );
+}

@@ -943,6 +943,8 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<Receipt> {
+        // A publish that never waits would otherwise never yield: see `yield_if_due`.
+        yield_if_due().await;
         // One clock reading for the publish time and the dispatcher (read again only
         // after a wait).
         let mut now = crate::clock::now();
@@ -995,6 +997,7 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<Vec<Receipt>> {
+        yield_if_due().await;
         check_topic(topic)?;
         let mut records = Vec::with_capacity(messages.len());
         let mut key_hashes = Vec::with_capacity(messages.len());
@@ -1326,6 +1329,35 @@ impl Drop for PendingAppend<'_> {
                 );
             }
         });
+    }
+}
+
+/// Publishes on one thread per unit of tokio's cooperative budget they take (see
+/// [`yield_if_due`]): a loop of publishes that never wait yields about every 2,048
+/// (tokio's budget is 128 units). One unit per publish, a yield every 128, cost a
+/// quarter of a `memory` publish loop's throughput on 2 cores (smaller link batches);
+/// one per 16 kept it and the `disk` figure (`weft bench`, session 30 in
+/// `docs/benchmarks-history.md`).
+const PUBLISHES_PER_BUDGET_UNIT: u32 = 16;
+
+/// Takes a unit of the task's cooperative budget (tokio's, as its channels and sockets
+/// do) every [`PUBLISHES_PER_BUDGET_UNIT`] publishes, yielding once when the budget
+/// is spent. A loop of publishes that never wait for room would otherwise keep its
+/// worker thread to itself: the tasks it wakes there (the links that send its
+/// messages) wait in the worker's next-task slot, which other workers do not steal
+/// from, until the loop yields; its messages queued until the outbox's memory limit
+/// stopped it (35 ms publish-to-delivery at 1 M msgs/s, against 2 ms with the yields).
+async fn yield_if_due() {
+    thread_local! {
+        static PUBLISHES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    let due = PUBLISHES.with(|count| {
+        let n = count.get().wrapping_add(1);
+        count.set(n);
+        n % PUBLISHES_PER_BUDGET_UNIT == 0
+    });
+    if due {
+        tokio::task::coop::consume_budget().await;
     }
 }
 
