@@ -454,6 +454,11 @@ impl Peer {
 
     /// Publishes `message` to `topic` with the peer's default durability. Returns once
     /// the message holds that durability (see [`Durability`]).
+    ///
+    /// Like tokio's channels, publishing takes part in the runtime's cooperative
+    /// scheduling: a loop of publishes that never have to wait still yields now and
+    /// then (about every 2,048), so that the peer's tasks on the same thread, which
+    /// send the messages, keep running.
     pub fn publish<'a>(
         &'a self,
         topic: &'a str,
@@ -1334,10 +1339,11 @@ impl Drop for PendingAppend<'_> {
 
 /// Publishes on one thread per unit of tokio's cooperative budget they take (see
 /// [`yield_if_due`]): a loop of publishes that never wait yields about every 2,048
-/// (tokio's budget is 128 units). One unit per publish, a yield every 128, cost a
-/// quarter of a `memory` publish loop's throughput on 2 cores (smaller link batches);
-/// one per 16 kept it and the `disk` figure (`weft bench`, session 30 in
-/// `docs/benchmarks-history.md`).
+/// (tokio's budget is 128 units). Measured on 2 cores (`weft bench`, session 30 in
+/// `docs/benchmarks.md`): one unit per publish cost a quarter of a `memory` publish
+/// loop's throughput (link batches of ~128); one per 16 costs 7–11 % against never
+/// yielding, and the `disk` figure nothing, while the loop's publish-to-delivery p50
+/// falls from 32–40 ms to 1.6–2.1 ms; one per 64 did not cost less.
 const PUBLISHES_PER_BUDGET_UNIT: u32 = 16;
 
 /// Takes a unit of the task's cooperative budget (tokio's, as its channels and sockets
