@@ -748,8 +748,9 @@ pub(crate) struct Inner {
     /// Publish times, from the instant a publish reads for the dispatcher.
     wall: WallClock,
     /// The runtime the peer was started on: its tasks run there, whichever runtime or
-    /// thread the call that starts one (a publish opening a link, say) runs on, so
-    /// that they live as long as the peer, not as the caller's runtime.
+    /// thread the call that starts one runs on (a publish abandoned during its commit,
+    /// a subscription dropped), so that they live as long as the peer, not as the
+    /// caller's runtime.
     pub(crate) runtime: tokio::runtime::Handle,
 }
 
