@@ -59,6 +59,20 @@ impl Fabric {
         (sender, receiver, sub)
     }
 
+    /// A `Disk` sender whose route of topic "t" is cached (one "warm-up" message was
+    /// published), and a receiver subscribed to it in group "g".
+    async fn disk_pair_with_route(&self) -> (Peer, Peer, weft_peer::Subscription) {
+        let sender = self
+            .peer_with("disk-sender", |b| b.durability(weft_peer::Durability::Disk))
+            .await;
+        let (receiver, sub) = self.subscribed("receiver").await;
+        sender
+            .publish("t", Message::new("warm-up"))
+            .await
+            .expect("route known");
+        (sender, receiver, sub)
+    }
+
     /// A peer subscribed to topic "t" in group "g", listed in the route.
     async fn subscribed(&self, name: &str) -> (Peer, weft_peer::Subscription) {
         let receiver = self.peer(name).await;
@@ -665,14 +679,7 @@ async fn large_memory_payloads_arrive_intact_with_their_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_disk_publish_is_still_delivered_once() {
     let fabric = Fabric::start().await;
-    let sender = fabric
-        .peer_with("disk-sender", |b| b.durability(weft_peer::Durability::Disk))
-        .await;
-    let (_receiver, mut sub) = fabric.subscribed("receiver").await;
-    sender
-        .publish("t", Message::new("warm-up"))
-        .await
-        .expect("route known");
+    let (sender, _receiver, mut sub) = fabric.disk_pair_with_route().await;
     let mut abandoned = 0;
     for n in 0..20 {
         let publish = sender.publish("t", Message::new(format!("m{n}")).key(format!("k{n}")));
@@ -780,14 +787,7 @@ async fn a_failed_lookup_fails_every_waiting_publish_and_the_next_one_asks_again
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_abandoned_on_another_runtime_are_delivered_after_it_ends() {
     let fabric = Fabric::start().await;
-    let sender = fabric
-        .peer_with("disk-sender", |b| b.durability(weft_peer::Durability::Disk))
-        .await;
-    let (_receiver, mut sub) = fabric.subscribed("receiver").await;
-    sender
-        .publish("t", Message::new("warm-up"))
-        .await
-        .expect("route known");
+    let (sender, _receiver, mut sub) = fabric.disk_pair_with_route().await;
     let publisher = sender.clone();
     let abandoned = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
