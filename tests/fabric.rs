@@ -59,12 +59,13 @@ impl Fabric {
         (sender, receiver, sub)
     }
 
-    /// A `Disk` sender whose route of topic "t" is cached (one "warm-up" message was
-    /// published), and a receiver subscribed to it in group "g".
-    async fn disk_pair_with_route(&self) -> (Peer, Peer, weft_peer::Subscription) {
-        let sender = self
-            .peer_with("disk-sender", |b| b.durability(weft_peer::Durability::Disk))
-            .await;
+    /// A sender publishing with `durability` whose route of topic "t" is cached (one
+    /// "warm-up" message was published), and a receiver subscribed to it in group "g".
+    async fn pair_with_route(
+        &self,
+        durability: weft_peer::Durability,
+    ) -> (Peer, Peer, weft_peer::Subscription) {
+        let sender = self.peer_with("sender", |b| b.durability(durability)).await;
         let (receiver, sub) = self.subscribed("receiver").await;
         sender
             .publish("t", Message::new("warm-up"))
@@ -679,7 +680,7 @@ async fn large_memory_payloads_arrive_intact_with_their_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_disk_publish_is_still_delivered_once() {
     let fabric = Fabric::start().await;
-    let (sender, _receiver, mut sub) = fabric.disk_pair_with_route().await;
+    let (sender, _receiver, mut sub) = fabric.pair_with_route(weft_peer::Durability::Disk).await;
     let mut abandoned = 0;
     for n in 0..20 {
         let publish = sender.publish("t", Message::new(format!("m{n}")).key(format!("k{n}")));
@@ -787,7 +788,7 @@ async fn a_failed_lookup_fails_every_waiting_publish_and_the_next_one_asks_again
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_abandoned_on_another_runtime_are_delivered_after_it_ends() {
     let fabric = Fabric::start().await;
-    let (sender, _receiver, mut sub) = fabric.disk_pair_with_route().await;
+    let (sender, _receiver, mut sub) = fabric.pair_with_route(weft_peer::Durability::Disk).await;
     let publisher = sender.clone();
     let abandoned = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -823,14 +824,7 @@ async fn publishes_abandoned_on_another_runtime_are_delivered_after_it_ends() {
 async fn a_publish_loop_that_never_waits_lets_other_tasks_run() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let fabric = Fabric::start().await;
-    let sender = fabric
-        .peer_with("sender", |b| b.durability(weft_peer::Durability::Memory))
-        .await;
-    let (_receiver, _sub) = fabric.subscribed("receiver").await;
-    sender
-        .publish("t", Message::new("warm-up"))
-        .await
-        .expect("route known");
+    let (sender, _receiver, _sub) = fabric.pair_with_route(weft_peer::Durability::Memory).await;
     let (turns, done) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicBool::new(false)),
