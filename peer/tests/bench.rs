@@ -24,6 +24,14 @@ fn report(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
+/// The JSON line of a run of 3,000 messages at 20,000 a second (its last due 150 ms
+/// after its first), with `extra` flags.
+fn paced_report(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--json", "--count", "3000", "--rate", "20000"];
+    args.extend_from_slice(extra);
+    report(&args)
+}
+
 fn num(v: &serde_json::Value, field: &str) -> f64 {
     v[field]
         .as_f64()
@@ -33,15 +41,7 @@ fn num(v: &serde_json::Value, field: &str) -> f64 {
 #[test]
 fn a_fixed_rate_run_takes_as_long_as_its_rate_says_and_delivers_everything() {
     // 3,000 messages at 20,000 a second: the last is due 150 ms after the first.
-    let r = report(&[
-        "--json",
-        "--count",
-        "3000",
-        "--rate",
-        "20000",
-        "--compressible",
-        "0",
-    ]);
+    let r = paced_report(&["--compressible", "0"]);
     assert_eq!(r["system"], "weft_memory");
     assert_eq!(num(&r, "count"), 3000.0);
     assert_eq!(num(&r, "expected_deliveries"), 3000.0);
@@ -107,15 +107,7 @@ fn flags_that_cannot_run_are_refused_with_the_reason() {
 #[test]
 fn the_memory_limit_flag_reaches_the_outbox_and_the_machine_share_is_reported() {
     // 64 messages held at most: publishers wait for acks, and everything arrives.
-    let r = report(&[
-        "--json",
-        "--count",
-        "3000",
-        "--rate",
-        "20000",
-        "--memory-messages",
-        "64",
-    ]);
+    let r = paced_report(&["--memory-messages", "64"]);
     assert_eq!(num(&r, "expected_deliveries"), 3000.0, "{r}");
     if std::path::Path::new("/proc/stat").exists() {
         // 150 ms: clock ticks passed, so the shares are known.
