@@ -126,6 +126,13 @@ struct GroupQueue {
     /// The last pump found no link with free credit: a new message cannot be placed
     /// until an event (ack, credit, link change, timeout) pumps again.
     blocked: bool,
+    /// A link the last pump left messages with, which it was woken to take: until it
+    /// takes them, a publish only queues its messages and leaves the pump to that
+    /// take ([`Dispatcher::swap_outgoing`]), so that a run of publishes costs one pump
+    /// and one wake instead of one each.
+    taker: Option<LinkEpoch>,
+    /// Messages were queued while `taker` was set and wait for its take to pump.
+    pump_due: bool,
     /// Key hash → the link holding that key's in-flight messages. A key's next message
     /// goes to no other link until these are acknowledged or requeued, so that a key
     /// moving between members (a link came up or went down) keeps its order.
@@ -273,7 +280,11 @@ impl Dispatcher {
                 (first + i as u64, entry)
             });
             queue.waiting.push_run(run);
-            if !queue.blocked {
+            if queue.blocked {
+                // An ack, credit or link change pumps.
+            } else if queue.taker.is_some() {
+                queue.pump_due = true;
+            } else {
                 // The queue as found above: a publish looks its group up once.
                 pump_queue(now, queue, &mut self.links, &mut actions);
             }
@@ -446,24 +457,49 @@ impl Dispatcher {
     #[cfg(test)]
     pub(crate) fn take_outgoing(&mut self, key: &LinkKey, epoch: LinkEpoch) -> Vec<(u64, Seq)> {
         let mut outgoing = Vec::new();
-        self.swap_outgoing(key, epoch, &mut outgoing);
+        let now = Instant::now();
+        let actions = self.swap_outgoing(now, key, epoch, &mut outgoing);
+        assert!(
+            !actions.contains(&Action::Wake(epoch)),
+            "a take never wakes its own link"
+        );
         outgoing
     }
 
     /// Moves the messages assigned to the link and not yet handed to it into `into`
     /// (emptied first), and leaves `into`'s buffer with the link: the two buffers
     /// change places at every take, so neither side allocates or regrows one per take
-    /// (each is at most the link's credit window long).
+    /// (each is at most the link's credit window long). First pumps the link's group
+    /// if publishes left that to this take (see `GroupQueue::taker`): the actions wake
+    /// the group's other links that were given messages.
     pub(crate) fn swap_outgoing(
         &mut self,
+        now: Instant,
         key: &LinkKey,
         epoch: LinkEpoch,
         into: &mut Vec<(u64, Seq)>,
-    ) {
+    ) -> Vec<Action> {
         into.clear();
-        if let Some(link) = self.link_mut(key, epoch) {
+        let mut actions = Vec::new();
+        if self.link_mut(key, epoch).is_none() {
+            return actions;
+        }
+        let Some(queue) = queue_in(&mut self.groups, key.topic(), key.group()) else {
+            // No queue: nothing was ever assigned to the link.
+            return actions;
+        };
+        if queue.pump_due {
+            pump_queue(now, queue, &mut self.links, &mut actions);
+            // This link is taking what it was given: it needs no wake for it.
+            actions.retain(|a| *a != Action::Wake(epoch));
+        }
+        if queue.taker == Some(epoch) {
+            queue.taker = None;
+        }
+        if let Some(link) = self.links.get_mut(key) {
             std::mem::swap(&mut link.outgoing, into);
         }
+        actions
     }
 
     /// The link of `key` if it is still the one `epoch` was issued for.
@@ -583,6 +619,10 @@ fn pump_queue(
     links: &mut FxHashMap<LinkKey, Link>,
     actions: &mut Vec<Action>,
 ) {
+    // Recomputed below; every event that takes messages from a link (link down, member
+    // gone, timeout) pumps afterwards, so a taker never outlives its messages.
+    queue.taker = None;
+    queue.pump_due = false;
     // Per member: a pump runs per publish, and members are few (no allocation).
     let mut live: PerMember<&LinkKey> = SmallVec::new();
     let mut epochs: PerMember<LinkEpoch> = SmallVec::new();
@@ -659,6 +699,9 @@ fn pump_queue(
         }
         if woken {
             actions.push(Action::Wake(link.epoch));
+        }
+        if !link.outgoing.is_empty() {
+            queue.taker.get_or_insert(link.epoch);
         }
     }
 }

@@ -121,7 +121,8 @@ async fn serve(
         }
         tokio::select! {
             () = control.wake.notified() => {
-                inner.core().swap_outgoing(key, epoch, &mut outgoing);
+                let actions = inner.core().swap_outgoing(crate::clock::now(), key, epoch, &mut outgoing);
+                inner.execute(actions);
                 send_batch(inner, key, epoch, &mut writer, &records, &outgoing).await?;
             }
             frame = reader.next() => match frame.map_err(wire_err)? {
