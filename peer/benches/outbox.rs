@@ -54,7 +54,9 @@ async fn append_batch(outbox: &Outbox, body: &Bytes, durability: Durability) -> 
 /// while the quota has room), then their tickets awaited; returns their sequence
 /// numbers.
 async fn try_submit_batch(outbox: &Outbox, body: &Bytes) -> Vec<u64> {
-    let targets: std::sync::Arc<[String]> = vec![GROUP.to_string()].into();
+    let targets = outbox
+        .target_groups(vec![GROUP.to_string()])
+        .expect("a valid group");
     let mut tickets: Vec<_> = (0..CONCURRENT)
         .map(|_| {
             outbox

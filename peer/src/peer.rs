@@ -738,7 +738,7 @@ pub(crate) struct Inner {
     confirms: Mutex<SeqMap<oneshot::Sender<()>>>,
     routes: Mutex<FxHashMap<String, Route>>,
     /// Target groups per topic, derived from `routes` (read on every publish).
-    targets: Mutex<FxHashMap<String, Arc<[String]>>>,
+    targets: Mutex<FxHashMap<String, Arc<Targets>>>,
     /// Directory lookups of routes not cached yet, by topic: the publishes and
     /// `route` calls that miss the cache at once share one request.
     lookups: Mutex<FxHashMap<String, RouteLookup>>,
@@ -855,7 +855,7 @@ impl Inner {
         }
         self.members.learn(&route);
         let actions = self.core().on_route(crate::clock::now(), &route);
-        lock(&self.targets).insert(route.topic.clone(), targets_of(&route));
+        lock(&self.targets).insert(route.topic.clone(), self.targets_of(&route));
         let topic = route.topic.clone();
         lock(&self.routes).insert(topic.clone(), route);
         // The cache answers from now on: a lookup still listed (its callers gone before
@@ -959,18 +959,19 @@ impl Inner {
         let (mut record, tail, key_hash) = self.encode_one(topic, message, durability, unix_ms)?;
         let targets = self.targets_since(topic, &mut now).await?;
         // Disk records are whole (`separate_payload`), so the record is all there is.
-        if durability == Durability::Disk && tail.is_none() {
+        let whole_disk_record = durability == Durability::Disk && tail.is_none();
+        if let (true, Some(checked)) = (whole_disk_record, &targets.checked) {
             // Fast path: a free writer slot and room in the quota, taken without the
             // boxed writer path's future and lists.
             match self
                 .outbox
-                .try_submit(&targets, record, outbox::Durability::Disk)?
+                .try_submit(checked, record, outbox::Durability::Disk)?
             {
                 Ok(ticket) => {
                     let (seqs, _) = self
-                        .stored_then_dispatched(ticket, topic, &[key_hash], &targets, false)
+                        .stored_then_dispatched(ticket, topic, &[key_hash], &targets.groups, false)
                         .await?;
-                    return Ok(self.receipt(seqs.start, &targets));
+                    return Ok(self.receipt(seqs.start, &targets.groups));
                 }
                 Err(given_back) => record = given_back,
             }
@@ -983,16 +984,22 @@ impl Inner {
                 .append_memory_since(&targets, &mut bodies, when_full, unix_ms, &mut now)
                 .await?;
             if let Some(seqs) = appended {
-                self.hand_off(now, seqs.start, topic, &[key_hash], &targets, false);
-                return Ok(self.receipt(seqs.start, &targets));
+                self.hand_off(now, seqs.start, topic, &[key_hash], &targets.groups, false);
+                return Ok(self.receipt(seqs.start, &targets.groups));
             }
         }
         // Boxed: the writer path's state would otherwise make every publish future,
         // fast path included, several times larger to create and move.
-        let seqs =
-            Box::pin(self.store(topic, &targets, bodies, &[key_hash], durability, when_full))
-                .await?;
-        Ok(self.receipt(seqs.start, &targets))
+        let seqs = Box::pin(self.store(
+            topic,
+            &targets.groups,
+            bodies,
+            &[key_hash],
+            durability,
+            when_full,
+        ))
+        .await?;
+        Ok(self.receipt(seqs.start, &targets.groups))
     }
 
     /// Publishes `messages` as one outbox append: consecutive sequence numbers, one
@@ -1041,14 +1048,20 @@ impl Inner {
                 .append_memory_since(&targets, &mut bodies, when_full, unix_ms, &mut now)
                 .await?;
             if let Some(seqs) = appended {
-                self.hand_off(now, seqs.start, topic, &key_hashes, &targets, false);
-                return Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect());
+                self.hand_off(now, seqs.start, topic, &key_hashes, &targets.groups, false);
+                return Ok(seqs.map(|seq| self.receipt(seq, &targets.groups)).collect());
             }
         }
-        let seqs =
-            Box::pin(self.store(topic, &targets, bodies, &key_hashes, durability, when_full))
-                .await?;
-        Ok(seqs.map(|seq| self.receipt(seq, &targets)).collect())
+        let seqs = Box::pin(self.store(
+            topic,
+            &targets.groups,
+            bodies,
+            &key_hashes,
+            durability,
+            when_full,
+        ))
+        .await?;
+        Ok(seqs.map(|seq| self.receipt(seq, &targets.groups)).collect())
     }
 
     fn receipt(&self, seq: Seq, targets: &[String]) -> Receipt {
@@ -1143,12 +1156,12 @@ impl Inner {
         &self,
         topic: &str,
         now: &mut std::time::Instant,
-    ) -> Result<Arc<[String]>> {
+    ) -> Result<Arc<Targets>> {
         if let Some(targets) = lock(&self.targets).get(topic) {
             return Ok(targets.clone());
         }
         // Boxed, as the writer path in `publish`: a route miss is rare.
-        let targets = targets_of(&Box::pin(self.route(topic)).await?);
+        let targets = self.targets_of(&Box::pin(self.route(topic)).await?);
         *now = crate::clock::now();
         Ok(targets)
     }
@@ -1157,14 +1170,19 @@ impl Inner {
     /// that no message is handed to the dispatcher with a stale `now`.
     async fn append_memory_since(
         &self,
-        targets: &[String],
+        targets: &Targets,
         bodies: &mut Vec<MemoryRecord>,
         when_full: WhenFull,
         unix_ms: u64,
         now: &mut std::time::Instant,
     ) -> Result<Option<std::ops::Range<Seq>>> {
+        let checked = match &targets.checked {
+            Some(checked) => std::borrow::Cow::Borrowed(checked),
+            // Groups the outbox refused: checked again, for the error.
+            None => std::borrow::Cow::Owned(self.outbox.target_groups(targets.groups.clone())?),
+        };
         let (appended, waited) = ready_or_waited(self.outbox.append_memory_many(
-            targets,
+            &checked,
             bodies,
             outbox_when_full(when_full),
             unix_ms,
@@ -1174,6 +1192,12 @@ impl Inner {
             *now = crate::clock::now();
         }
         Ok(appended?)
+    }
+
+    fn targets_of(&self, route: &Route) -> Arc<Targets> {
+        let groups: Arc<[String]> = route.groups.iter().map(|g| g.group.clone()).collect();
+        let checked = self.outbox.target_groups(groups.clone()).ok();
+        Arc::new(Targets { groups, checked })
     }
 
     /// Gives stored messages `first..` (one per key hash) to the dispatcher; with
@@ -1451,8 +1475,13 @@ fn keep_cached_groups(route: &mut Route, cached: &Route) {
 }
 
 /// The target groups of a route.
-fn targets_of(route: &Route) -> Arc<[String]> {
-    route.groups.iter().map(|g| g.group.clone()).collect()
+/// The target groups of a topic: one per group of its route.
+#[derive(Debug, Clone)]
+struct Targets {
+    groups: Arc<[String]>,
+    /// Checked and registered with the outbox once per route, not per publish (`None`
+    /// if the outbox refused them).
+    checked: Option<outbox::TargetGroups>,
 }
 
 async fn tick_loop(inner: std::sync::Weak<Inner>) {

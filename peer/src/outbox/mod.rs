@@ -138,6 +138,23 @@ pub enum Durability {
     Disk,
 }
 
+/// Target groups checked and registered with one outbox ([`Outbox::target_groups`]):
+/// its appends skip checking and looking up each group name.
+#[derive(Debug, Clone)]
+pub struct TargetGroups {
+    /// Sorted, without duplicates.
+    names: Arc<[String]>,
+    /// Their ids in the outbox's state (stable for its life).
+    ids: state::GroupSet,
+}
+
+impl TargetGroups {
+    /// The groups' names, sorted, without duplicates.
+    pub fn names(&self) -> &Arc<[String]> {
+        &self.names
+    }
+}
+
 /// Quota reserved for an append not yet handed to the writer.
 struct QuotaGuard<'a> {
     shared: &'a Shared,
@@ -800,11 +817,11 @@ impl Outbox {
         for body in &bodies {
             size += check_body(&shared.cfg, body.len())?;
         }
-        let targets = owned_targets(targets.into())?;
+        let targets = self.target_groups(targets)?;
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
         let mut quota = None;
         let messages = bodies.len() as u64;
-        if !targets.is_empty() && messages > 0 {
+        if !targets.names.is_empty() && messages > 0 {
             self.reserve(messages, size, durability, when_full).await?;
             // Gives the quota back if this future is dropped before the hand-off.
             quota = Some(QuotaGuard {
@@ -840,6 +857,18 @@ impl Outbox {
         })
     }
 
+    /// `targets` checked (as every append checks them), deduplicated and registered,
+    /// for [`append_memory_many`](Self::append_memory_many): a caller that appends to
+    /// the same groups many times (a topic's route) does this once, not per append.
+    pub fn target_groups(
+        &self,
+        targets: impl Into<Arc<[String]>>,
+    ) -> Result<TargetGroups, OutboxError> {
+        let names = owned_targets(targets.into())?;
+        let ids = self.inner.shared.core().state.group_set(&names);
+        Ok(TargetGroups { names, ids })
+    }
+
     /// [`submit`](Self::submit) when it need not wait: `Ok(Err(body))` (nothing
     /// stored, the body given back) when the quota or the writer's channel is full, and
     /// the caller must use `submit`, which waits or fails as its `WhenFull` says.
@@ -847,13 +876,12 @@ impl Outbox {
     /// nothing but the ticket: the common path of one `Disk` publish.
     pub fn try_submit(
         &self,
-        targets: &Arc<[String]>,
+        targets: &TargetGroups,
         body: Bytes,
         durability: Durability,
     ) -> Result<Result<AppendTicket, Bytes>, OutboxError> {
         let shared = &self.inner.shared;
         let size = check_body(&shared.cfg, body.len())?;
-        let targets = owned_targets(targets.clone())?;
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
         if shared.closed.load(Ordering::Acquire) {
             return Err(OutboxError::Closed);
@@ -863,12 +891,13 @@ impl Outbox {
             Err(mpsc::error::TrySendError::Closed(())) => return Err(OutboxError::Closed),
             Err(mpsc::error::TrySendError::Full(())) => return Ok(Err(body)),
         };
-        if !targets.is_empty() && shared.core().state.reserve_as(durability, 1, size).is_err() {
+        if !targets.names.is_empty() && shared.core().state.reserve_as(durability, 1, size).is_err()
+        {
             return Ok(Err(body));
         }
         let (reply, rx) = oneshot::channel();
         permit.send(Req::Append(writer::Append {
-            targets,
+            targets: targets.clone(),
             bodies: smallvec::smallvec![body],
             durability,
             reply,
@@ -891,7 +920,7 @@ impl Outbox {
     ) -> Result<Option<u64>, OutboxError> {
         Ok(self
             .append_memory_many(
-                targets,
+                &self.target_groups(targets.to_vec())?,
                 &mut vec![body.into()],
                 when_full,
                 crate::clock::unix_ms(),
@@ -908,7 +937,7 @@ impl Outbox {
     /// `bodies` (left empty); otherwise it is left as it was.
     pub async fn append_memory_many(
         &self,
-        targets: &[String],
+        targets: &TargetGroups,
         bodies: &mut Vec<MemoryRecord>,
         when_full: WhenFull,
         unix_ms: u64,
@@ -918,7 +947,6 @@ impl Outbox {
         for body in bodies.iter() {
             size += check_body(&shared.cfg, body.as_ref().len())?;
         }
-        let targets = validate_targets(targets)?;
         let count = bodies.len() as u64;
         if self.inner.tx.is_none() {
             return Err(OutboxError::Closed);
@@ -933,10 +961,14 @@ impl Outbox {
                 renew =
                     !core.renewal_queued && first + count + LEASE_RENEW_AHEAD > core.lease_durable;
                 core.renewal_queued |= renew;
-                if !targets.is_empty() {
+                if !targets.names.is_empty() {
                     core.state.reserve_memory_many(count, size)?;
-                    core.state
-                        .memory_messages_added(first, &targets, bodies.drain(..), unix_ms);
+                    core.state.memory_messages_added(
+                        first,
+                        &targets.ids,
+                        bodies.drain(..),
+                        unix_ms,
+                    );
                 } else {
                     bodies.clear();
                 }

@@ -410,29 +410,18 @@ impl OutboxState {
         );
     }
 
-    /// A `Memory` message (reserved quota) was added; the state keeps its body.
-    pub fn memory_message_added(
-        &mut self,
-        seq: u64,
-        targets: &[String],
-        body: Bytes,
-        unix_ms: u64,
-    ) {
-        self.memory_messages_added(seq, targets, std::iter::once(body.into()), unix_ms);
-    }
-
     /// `Memory` messages `first..` (reserved quota, sequence numbers never used
-    /// before) were added for the same targets; the state keeps their bodies (moved
+    /// before) were added for the same groups (interned by
+    /// [`group_set`](Self::group_set)); the state keeps their bodies (moved
     /// in: each body's reference count is shared by the messages of its publish, and
     /// every count taken and dropped per message was measurable).
     pub fn memory_messages_added(
         &mut self,
         first: u64,
-        targets: &[String],
+        groups: &GroupSet,
         bodies: impl ExactSizeIterator<Item = MemoryRecord>,
         unix_ms: u64,
     ) {
-        let groups = self.group_set(targets);
         self.entries.reserve(bodies.len());
         for (seq, MemoryRecord { head, tail }) in (first..).zip(bodies) {
             let bytes = (head.len() + tail.as_ref().map_or(0, Bytes::len)) as u64;
@@ -443,7 +432,7 @@ impl OutboxState {
                 seq,
                 Entry {
                     // A copy of the ids (`clone` went element by element).
-                    groups: GroupSet::from_slice(&groups),
+                    groups: GroupSet::from_slice(groups),
                     loc: None,
                     bytes,
                     unix_ms,
@@ -840,7 +829,8 @@ mod tests {
         s.reserve_many(5, 500).unwrap();
         let body = Bytes::from(vec![0; 30]);
         let body = MemoryRecord::from(body);
-        s.memory_messages_added(1, &t(&["g"]), [body.clone(), body].into_iter(), 0);
+        let groups = s.group_set(&t(&["g"]));
+        s.memory_messages_added(1, &groups, [body.clone(), body].into_iter(), 0);
         assert_eq!(s.memory_used(), (2, 60));
         s.settle(1, "g");
         assert_eq!(s.memory_used(), (1, 30));

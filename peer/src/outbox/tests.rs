@@ -943,7 +943,8 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
     append_disk(&o, &["a"], b"d").await;
 
     // ...more Memory messages at once than the limit holds never fit, waiting or not...
-    let (targets, mut three) = (g(&["a"]), vec![x().into(), x().into(), x().into()]);
+    let targets = o.target_groups(g(&["a"])).unwrap();
+    let mut three = vec![x().into(), x().into(), x().into()];
     let e = o
         .append_memory_many(&targets, &mut three, WhenFull::Wait, 0)
         .await
@@ -979,7 +980,12 @@ async fn a_memory_record_in_two_pieces_is_kept_apart_and_read_whole() {
         tail: Some(tail.clone()),
     };
     let seqs = o
-        .append_memory_many(&g(&["a"]), &mut vec![record], WhenFull::Fail, 0)
+        .append_memory_many(
+            &o.target_groups(g(&["a"])).unwrap(),
+            &mut vec![record],
+            WhenFull::Fail,
+            0,
+        )
         .await
         .unwrap()
         .expect("appended without the writer");
@@ -1013,7 +1019,7 @@ async fn a_memory_record_in_two_pieces_is_kept_apart_and_read_whole() {
 /// `pause` between batches; returns how many batches found the lease used up (and
 /// were refused the fast path) and the last seq taken.
 async fn memory_batches(o: &Outbox, n: u64, pause: Duration) -> (u64, u64) {
-    let targets = g(&["a"]);
+    let targets = o.target_groups(g(&["a"])).unwrap();
     let (mut refused, mut last) = (0, 0);
     for _ in 0..n / 1024 {
         if !pause.is_zero() {
@@ -1224,7 +1230,7 @@ async fn try_submit_gives_the_body_back_when_the_quota_is_full() {
     c.max_messages = 2;
     c.max_bytes = 1000;
     let (o, _) = Outbox::open(c.clone()).await.unwrap();
-    let targets: Arc<[String]> = g(&["b", "a"]).into();
+    let targets = o.target_groups(g(&["b", "a"])).unwrap();
     let mut seqs = Vec::new();
     for body in ["one", "two"] {
         let mut ticket = o
@@ -1240,10 +1246,7 @@ async fn try_submit_gives_the_body_back_when_the_quota_is_full() {
     assert_eq!(given_back, Bytes::from("three"));
     let st = o.stats();
     assert_eq!((st.appended, st.pending_messages), (2, 2));
-    let e = o
-        .try_submit(&g(&["a", ""]).into(), Bytes::from("x"), Durability::Disk)
-        .map(|_| ())
-        .unwrap_err();
+    let e = o.target_groups(g(&["a", ""])).unwrap_err();
     assert!(matches!(e, OutboxError::InvalidTarget { .. }), "{e:?}");
     let e = o
         .try_submit(&targets, Bytes::from(vec![0; 1001]), Durability::Disk)
@@ -1287,7 +1290,7 @@ async fn a_group_commit_takes_at_most_max_batch_bytes() {
     let mut c = cfg(tmp.path());
     c.max_batch_bytes = 1000;
     let (o, _) = Outbox::open(c.clone()).await.unwrap();
-    let targets: Arc<[String]> = g(&["a"]).into();
+    let targets = o.target_groups(g(&["a"])).unwrap();
     let commits = o.stats().commits;
     // Queued without waiting between them: without the byte limit, the writer would
     // take all that wait in one commit.

@@ -10,7 +10,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::state::{Action, Location};
-use super::{record, segment, Durability, OutboxError, Shared, LEASE_BLOCK, LEASE_RENEW_AHEAD};
+use super::{
+    record, segment, Durability, OutboxError, Shared, TargetGroups, LEASE_BLOCK, LEASE_RENEW_AHEAD,
+};
 
 /// Settle entries per Settle record.
 const SETTLES_PER_RECORD: usize = 16_384;
@@ -44,7 +46,7 @@ pub(super) struct Writer {
 /// Messages for the same targets, stored under consecutive sequence numbers and
 /// answered together (one message for `publish`, several for a batch).
 pub(super) struct Append {
-    pub(super) targets: Arc<[String]>,
+    pub(super) targets: TargetGroups,
     /// Inline for one message: a single publish allocates no list.
     pub(super) bodies: smallvec::SmallVec<[Bytes; 1]>,
     pub(super) durability: Durability,
@@ -64,7 +66,7 @@ impl Req {
 impl Append {
     /// Gives back the quota reserved for it (it will not be stored).
     fn unreserve(&self, state: &mut super::state::OutboxState) {
-        if !self.targets.is_empty() {
+        if !self.targets.names.is_empty() {
             let bytes = self.bodies.iter().map(|b| b.len() as u64).sum();
             state.unreserve_as(self.durability, self.bodies.len() as u64, bytes);
         }
@@ -218,26 +220,20 @@ impl Writer {
                 let first = core.next_seq;
                 core.next_seq += append.bodies.len() as u64;
                 let seqs = first..core.next_seq;
-                let to_disk = !append.targets.is_empty() && append.durability == Durability::Disk;
-                let groups = core.state.group_set(&append.targets);
+                let TargetGroups { names, ids: groups } = &append.targets;
+                let to_disk = !names.is_empty() && append.durability == Durability::Disk;
                 for (seq, body) in seqs.clone().zip(append.bodies) {
-                    if append.targets.is_empty() {
+                    if names.is_empty() {
                         continue;
                     }
                     if !to_disk {
-                        core.state
-                            .memory_message_added(seq, &append.targets, body, now);
+                        let body = std::iter::once(body.into());
+                        core.state.memory_messages_added(seq, groups, body, now);
                         continue;
                     }
                     let offset = self.size + self.buf.len() as u64;
-                    let len = record::encode_message(
-                        &mut self.buf,
-                        self.active,
-                        seq,
-                        now,
-                        &append.targets,
-                        &body,
-                    );
+                    let len =
+                        record::encode_message(&mut self.buf, self.active, seq, now, names, &body);
                     let loc = Location {
                         segment: self.active,
                         offset,
@@ -245,7 +241,7 @@ impl Writer {
                     };
                     let bytes = body.len() as u64;
                     core.state
-                        .message_added_to(seq, &groups, Some(loc), bytes, now, true);
+                        .message_added_to(seq, groups, Some(loc), bytes, now, true);
                     core.cache.insert(seq, body);
                 }
                 need_sync |= to_disk;
