@@ -7,7 +7,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::link::{self, LinkControl};
 use crate::members::Members;
 use crate::message::{self, Message};
-use crate::outbox::{self, MemoryRecord, Outbox, OutboxConfig, OutboxStats};
+use crate::outbox::{self, MemoryRecord, MemoryRecords, Outbox, OutboxConfig, OutboxStats};
 use crate::seq_map::SeqMap;
 use crate::subscription::{
     lock, SubShared, SubState, Subscription, DEFAULT_CREDIT, DEFAULT_MAX_QUEUED_BYTES,
@@ -976,7 +976,7 @@ impl Inner {
                 Err(given_back) => record = given_back,
             }
         }
-        let mut bodies = vec![MemoryRecord { head: record, tail }];
+        let mut bodies: MemoryRecords = smallvec::smallvec![MemoryRecord { head: record, tail }];
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
             // and handing it to the dispatcher.
@@ -1031,7 +1031,7 @@ impl Inner {
             key_hashes.push(key_hash);
         }
         let buf = Bytes::from(buf);
-        let mut bodies: Vec<MemoryRecord> = records
+        let mut bodies: MemoryRecords = records
             .into_iter()
             .map(|(record, tail)| MemoryRecord {
                 head: buf.slice(record),
@@ -1080,7 +1080,7 @@ impl Inner {
         self: &Arc<Self>,
         topic: &str,
         targets: &Arc<[String]>,
-        bodies: Vec<MemoryRecord>,
+        bodies: MemoryRecords,
         key_hashes: &[Option<u64>],
         durability: Durability,
         when_full: WhenFull,
@@ -1171,7 +1171,7 @@ impl Inner {
     async fn append_memory_since(
         &self,
         targets: &Targets,
-        bodies: &mut Vec<MemoryRecord>,
+        bodies: &mut MemoryRecords,
         when_full: WhenFull,
         unix_ms: u64,
         now: &mut std::time::Instant,

@@ -488,6 +488,10 @@ impl Drop for Inner {
     }
 }
 
+/// Records of one `Memory` append: inline for one, so that a single publish allocates
+/// no list.
+pub type MemoryRecords = smallvec::SmallVec<[MemoryRecord; 1]>;
+
 /// A `Memory` message's record as the outbox is given it: `head`, then a `tail` when
 /// a large payload is kept as the application's own buffer behind a head written
 /// without it, which saves copying every such payload. The outbox treats the two
@@ -921,7 +925,7 @@ impl Outbox {
         Ok(self
             .append_memory_many(
                 &self.target_groups(targets.to_vec())?,
-                &mut vec![body.into()],
+                &mut smallvec::smallvec![body.into()],
                 when_full,
                 crate::clock::unix_ms(),
             )
@@ -938,7 +942,7 @@ impl Outbox {
     pub async fn append_memory_many(
         &self,
         targets: &TargetGroups,
-        bodies: &mut Vec<MemoryRecord>,
+        bodies: &mut MemoryRecords,
         when_full: WhenFull,
         unix_ms: u64,
     ) -> Result<Option<std::ops::Range<u64>>, OutboxError> {

@@ -944,7 +944,7 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
 
     // ...more Memory messages at once than the limit holds never fit, waiting or not...
     let targets = o.target_groups(g(&["a"])).unwrap();
-    let mut three = vec![x().into(), x().into(), x().into()];
+    let mut three: MemoryRecords = smallvec::smallvec![x().into(), x().into(), x().into()];
     let e = o
         .append_memory_many(&targets, &mut three, WhenFull::Wait, 0)
         .await
@@ -953,7 +953,7 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
     assert_eq!(three.len(), 3, "nothing of a refused append is taken");
 
     // ...and a waiting one goes in once a Memory message is settled.
-    let mut bodies = vec![x().into()];
+    let mut bodies: MemoryRecords = smallvec::smallvec![x().into()];
     let mut waiter = Box::pin(o.append_memory_many(&targets, &mut bodies, WhenFull::Wait, 0));
     assert!(futures::poll!(&mut waiter).is_pending(), "full: it waits");
     o.settle(first, "a");
@@ -982,7 +982,7 @@ async fn a_memory_record_in_two_pieces_is_kept_apart_and_read_whole() {
     let seqs = o
         .append_memory_many(
             &o.target_groups(g(&["a"])).unwrap(),
-            &mut vec![record],
+            &mut smallvec::smallvec![record],
             WhenFull::Fail,
             0,
         )
@@ -1025,7 +1025,7 @@ async fn memory_batches(o: &Outbox, n: u64, pause: Duration) -> (u64, u64) {
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
-        let mut bodies: Vec<MemoryRecord> =
+        let mut bodies: MemoryRecords =
             (0..1024).map(|_| Bytes::from_static(b"m").into()).collect();
         match o
             .append_memory_many(&targets, &mut bodies, WhenFull::Fail, 0)
