@@ -126,10 +126,12 @@ struct GroupQueue {
     /// The last pump found no link with free credit: a new message cannot be placed
     /// until an event (ack, credit, link change, timeout) pumps again.
     blocked: bool,
-    /// A link the last pump left messages with, which it was woken to take: until it
-    /// takes them, a publish only queues its messages and leaves the pump to that
-    /// take ([`Dispatcher::swap_outgoing`]), so that a run of publishes costs one pump
-    /// and one wake instead of one each.
+    /// The group's only live link, when the last pump left it messages it was woken to
+    /// take: until it takes them, a publish only queues its messages and leaves the
+    /// pump to that take ([`Dispatcher::swap_outgoing`]), so that a run of publishes
+    /// costs one pump and one wake instead of one each. Never set while the group has
+    /// several live links: a link busy writing would then hold back messages another
+    /// member could take.
     taker: Option<LinkEpoch>,
     /// Messages were queued while `taker` was set and wait for its take to pump.
     pump_due: bool,
@@ -670,6 +672,7 @@ fn pump_queue(
         Offer::Take
     });
     queue.blocked = free.iter().all(|f| *f == 0);
+    let sole_link = live.len() == 1;
     // One link lookup per member (hashing a `LinkKey` hashes three strings), not
     // one per message; members are few.
     for (target, key) in live.into_iter().enumerate() {
@@ -700,8 +703,8 @@ fn pump_queue(
         if woken {
             actions.push(Action::Wake(link.epoch));
         }
-        if !link.outgoing.is_empty() {
-            queue.taker.get_or_insert(link.epoch);
+        if sole_link && !link.outgoing.is_empty() {
+            queue.taker = Some(link.epoch);
         }
     }
 }

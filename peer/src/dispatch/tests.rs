@@ -306,70 +306,65 @@ fn publishes_before_a_take_are_pumped_by_the_take_with_one_wake() {
 }
 
 #[test]
-fn messages_left_for_a_take_go_elsewhere_when_that_link_goes_down_first() {
+fn messages_left_for_a_take_are_requeued_when_that_link_goes_down_first() {
     let now = Instant::now();
     let mut d = Dispatcher::new(Duration::from_secs(30));
-    d.on_route(now, &route("t", &[("g", &["m1", "m2"])]));
-    let (k1, k2) = (key("m1", "g"), key("m2", "g"));
-    d.on_link_up(now, &k1, d.epoch_of(&k1), 100);
-    d.on_link_up(now, &k2, d.epoch_of(&k2), 100);
-    // One key: every message goes to one member, which is woken once and then left
-    // the rest for a take that never comes.
-    let acts = d.on_publish(now, 1, "t", Some(7), &groups(&["g"]), false);
-    let [Action::Wake(woken)] = acts[..] else {
-        panic!("one wake: {acts:?}")
-    };
+    d.on_route(now, &route("t", &[("g", &["m1"])]));
+    let k = key("m1", "g");
+    let first_epoch = d.epoch_of(&k);
+    d.on_link_up(now, &k, first_epoch, 100);
+    // Message 1 goes to the link, which is woken; 2..=10 wait for its take.
+    assert_eq!(
+        d.on_publish(now, 1, "t", None, &groups(&["g"]), false),
+        vec![Action::Wake(first_epoch)]
+    );
     for seq in 2..=10 {
-        assert!(d
-            .on_publish(now, seq, "t", Some(7), &groups(&["g"]), false)
-            .is_empty());
-    }
-    let (gone, other) = if woken == d.epoch_of(&k1) {
-        (&k1, &k2)
-    } else {
-        (&k2, &k1)
-    };
-    let acts = d.on_link_down(now, gone, d.epoch_of(gone));
-    assert!(acts.contains(&Action::Wake(d.epoch_of(other))), "{acts:?}");
-    let moved: Vec<Seq> = d
-        .take_outgoing(other, d.epoch_of(other))
-        .into_iter()
-        .map(|x| x.1)
-        .collect();
-    assert_eq!(moved, (1..=10).collect::<Vec<_>>());
-    assert!(d.take_outgoing(gone, d.epoch_of(gone)).is_empty());
-    // The new taker was taken from: the next publish wakes it at once.
-    let acts = d.on_publish(now, 11, "t", Some(7), &groups(&["g"]), false);
-    assert_eq!(acts, vec![Action::Wake(d.epoch_of(other))]);
-}
-
-#[test]
-fn a_take_wakes_the_other_members_its_pump_gave_messages_to() {
-    let now = Instant::now();
-    let mut d = Dispatcher::new(Duration::from_secs(30));
-    d.on_route(now, &route("t", &[("g", &["m1", "m2"])]));
-    let (k1, k2) = (key("m1", "g"), key("m2", "g"));
-    d.on_link_up(now, &k1, d.epoch_of(&k1), 100);
-    d.on_link_up(now, &k2, d.epoch_of(&k2), 100);
-    // Unkeyed messages go to the member with the most free credit: the first to m1
-    // (a tie goes to the first), which is woken and left the rest.
-    let acts = d.on_publish(now, 1, "t", None, &groups(&["g"]), false);
-    assert_eq!(acts, vec![Action::Wake(d.epoch_of(&k1))]);
-    for seq in 2..=20 {
         assert!(d
             .on_publish(now, seq, "t", None, &groups(&["g"]), false)
             .is_empty());
     }
-    let mut first = Vec::new();
-    let acts = d.swap_outgoing(now, &k1, d.epoch_of(&k1), &mut first);
-    assert_eq!(acts, vec![Action::Wake(d.epoch_of(&k2))], "m2 got a share");
-    let second = d.take_outgoing(&k2, d.epoch_of(&k2));
-    assert_eq!(
-        (first.len(), second.len()),
-        (10, 10),
-        "shared by free credit"
+    // The take never comes: the link goes down, and a new one (a new epoch, as the
+    // link task's successor) comes up and gets all ten, in order.
+    d.on_link_down(now, &k, first_epoch);
+    assert!(d.take_outgoing(&k, first_epoch).is_empty());
+    let acts = d.on_route(now, &route("t", &[("g", &[])]));
+    assert!(acts.contains(&Action::CloseLink(first_epoch)));
+    d.on_route(now, &route("t", &[("g", &["m1"])]));
+    let second_epoch = d.epoch_of(&k);
+    assert_ne!(second_epoch, first_epoch);
+    let acts = d.on_link_up(now, &k, second_epoch, 100);
+    assert_eq!(acts, vec![Action::Wake(second_epoch)]);
+    let taken: Vec<Seq> = d
+        .take_outgoing(&k, second_epoch)
+        .into_iter()
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(taken, (1..=10).collect::<Vec<_>>());
+}
+
+#[test]
+fn with_several_live_members_every_publish_is_placed_at_once() {
+    let now = Instant::now();
+    let mut d = Dispatcher::new(Duration::from_secs(30));
+    d.on_route(now, &route("t", &[("g", &["m1", "m2"])]));
+    let (k1, k2) = (key("m1", "g"), key("m2", "g"));
+    d.on_link_up(now, &k1, d.epoch_of(&k1), 100);
+    d.on_link_up(now, &k2, d.epoch_of(&k2), 100);
+    // Unkeyed messages go to the member with the most free credit (a tie to the
+    // first). m1 is busy writing message 1 (woken, not taken): message 2 goes to m2
+    // at once instead of waiting for m1's take.
+    let acts = d.on_publish(now, 1, "t", None, &groups(&["g"]), false);
+    assert_eq!(acts, vec![Action::Wake(d.epoch_of(&k1))]);
+    let acts = d.on_publish(now, 2, "t", None, &groups(&["g"]), false);
+    assert_eq!(acts, vec![Action::Wake(d.epoch_of(&k2))]);
+    for seq in 3..=20 {
+        d.on_publish(now, seq, "t", None, &groups(&["g"]), false);
+    }
+    let backlog = d.backlog();
+    assert_eq!((backlog[0].waiting, backlog[0].in_flight), (0, 20));
+    let (a, b) = (
+        d.take_outgoing(&k1, d.epoch_of(&k1)),
+        d.take_outgoing(&k2, d.epoch_of(&k2)),
     );
-    let mut all: Vec<Seq> = first.iter().chain(&second).map(|x| x.1).collect();
-    all.sort_unstable();
-    assert_eq!(all, (1..=20).collect::<Vec<_>>());
+    assert_eq!((a.len(), b.len()), (10, 10), "shared by free credit");
 }
