@@ -855,7 +855,9 @@ impl Inner {
         }
         self.members.learn(&route);
         let actions = self.core().on_route(crate::clock::now(), &route);
-        lock(&self.targets).insert(route.topic.clone(), self.targets_of(&route));
+        // Computed before the cache's lock is taken: it takes the outbox's.
+        let targets = self.targets_of(&route);
+        lock(&self.targets).insert(route.topic.clone(), targets);
         let topic = route.topic.clone();
         lock(&self.routes).insert(topic.clone(), route);
         // The cache answers from now on: a lookup still listed (its callers gone before
@@ -1194,6 +1196,7 @@ impl Inner {
         Ok(appended?)
     }
 
+    /// The target groups of `route`'s topic, checked and registered with the outbox.
     fn targets_of(&self, route: &Route) -> Arc<Targets> {
         let groups: Arc<[String]> = route.groups.iter().map(|g| g.group.clone()).collect();
         let checked = self.outbox.target_groups(groups.clone()).ok();
