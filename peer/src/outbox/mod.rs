@@ -148,13 +148,6 @@ pub struct TargetGroups {
     ids: state::GroupSet,
 }
 
-impl TargetGroups {
-    /// The groups' names, sorted, without duplicates.
-    pub fn names(&self) -> &Arc<[String]> {
-        &self.names
-    }
-}
-
 /// Quota reserved for an append not yet handed to the writer.
 struct QuotaGuard<'a> {
     shared: &'a Shared,
@@ -862,8 +855,9 @@ impl Outbox {
     }
 
     /// `targets` checked (as every append checks them), deduplicated and registered,
-    /// for [`append_memory_many`](Self::append_memory_many): a caller that appends to
-    /// the same groups many times (a topic's route) does this once, not per append.
+    /// for [`append_memory_many`](Self::append_memory_many) and
+    /// [`try_submit`](Self::try_submit): a caller that appends to the same groups many
+    /// times (a topic's route) does this once, not per append.
     pub fn target_groups(
         &self,
         targets: impl Into<Arc<[String]>>,
