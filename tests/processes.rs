@@ -3,6 +3,7 @@
 
 use futures::StreamExt;
 use std::collections::HashSet;
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,28 +56,45 @@ async fn directory_subscribers_and_publisher_as_processes_with_a_subscriber_kill
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Orders go in through the publisher's standard input, one at a time until the
+    // holder has some: with all of them at once, a publisher whose link to the holder
+    // came up a few milliseconds after the worker's could hand every order to the
+    // worker first (a run under CI load did), and the kill below would test nothing.
     let mut publisher = ChildProcess::spawn(
-        &mut weft(
+        weft(
             root.path(),
             &addr,
             "publisher",
             &[
                 "pub",
                 "orders",
-                "order-{{n}}",
-                "--count",
-                &N.to_string(),
                 "--concurrency",
                 "32",
                 "--drain-timeout-s",
                 "90",
             ],
-        ),
+        )
+        .stdin(Stdio::piped()),
         Stdio::inherit(),
     );
+    let mut orders = publisher.child.stdin.take().expect("piped stdin");
+    let mut fed = 0;
+    while fed < N {
+        writeln!(orders, "order-{fed}").expect("feed the publisher");
+        orders.flush().expect("feed the publisher");
+        fed += 1;
+        if eventually(Duration::from_millis(50), || !holder.lines().is_empty()).await {
+            break;
+        }
+    }
+    for n in fed..N {
+        writeln!(orders, "order-{n}").expect("feed the publisher");
+    }
+    // End of input: the publisher drains and exits.
+    drop(orders);
     assert!(
         eventually(Duration::from_secs(30), || !holder.lines().is_empty()).await,
-        "the holder receives some orders"
+        "the holder receives some orders (fed {fed} one at a time)"
     );
     // Kill the member holding unacknowledged deliveries.
     let mut holder = holder;
