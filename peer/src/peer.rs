@@ -992,15 +992,9 @@ impl Inner {
         }
         // Boxed: the writer path's state would otherwise make every publish future,
         // fast path included, several times larger to create and move.
-        let seqs = Box::pin(self.store(
-            topic,
-            &targets.groups,
-            bodies,
-            &[key_hash],
-            durability,
-            when_full,
-        ))
-        .await?;
+        let seqs =
+            Box::pin(self.store(topic, &targets, bodies, &[key_hash], durability, when_full))
+                .await?;
         Ok(self.receipt(seqs.start, &targets.groups))
     }
 
@@ -1054,15 +1048,9 @@ impl Inner {
                 return Ok(seqs.map(|seq| self.receipt(seq, &targets.groups)).collect());
             }
         }
-        let seqs = Box::pin(self.store(
-            topic,
-            &targets.groups,
-            bodies,
-            &key_hashes,
-            durability,
-            when_full,
-        ))
-        .await?;
+        let seqs =
+            Box::pin(self.store(topic, &targets, bodies, &key_hashes, durability, when_full))
+                .await?;
         Ok(seqs.map(|seq| self.receipt(seq, &targets.groups)).collect())
     }
 
@@ -1081,7 +1069,7 @@ impl Inner {
     async fn store(
         self: &Arc<Self>,
         topic: &str,
-        targets: &Arc<[String]>,
+        targets: &Targets,
         bodies: MemoryRecords,
         key_hashes: &[Option<u64>],
         durability: Durability,
@@ -1097,10 +1085,11 @@ impl Inner {
             Durability::Memory => outbox::Durability::Memory,
             Durability::Disk | Durability::Confirmed => outbox::Durability::Disk,
         };
+        let checked = self.checked(targets)?;
         let ticket = self
             .outbox
             .submit_batch(
-                targets.clone(),
+                &checked,
                 bodies,
                 stored_durability,
                 outbox_when_full(when_full),
@@ -1111,7 +1100,7 @@ impl Inner {
                 ticket,
                 topic,
                 key_hashes,
-                targets,
+                &targets.groups,
                 durability == Durability::Confirmed,
             )
             .await?;
@@ -1178,11 +1167,7 @@ impl Inner {
         unix_ms: u64,
         now: &mut std::time::Instant,
     ) -> Result<Option<std::ops::Range<Seq>>> {
-        let checked = match &targets.checked {
-            Some(checked) => std::borrow::Cow::Borrowed(checked),
-            // Groups the outbox refused: checked again, for the error.
-            None => std::borrow::Cow::Owned(self.outbox.target_groups(targets.groups.clone())?),
-        };
+        let checked = self.checked(targets)?;
         let (appended, waited) = ready_or_waited(self.outbox.append_memory_many(
             &checked,
             bodies,
@@ -1194,6 +1179,18 @@ impl Inner {
             *now = crate::clock::now();
         }
         Ok(appended?)
+    }
+
+    /// `targets` as the outbox registered them, or the error it refused them with.
+    fn checked<'t>(
+        &self,
+        targets: &'t Targets,
+    ) -> Result<std::borrow::Cow<'t, outbox::TargetGroups>> {
+        Ok(match &targets.checked {
+            Some(checked) => std::borrow::Cow::Borrowed(checked),
+            // Refused when the route came: checked again, for the error.
+            None => std::borrow::Cow::Owned(self.outbox.target_groups(targets.groups.clone())?),
+        })
     }
 
     /// The target groups of `route`'s topic, checked and registered with the outbox.

@@ -273,13 +273,26 @@ fn link_keys_are_equal_and_hash_alike_exactly_when_their_names_are() {
     assert_ne!(a, LinkKey::new("g", "t", "m"));
 }
 
-#[test]
-fn publishes_before_a_take_are_pumped_by_the_take_with_one_wake() {
+/// A dispatcher whose route of `t` has one group `g` of one member `m1`, its link up
+/// with a window of 100.
+fn one_member_up() -> (Instant, Dispatcher, LinkKey) {
     let now = Instant::now();
     let mut d = Dispatcher::new(Duration::from_secs(30));
     d.on_route(now, &route("t", &[("g", &["m1"])]));
     let k = key("m1", "g");
     d.on_link_up(now, &k, d.epoch_of(&k), 100);
+    (now, d, k)
+}
+
+/// The sequence numbers the current link of `k` takes.
+fn taken(d: &mut Dispatcher, k: &LinkKey) -> Vec<Seq> {
+    let epoch = d.epoch_of(k);
+    d.take_outgoing(k, epoch).into_iter().map(|x| x.1).collect()
+}
+
+#[test]
+fn publishes_before_a_take_are_pumped_by_the_take_with_one_wake() {
+    let (now, mut d, k) = one_member_up();
     let first = d.on_publish(now, 1, "t", None, &groups(&["g"]), false);
     assert_eq!(first, vec![Action::Wake(d.epoch_of(&k))]);
     for seq in 2..=50 {
@@ -292,12 +305,7 @@ fn publishes_before_a_take_are_pumped_by_the_take_with_one_wake() {
         (49, 1),
         "one pump so far"
     );
-    let taken: Vec<Seq> = d
-        .take_outgoing(&k, d.epoch_of(&k))
-        .into_iter()
-        .map(|x| x.1)
-        .collect();
-    assert_eq!(taken, (1..=50).collect::<Vec<_>>());
+    assert_eq!(taken(&mut d, &k), (1..=50).collect::<Vec<_>>());
     // Taken: the next publish pumps (and wakes) at once again.
     let acts = d.on_publish(now, 51, "t", None, &groups(&["g"]), false);
     assert_eq!(acts, vec![Action::Wake(d.epoch_of(&k))]);
@@ -307,12 +315,8 @@ fn publishes_before_a_take_are_pumped_by_the_take_with_one_wake() {
 
 #[test]
 fn messages_left_for_a_take_are_requeued_when_that_link_goes_down_first() {
-    let now = Instant::now();
-    let mut d = Dispatcher::new(Duration::from_secs(30));
-    d.on_route(now, &route("t", &[("g", &["m1"])]));
-    let k = key("m1", "g");
+    let (now, mut d, k) = one_member_up();
     let first_epoch = d.epoch_of(&k);
-    d.on_link_up(now, &k, first_epoch, 100);
     // Message 1 goes to the link, which is woken; 2..=10 wait for its take.
     assert_eq!(
         d.on_publish(now, 1, "t", None, &groups(&["g"]), false),
@@ -334,12 +338,7 @@ fn messages_left_for_a_take_are_requeued_when_that_link_goes_down_first() {
     assert_ne!(second_epoch, first_epoch);
     let acts = d.on_link_up(now, &k, second_epoch, 100);
     assert_eq!(acts, vec![Action::Wake(second_epoch)]);
-    let taken: Vec<Seq> = d
-        .take_outgoing(&k, second_epoch)
-        .into_iter()
-        .map(|x| x.1)
-        .collect();
-    assert_eq!(taken, (1..=10).collect::<Vec<_>>());
+    assert_eq!(taken(&mut d, &k), (1..=10).collect::<Vec<_>>());
 }
 
 #[test]

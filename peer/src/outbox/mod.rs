@@ -793,18 +793,24 @@ impl Outbox {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<AppendTicket, OutboxError> {
-        self.submit_batch(targets, vec![body], durability, when_full)
-            .await
+        self.submit_batch(
+            &self.target_groups(targets)?,
+            vec![body],
+            durability,
+            when_full,
+        )
+        .await
     }
 
     /// [`submit`](Self::submit) for several messages to the same targets: they get
     /// consecutive sequence numbers, are stored in one group commit and answered
     /// together. The quota is reserved for all of them at once (waiting or failing as
     /// `when_full` says); a batch larger than the whole quota fails with
-    /// [`OutboxError::Full`] at once.
+    /// [`OutboxError::Full`] at once. `targets` come from
+    /// [`target_groups`](Self::target_groups).
     pub async fn submit_batch(
         &self,
-        targets: impl Into<Arc<[String]>>,
+        targets: &TargetGroups,
         bodies: Vec<Bytes>,
         durability: Durability,
         when_full: WhenFull,
@@ -814,7 +820,6 @@ impl Outbox {
         for body in &bodies {
             size += check_body(&shared.cfg, body.len())?;
         }
-        let targets = self.target_groups(targets)?;
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
         let mut quota = None;
         let messages = bodies.len() as u64;
@@ -841,7 +846,7 @@ impl Outbox {
             }
         };
         permit.send(Req::Append(writer::Append {
-            targets,
+            targets: targets.clone(),
             bodies: bodies.into(),
             durability,
             reply,

@@ -839,7 +839,12 @@ async fn a_batch_gets_consecutive_seqs_one_commit_and_survives_reopen() {
     let commits = o.stats().commits;
     let bodies: Vec<Bytes> = (0..100).map(|i| Bytes::from(format!("m{i}"))).collect();
     let seqs = o
-        .submit_batch(g(&["a", "b"]), bodies, Durability::Disk, WhenFull::Fail)
+        .submit_batch(
+            &o.target_groups(g(&["a", "b"])).unwrap(),
+            bodies,
+            Durability::Disk,
+            WhenFull::Fail,
+        )
         .await
         .unwrap()
         .wait()
@@ -866,15 +871,25 @@ async fn a_batch_reserves_quota_for_all_or_none() {
     c.max_messages = 10;
     let (o, _) = Outbox::open(c).await.unwrap();
     let batch = |n: usize| (0..n).map(|_| Bytes::from_static(b"x")).collect::<Vec<_>>();
-    o.submit_batch(g(&["a"]), batch(8), Durability::Memory, WhenFull::Fail)
-        .await
-        .unwrap()
-        .wait()
-        .await
-        .unwrap();
+    o.submit_batch(
+        &o.target_groups(g(&["a"])).unwrap(),
+        batch(8),
+        Durability::Memory,
+        WhenFull::Fail,
+    )
+    .await
+    .unwrap()
+    .wait()
+    .await
+    .unwrap();
     // 3 more do not fit: nothing of the batch is stored.
     let e = o
-        .submit_batch(g(&["a"]), batch(3), Durability::Memory, WhenFull::Fail)
+        .submit_batch(
+            &o.target_groups(g(&["a"])).unwrap(),
+            batch(3),
+            Durability::Memory,
+            WhenFull::Fail,
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, OutboxError::Full { .. }), "{e:?}");
@@ -882,7 +897,12 @@ async fn a_batch_reserves_quota_for_all_or_none() {
     // A batch larger than the whole quota fails even when the caller would wait, and
     // says that waiting cannot help.
     let e = o
-        .submit_batch(g(&["a"]), batch(11), Durability::Memory, WhenFull::Wait)
+        .submit_batch(
+            &o.target_groups(g(&["a"])).unwrap(),
+            batch(11),
+            Durability::Memory,
+            WhenFull::Wait,
+        )
         .await
         .unwrap_err();
     assert_never_fits(&e, (11, 10, false), "can never fit the outbox quota");
@@ -890,7 +910,12 @@ async fn a_batch_reserves_quota_for_all_or_none() {
     let mut bodies = batch(1);
     bodies.push(Bytes::from(vec![0u8; record::MAX_BODY + 1]));
     let e = o
-        .submit_batch(g(&["a"]), bodies, Durability::Disk, WhenFull::Fail)
+        .submit_batch(
+            &o.target_groups(g(&["a"])).unwrap(),
+            bodies,
+            Durability::Disk,
+            WhenFull::Fail,
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, OutboxError::TooLarge { .. }), "{e:?}");
