@@ -128,7 +128,13 @@ impl FrameWriter {
                 29 + m.fields.len() + m.payload.len() * usize::from(m.payload.len() < ZERO_COPY_MIN)
             })
             .sum();
-        self.buf.reserve(LENGTH_PREFIX + 32 + group.len() + copied);
+        let needed = LENGTH_PREFIX + 32 + group.len() + copied;
+        if !self.buf.is_empty() && self.buf.capacity() - self.buf.len() < needed {
+            // Growing a buffer that holds queued frames copies them (a tenth of a
+            // batched run's copying): queue them as a chunk and start a new one.
+            self.chunks.push(self.buf.split().freeze());
+        }
+        self.buf.reserve(needed);
         encode_deliver_head(
             group,
             first_link_seq,
