@@ -219,8 +219,8 @@ const SCAN_LIMIT: usize = 65_536;
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     ack_timeout: Duration,
-    /// Queues by topic, then group (nested so that lookups by `&str` allocate nothing).
-    groups: GroupQueues,
+    /// Queues by topic and group, and by [`QueueId`].
+    queues: Queues,
     links: FxHashMap<LinkKey, Link>,
     next_epoch: LinkEpoch,
     confirm: SeqMap<usize>,
@@ -230,7 +230,7 @@ impl Dispatcher {
     pub(crate) fn new(ack_timeout: Duration) -> Self {
         Self {
             ack_timeout,
-            groups: GroupQueues::default(),
+            queues: Queues::default(),
             links: FxHashMap::default(),
             next_epoch: 1,
             confirm: SeqMap::default(),
@@ -261,19 +261,47 @@ impl Dispatcher {
         targets: &[String],
         confirm: bool,
     ) -> Vec<Action> {
+        let queues: SmallVec<[QueueId; 4]> = self.queue_ids(topic, targets).collect();
+        self.on_publish_queued(now, first, key_hashes, &queues, confirm)
+    }
+
+    /// The ids of the queues of `topic`'s `groups` (created if missing), for
+    /// [`on_publish_queued`](Self::on_publish_queued).
+    pub(crate) fn queue_ids<'a>(
+        &'a mut self,
+        topic: &'a str,
+        groups: &'a [String],
+    ) -> impl Iterator<Item = QueueId> + 'a {
+        groups.iter().map(move |group| self.queues.id(topic, group))
+    }
+
+    /// [`on_publish_many`](Self::on_publish_many) with the target groups' queues named
+    /// by the ids [`queue_ids`](Self::queue_ids) gave: a publish hashes no topic or
+    /// group name.
+    pub(crate) fn on_publish_queued(
+        &mut self,
+        now: Instant,
+        first: Seq,
+        key_hashes: &[Option<u64>],
+        queues: &[QueueId],
+        confirm: bool,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
         let seqs = first..first + key_hashes.len() as u64;
         if confirm {
             for seq in seqs {
-                if targets.is_empty() {
+                if queues.is_empty() {
                     actions.push(Action::Confirmed(seq));
                 } else {
-                    self.confirm.insert(seq, targets.len());
+                    self.confirm.insert(seq, queues.len());
                 }
             }
         }
-        for group in targets {
-            let queue = queue_entry(&mut self.groups, topic, group);
+        for &id in queues {
+            let Some(queue) = self.queues.by_id(id) else {
+                // Ids come from this dispatcher, whose queues are never removed.
+                continue;
+            };
             let run = key_hashes.iter().enumerate().map(|(i, &key_hash)| {
                 let entry = Entry {
                     key_hash,
@@ -306,10 +334,8 @@ impl Dispatcher {
         }
         // Groups that left the route keep their waiting messages, with no members.
         let gone: Vec<String> = self
-            .groups
-            .get(topic)
-            .into_iter()
-            .flat_map(|groups| groups.keys())
+            .queues
+            .groups_of(topic)
             .filter(|g| !listed.contains(&g.as_str()))
             .cloned()
             .collect();
@@ -329,7 +355,10 @@ impl Dispatcher {
     ) {
         members.sort();
         members.dedup();
-        let queue = queue_entry(&mut self.groups, topic, group);
+        let id = self.queues.id(topic, group);
+        let Some(queue) = self.queues.by_id(id) else {
+            return;
+        };
         queue.links = members
             .iter()
             .map(|member| LinkKey::new(member, topic, group))
@@ -486,7 +515,7 @@ impl Dispatcher {
         if self.link_mut(key, epoch).is_none() {
             return actions;
         }
-        let Some(queue) = queue_in(&mut self.groups, key.topic(), key.group()) else {
+        let Some(queue) = self.queues.get_mut(key.topic(), key.group()) else {
             // No queue: nothing was ever assigned to the link.
             return actions;
         };
@@ -518,9 +547,8 @@ impl Dispatcher {
     /// Waiting and in-flight counts per group.
     pub(crate) fn backlog(&self) -> Vec<GroupBacklog> {
         let mut out: Vec<GroupBacklog> = self
-            .groups
+            .queues
             .iter()
-            .flat_map(|(topic, groups)| groups.iter().map(move |(group, q)| (topic, group, q)))
             .map(|(topic, group, q)| GroupBacklog {
                 topic: topic.clone(),
                 group: group.clone(),
@@ -576,42 +604,77 @@ impl Dispatcher {
     }
 
     fn queue_mut(&mut self, topic: &str, group: &str) -> Option<&mut GroupQueue> {
-        queue_in(&mut self.groups, topic, group)
+        self.queues.get_mut(topic, group)
     }
 
     /// Assigns waiting messages of one group to its links, within their credit.
     fn pump(&mut self, now: Instant, topic: &str, group: &str, actions: &mut Vec<Action>) {
-        if let Some(queue) = queue_in(&mut self.groups, topic, group) {
+        if let Some(queue) = self.queues.get_mut(topic, group) {
             pump_queue(now, queue, &mut self.links, actions);
         }
     }
 }
 
-/// Queues by topic, then group. `hashbrown`'s maps for `entry_ref`: a publish finds (or
-/// creates) its queue with one lookup per level; with `std`'s, two (`contains_key`,
-/// then `get_mut`), and the four string hashes were 4 % of a single-publish run.
-type GroupQueues = hashbrown::HashMap<String, TopicQueues, FxBuildHasher>;
-type TopicQueues = hashbrown::HashMap<String, GroupQueue, FxBuildHasher>;
+/// Names one group's queue of one topic for the dispatcher's life (queues are never
+/// removed), so that a publish carrying the ids of its topic's queues finds them without
+/// hashing names: the two string lookups were ~190 instructions of a single publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QueueId(u32);
 
-/// The queue of (`topic`, `group`), if any. (A function of the map, not of the
-/// dispatcher, so that the links can be borrowed beside it.)
-fn queue_in<'a>(
-    groups: &'a mut GroupQueues,
-    topic: &str,
-    group: &str,
-) -> Option<&'a mut GroupQueue> {
-    groups
-        .get_mut(topic)
-        .and_then(|groups| groups.get_mut(group))
+/// The group queues: by id, and by topic then group. `hashbrown`'s maps for
+/// `entry_ref`: a name lookup finds (or creates) its queue with one probe per level.
+#[derive(Debug, Default)]
+struct Queues {
+    by_name: hashbrown::HashMap<
+        String,
+        hashbrown::HashMap<String, QueueId, FxBuildHasher>,
+        FxBuildHasher,
+    >,
+    all: Vec<GroupQueue>,
 }
 
-/// The queue of (`topic`, `group`), created if missing.
-fn queue_entry<'a>(groups: &'a mut GroupQueues, topic: &str, group: &str) -> &'a mut GroupQueue {
-    groups
-        .entry_ref(topic)
-        .or_default()
-        .entry_ref(group)
-        .or_default()
+impl Queues {
+    /// The id of the queue of (`topic`, `group`), created if missing.
+    fn id(&mut self, topic: &str, group: &str) -> QueueId {
+        let next = QueueId(self.all.len() as u32);
+        let id = *self
+            .by_name
+            .entry_ref(topic)
+            .or_default()
+            .entry_ref(group)
+            .or_insert(next);
+        if id == next {
+            self.all.push(GroupQueue::default());
+        }
+        id
+    }
+
+    fn by_id(&mut self, id: QueueId) -> Option<&mut GroupQueue> {
+        self.all.get_mut(id.0 as usize)
+    }
+
+    /// The queue of (`topic`, `group`), if any.
+    fn get_mut(&mut self, topic: &str, group: &str) -> Option<&mut GroupQueue> {
+        let id = *self.by_name.get(topic)?.get(group)?;
+        self.by_id(id)
+    }
+
+    /// The groups with a queue for `topic`.
+    fn groups_of<'a>(&'a self, topic: &str) -> impl Iterator<Item = &'a String> + 'a {
+        self.by_name
+            .get(topic)
+            .into_iter()
+            .flat_map(|groups| groups.keys())
+    }
+
+    /// Every queue with its topic and group.
+    fn iter(&self) -> impl Iterator<Item = (&String, &String, &GroupQueue)> + '_ {
+        self.by_name.iter().flat_map(move |(topic, groups)| {
+            groups
+                .iter()
+                .filter_map(move |(group, id)| Some((topic, group, self.all.get(id.0 as usize)?)))
+        })
+    }
 }
 
 /// [`Dispatcher::pump`] on a queue already looked up.

@@ -2,7 +2,7 @@
 
 use crate::clock::WallClock;
 use crate::directory_client::{ClientSettings, DirectoryClient, Freshness};
-use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkEpoch, Seq};
+use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkEpoch, QueueId, Seq};
 use crate::error::{Error, ErrorKind, Result};
 use crate::link::{self, LinkControl};
 use crate::members::Members;
@@ -971,7 +971,7 @@ impl Inner {
             {
                 Ok(ticket) => {
                     let (seqs, _) = self
-                        .stored_then_dispatched(ticket, topic, &[key_hash], &targets.groups, false)
+                        .stored_then_dispatched(ticket, &[key_hash], &targets, false)
                         .await?;
                     return Ok(self.receipt(seqs.start, &targets.groups));
                 }
@@ -986,15 +986,14 @@ impl Inner {
                 .append_memory_since(&targets, &mut bodies, when_full, unix_ms, &mut now)
                 .await?;
             if let Some(seqs) = appended {
-                self.hand_off(now, seqs.start, topic, &[key_hash], &targets.groups, false);
+                self.hand_off(now, seqs.start, &[key_hash], &targets, false);
                 return Ok(self.receipt(seqs.start, &targets.groups));
             }
         }
         // Boxed: the writer path's state would otherwise make every publish future,
         // fast path included, several times larger to create and move.
         let seqs =
-            Box::pin(self.store(topic, &targets, bodies, &[key_hash], durability, when_full))
-                .await?;
+            Box::pin(self.store(&targets, bodies, &[key_hash], durability, when_full)).await?;
         Ok(self.receipt(seqs.start, &targets.groups))
     }
 
@@ -1044,13 +1043,12 @@ impl Inner {
                 .append_memory_since(&targets, &mut bodies, when_full, unix_ms, &mut now)
                 .await?;
             if let Some(seqs) = appended {
-                self.hand_off(now, seqs.start, topic, &key_hashes, &targets.groups, false);
+                self.hand_off(now, seqs.start, &key_hashes, &targets, false);
                 return Ok(seqs.map(|seq| self.receipt(seq, &targets.groups)).collect());
             }
         }
         let seqs =
-            Box::pin(self.store(topic, &targets, bodies, &key_hashes, durability, when_full))
-                .await?;
+            Box::pin(self.store(&targets, bodies, &key_hashes, durability, when_full)).await?;
         Ok(seqs.map(|seq| self.receipt(seq, &targets.groups)).collect())
     }
 
@@ -1068,8 +1066,7 @@ impl Inner {
     /// dispatcher, and for `Confirmed` waits until every target group acknowledged them.
     async fn store(
         self: &Arc<Self>,
-        topic: &str,
-        targets: &Targets,
+        targets: &Arc<Targets>,
         bodies: MemoryRecords,
         key_hashes: &[Option<u64>],
         durability: Durability,
@@ -1098,9 +1095,8 @@ impl Inner {
         let (seqs, waiters) = self
             .stored_then_dispatched(
                 ticket,
-                topic,
                 key_hashes,
-                &targets.groups,
+                targets,
                 durability == Durability::Confirmed,
             )
             .await?;
@@ -1124,15 +1120,13 @@ impl Inner {
     async fn stored_then_dispatched(
         self: &Arc<Self>,
         ticket: outbox::AppendTicket,
-        topic: &str,
         key_hashes: &[Option<u64>],
-        targets: &Arc<[String]>,
+        targets: &Arc<Targets>,
         confirmed: bool,
     ) -> Result<(std::ops::Range<Seq>, Vec<oneshot::Receiver<()>>)> {
         let mut pending = PendingAppend {
             inner: self.clone(),
             ticket: Some(ticket),
-            topic,
             key_hashes,
             targets: targets.clone(),
         };
@@ -1197,7 +1191,12 @@ impl Inner {
     fn targets_of(&self, route: &Route) -> Arc<Targets> {
         let groups: Arc<[String]> = route.groups.iter().map(|g| g.group.clone()).collect();
         let checked = self.outbox.target_groups(groups.clone()).ok();
-        Arc::new(Targets { groups, checked })
+        let queues = self.core().queue_ids(&route.topic, &groups).collect();
+        Arc::new(Targets {
+            groups,
+            checked,
+            queues,
+        })
     }
 
     /// Gives stored messages `first..` (one per key hash) to the dispatcher; with
@@ -1207,9 +1206,8 @@ impl Inner {
         self: &Arc<Self>,
         now: std::time::Instant,
         first: Seq,
-        topic: &str,
         key_hashes: &[Option<u64>],
-        targets: &[String],
+        targets: &Targets,
         confirmed: bool,
     ) -> Vec<oneshot::Receiver<()>> {
         let mut waiters = Vec::new();
@@ -1221,9 +1219,9 @@ impl Inner {
                 waiters.push(rx);
             }
         }
-        let actions = self
-            .core()
-            .on_publish_many(now, first, topic, key_hashes, targets, confirmed);
+        let actions =
+            self.core()
+                .on_publish_queued(now, first, key_hashes, &targets.queues, confirmed);
         self.execute(actions);
         waiters
     }
@@ -1309,9 +1307,8 @@ struct PendingAppend<'a> {
     inner: Arc<Inner>,
     ticket: Option<outbox::AppendTicket>,
     /// Borrowed from the publish: copied only if the caller stops waiting.
-    topic: &'a str,
     key_hashes: &'a [Option<u64>],
-    targets: Arc<[String]>,
+    targets: Arc<Targets>,
 }
 
 impl PendingAppend<'_> {
@@ -1330,7 +1327,6 @@ impl PendingAppend<'_> {
         self.inner.hand_off(
             crate::clock::now(),
             first,
-            self.topic,
             self.key_hashes,
             &self.targets,
             confirmed,
@@ -1344,7 +1340,6 @@ impl Drop for PendingAppend<'_> {
             return;
         };
         let inner = self.inner.clone();
-        let topic = self.topic.to_string();
         let key_hashes = self.key_hashes.to_vec();
         let targets = self.targets.clone();
         let runtime = inner.runtime.clone();
@@ -1353,7 +1348,6 @@ impl Drop for PendingAppend<'_> {
                 inner.hand_off(
                     crate::clock::now(),
                     seqs.start,
-                    &topic,
                     &key_hashes,
                     &targets,
                     false,
@@ -1482,6 +1476,8 @@ struct Targets {
     /// Checked and registered with the outbox once per route, not per publish (`None`
     /// if the outbox refused them).
     checked: Option<outbox::TargetGroups>,
+    /// The dispatcher's queues of these groups.
+    queues: smallvec::SmallVec<[QueueId; 2]>,
 }
 
 async fn tick_loop(inner: std::sync::Weak<Inner>) {

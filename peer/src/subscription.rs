@@ -166,9 +166,22 @@ impl SubShared {
     /// stream's too) rather than cloned out of it: a reference count taken and dropped
     /// per single ack.
     fn ack_many(&self, ids: &[MessageId]) {
-        // Inline for a single ack (the common case): no allocation.
-        let mut places: SmallVec<[(LinkId, u64); 4]> = SmallVec::with_capacity(ids.len());
         let mut state = lock(&self.state);
+        if let [id] = ids {
+            // A single ack (`Delivery::ack`, the common case): its places directly, not
+            // gathered into runs first.
+            state.dedup.record(*id);
+            state.dirty = true;
+            if let Some(progress) = state.in_progress.remove(id) {
+                for (link, link_seq) in progress.places {
+                    if let Some(link) = state.links.get(&link) {
+                        link.done_all([link_seq]);
+                    }
+                }
+            }
+            return;
+        }
+        let mut places: SmallVec<[(LinkId, u64); 4]> = SmallVec::with_capacity(ids.len());
         for &id in ids {
             state.dedup.record(id);
             if let Some(progress) = state.in_progress.remove(&id) {

@@ -367,3 +367,31 @@ fn with_several_live_members_every_publish_is_placed_at_once() {
     );
     assert_eq!((a.len(), b.len()), (10, 10), "shared by free credit");
 }
+
+#[test]
+fn queue_ids_name_one_queue_per_topic_and_group_for_good() {
+    let now = Instant::now();
+    let mut d = Dispatcher::new(Duration::from_secs(30));
+    let ab: Vec<QueueId> = d.queue_ids("t", &groups(&["a", "b"])).collect();
+    assert_ne!(ab[0], ab[1]);
+    let other: Vec<QueueId> = d.queue_ids("u", &groups(&["a"])).collect();
+    assert!(!ab.contains(&other[0]), "another topic's group a");
+    // The route comes after the ids were taken: they still name its queues.
+    d.on_route(now, &route("t", &[("a", &["m1"]), ("b", &["m2"])]));
+    let again: Vec<QueueId> = d.queue_ids("t", &groups(&["b", "a"])).collect();
+    assert_eq!(again, vec![ab[1], ab[0]]);
+    for k in [key("m1", "a"), key("m2", "b")] {
+        d.on_link_up(now, &k, d.epoch_of(&k), 10);
+    }
+    d.on_publish_queued(now, 1, &[None], &ab[..1], false);
+    d.on_publish_queued(now, 2, &[None, None], &ab, false);
+    let taken = |d: &mut Dispatcher, k: &LinkKey| -> Vec<Seq> {
+        d.take_outgoing(k, d.epoch_of(k))
+            .into_iter()
+            .map(|x| x.1)
+            .collect()
+    };
+    assert_eq!(taken(&mut d, &key("m1", "a")), vec![1, 2, 3]);
+    assert_eq!(taken(&mut d, &key("m2", "b")), vec![2, 3]);
+    assert_eq!(d.backlog().len(), 3, "t/a, t/b and u/a");
+}
