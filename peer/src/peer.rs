@@ -959,16 +959,24 @@ impl Inner {
         let mut now = crate::clock::now();
         let unix_ms = self.wall.unix_ms(now);
         let (mut record, tail, key_hash) = self.encode_one(topic, message, durability, unix_ms)?;
-        let targets = self.targets_since(topic, &mut now).await?;
+        // Each slow path below is boxed: every publish creates and moves its future
+        // (an application's `FuturesUnordered` copies it three times), so it holds
+        // only what the fast paths need.
+        let targets = match self.cached_targets(topic) {
+            Some(targets) => targets,
+            None => Box::pin(self.targets_since(topic, &mut now)).await?,
+        };
         // Disk records are whole (`separate_payload`), so the record is all there is.
         let whole_disk_record = durability == Durability::Disk && tail.is_none();
         if let (true, Some(checked)) = (whole_disk_record, &targets.checked) {
             // Fast path: a free writer slot and room in the quota, taken without the
             // boxed writer path's future and lists.
-            match self
+            // Bound first: a `match` scrutinee's temporaries would live across the
+            // arm's await, in the publish future.
+            let submitted = self
                 .outbox
-                .try_submit(checked, record, outbox::Durability::Disk)?
-            {
+                .try_submit(checked, record, outbox::Durability::Disk)?;
+            match submitted {
                 Ok(ticket) => {
                     let (seqs, _) = self
                         .stored_then_dispatched(ticket, &[key_hash], &targets, false)
@@ -982,9 +990,26 @@ impl Inner {
         if durability == Durability::Memory {
             // Fast path: no writer round trip and no await between storing the message
             // and handing it to the dispatcher.
-            let appended = self
-                .append_memory_since(&targets, &mut bodies, when_full, unix_ms, &mut now)
-                .await?;
+            let checked = self.checked(&targets)?;
+            let attempt = self.outbox.try_append_memory_many(
+                &checked,
+                &mut bodies,
+                outbox_when_full(when_full),
+                unix_ms,
+            )?;
+            let appended = match attempt {
+                outbox::MemoryAppend::Done(appended) => appended,
+                outbox::MemoryAppend::Full(_) => {
+                    Box::pin(self.append_memory_since(
+                        &targets,
+                        &mut bodies,
+                        when_full,
+                        unix_ms,
+                        &mut now,
+                    ))
+                    .await?
+                }
+            };
             if let Some(seqs) = appended {
                 self.hand_off(now, seqs.start, &[key_hash], &targets, false);
                 return Ok(self.receipt(seqs.start, &targets.groups));
@@ -1135,6 +1160,11 @@ impl Inner {
         Ok((seqs, waiters))
     }
 
+    /// The target groups of `topic` if the route cache has them.
+    fn cached_targets(&self, topic: &str) -> Option<Arc<Targets>> {
+        lock(&self.targets).get(topic).cloned()
+    }
+
     /// The target groups of `topic`, from the route cache or the directory; `now` is
     /// read again if they had to be looked up.
     async fn targets_since(
@@ -1142,8 +1172,8 @@ impl Inner {
         topic: &str,
         now: &mut std::time::Instant,
     ) -> Result<Arc<Targets>> {
-        if let Some(targets) = lock(&self.targets).get(topic) {
-            return Ok(targets.clone());
+        if let Some(targets) = self.cached_targets(topic) {
+            return Ok(targets);
         }
         // Boxed, as the writer path in `publish`: a route miss is rare.
         let targets = self.targets_of(&Box::pin(self.route(topic)).await?);
@@ -1152,7 +1182,10 @@ impl Inner {
     }
 
     /// [`Outbox::append_memory_many`]; `now` is read again if it waited for room, so
-    /// that no message is handed to the dispatcher with a stale `now`.
+    /// that no message is handed to the dispatcher with a stale `now`. The first
+    /// attempt is synchronous and only a wait for room is a (boxed) future: the append
+    /// future in every publish's made it 1.5 × the size, and each publish creates and
+    /// moves its future.
     async fn append_memory_since(
         &self,
         targets: &Targets,
@@ -1162,17 +1195,23 @@ impl Inner {
         now: &mut std::time::Instant,
     ) -> Result<Option<std::ops::Range<Seq>>> {
         let checked = self.checked(targets)?;
-        let (appended, waited) = ready_or_waited(self.outbox.append_memory_many(
-            &checked,
-            bodies,
-            outbox_when_full(when_full),
-            unix_ms,
-        ))
-        .await;
-        if waited {
-            *now = crate::clock::now();
+        let when_full = outbox_when_full(when_full);
+        match self
+            .outbox
+            .try_append_memory_many(&checked, bodies, when_full, unix_ms)?
+        {
+            outbox::MemoryAppend::Done(appended) => Ok(appended),
+            outbox::MemoryAppend::Full(room) => {
+                room.await;
+                let appended = Box::pin(
+                    self.outbox
+                        .append_memory_many(&checked, bodies, when_full, unix_ms),
+                )
+                .await?;
+                *now = crate::clock::now();
+                Ok(appended)
+            }
         }
-        Ok(appended?)
     }
 
     /// `targets` as the outbox registered them, or the error it refused them with.
@@ -1390,43 +1429,6 @@ async fn yield_if_due(messages: usize) {
     });
     for _ in 0..units {
         tokio::task::coop::consume_budget().await;
-    }
-}
-
-/// Awaits `future`, also saying whether it had to wait (was ever pending): a publish
-/// that waited for room reads the clock again for the dispatcher.
-fn ready_or_waited<F: Future>(future: F) -> ReadyOrWaited<F> {
-    ReadyOrWaited {
-        future,
-        waited: false,
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The future of [`ready_or_waited`] (a struct, not an `async fn`, so that the
-    /// publish future holds the inner one once).
-    struct ReadyOrWaited<F> {
-        #[pin]
-        future: F,
-        waited: bool,
-    }
-}
-
-impl<F: Future> Future for ReadyOrWaited<F> {
-    type Output = (F::Output, bool);
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let this = self.project();
-        match this.future.poll(cx) {
-            std::task::Poll::Ready(output) => std::task::Poll::Ready((output, *this.waited)),
-            std::task::Poll::Pending => {
-                *this.waited = true;
-                std::task::Poll::Pending
-            }
-        }
     }
 }
 

@@ -49,7 +49,9 @@ mod writer;
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -417,6 +419,35 @@ impl OutboxError {
             source,
         }
     }
+}
+
+/// What [`Outbox::try_append_memory_many`] did.
+#[derive(Debug)]
+pub enum MemoryAppend<'a> {
+    /// Appended (their sequence numbers), or `None`: use the writer, as
+    /// [`Outbox::append_memory_many`] says.
+    Done(Option<std::ops::Range<u64>>),
+    /// The quota or the memory limit is full: nothing was appended. Resolves when
+    /// settlements free room; then try again.
+    Full(RoomFreed<'a>),
+}
+
+/// Resolves when settlements have freed room in the outbox (see [`MemoryAppend::Full`]).
+#[derive(Debug)]
+pub struct RoomFreed<'a>(Pin<Box<tokio::sync::futures::Notified<'a>>>);
+
+impl Future for RoomFreed<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+/// One round of [`Outbox::when_room`].
+enum Room<'a, T> {
+    Done(T),
+    Full(Pin<Box<tokio::sync::futures::Notified<'a>>>),
 }
 
 /// State shared by callers and the writer thread.
@@ -945,6 +976,25 @@ impl Outbox {
         when_full: WhenFull,
         unix_ms: u64,
     ) -> Result<Option<std::ops::Range<u64>>, OutboxError> {
+        loop {
+            match self.try_append_memory_many(targets, bodies, when_full, unix_ms)? {
+                MemoryAppend::Done(appended) => return Ok(appended),
+                MemoryAppend::Full(room) => room.await,
+            }
+        }
+    }
+
+    /// One attempt of [`append_memory_many`](Self::append_memory_many), without
+    /// waiting: done as there, or [`MemoryAppend::Full`] where it would wait for room.
+    /// A publish whose append does not wait (the usual case) then carries no append
+    /// future in its own, which every publish creates and moves.
+    pub fn try_append_memory_many(
+        &self,
+        targets: &TargetGroups,
+        bodies: &mut MemoryRecords,
+        when_full: WhenFull,
+        unix_ms: u64,
+    ) -> Result<MemoryAppend<'_>, OutboxError> {
         let shared = &self.inner.shared;
         let mut size = 0u64;
         for body in bodies.iter() {
@@ -955,37 +1005,35 @@ impl Outbox {
             return Err(OutboxError::Closed);
         }
         let mut renew = false;
-        let appended = self
-            .when_room(count, size, when_full, |core| {
-                let first = core.next_seq;
-                if first.saturating_add(count) > core.lease_durable {
-                    return Ok(None);
+        let attempt = self.attempt_room(count, size, when_full, |core| {
+            let first = core.next_seq;
+            if first.saturating_add(count) > core.lease_durable {
+                return Ok(None);
+            }
+            renew = !core.renewal_queued && first + count + LEASE_RENEW_AHEAD > core.lease_durable;
+            core.renewal_queued |= renew;
+            if !targets.names.is_empty() {
+                core.state.reserve_memory_many(count, size)?;
+                core.state
+                    .memory_messages_added(first, &targets.ids, bodies.drain(..), unix_ms);
+            } else {
+                bodies.clear();
+            }
+            core.next_seq += count;
+            Ok(Some(first..first + count))
+        })?;
+        Ok(match attempt {
+            Room::Done(appended) => {
+                if appended.is_some() {
+                    shared.appended.fetch_add(count, Ordering::Relaxed);
                 }
-                renew =
-                    !core.renewal_queued && first + count + LEASE_RENEW_AHEAD > core.lease_durable;
-                core.renewal_queued |= renew;
-                if !targets.names.is_empty() {
-                    core.state.reserve_memory_many(count, size)?;
-                    core.state.memory_messages_added(
-                        first,
-                        &targets.ids,
-                        bodies.drain(..),
-                        unix_ms,
-                    );
-                } else {
-                    bodies.clear();
+                if renew {
+                    self.request_renewal();
                 }
-                core.next_seq += count;
-                Ok(Some(first..first + count))
-            })
-            .await?;
-        if appended.is_some() {
-            shared.appended.fetch_add(count, Ordering::Relaxed);
-        }
-        if renew {
-            self.request_renewal();
-        }
-        Ok(appended)
+                MemoryAppend::Done(appended)
+            }
+            Room::Full(room) => MemoryAppend::Full(RoomFreed(room)),
+        })
     }
 
     /// Wakes the writer, whose next commit renews the lease (it is within
@@ -1025,40 +1073,51 @@ impl Outbox {
         when_full: WhenFull,
         mut attempt: impl FnMut(&mut Core) -> Result<T, state::QuotaFull>,
     ) -> Result<T, OutboxError> {
-        let shared = &self.inner.shared;
         loop {
-            if shared.closed.load(Ordering::Acquire) {
-                return Err(OutboxError::Closed);
+            match self.attempt_room(messages, size, when_full, &mut attempt)? {
+                Room::Done(done) => return Ok(done),
+                Room::Full(room) => room.await,
             }
-            let mut notified = {
-                let mut core = shared.core();
-                match attempt(&mut core) {
-                    Ok(done) => return Ok(done),
-                    Err(full) => {
-                        if let Some((memory, max_messages, max_bytes)) =
-                            core.state.never_fits(messages, size, full.memory)
-                        {
-                            return Err(OutboxError::NeverFits {
-                                messages,
-                                bytes: size,
-                                max_messages,
-                                max_bytes,
-                                memory,
-                            });
-                        }
-                        if when_full == WhenFull::Fail {
-                            return Err(full_error(full, size));
-                        }
-                        // Registered before the lock is released, so no release is
-                        // missed. Boxed: only a full outbox waits, and the future of
-                        // every append stays small without it.
-                        let mut notified = Box::pin(shared.space.notified());
-                        notified.as_mut().enable();
-                        notified
-                    }
+        }
+    }
+
+    /// One round of [`when_room`](Self::when_room): `attempt`'s result, or the wait for
+    /// room (registered before the lock is released, so that no release is missed).
+    fn attempt_room<T>(
+        &self,
+        messages: u64,
+        size: u64,
+        when_full: WhenFull,
+        attempt: impl FnOnce(&mut Core) -> Result<T, state::QuotaFull>,
+    ) -> Result<Room<'_, T>, OutboxError> {
+        let shared = &self.inner.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(OutboxError::Closed);
+        }
+        let mut core = shared.core();
+        match attempt(&mut core) {
+            Ok(done) => Ok(Room::Done(done)),
+            Err(full) => {
+                if let Some((memory, max_messages, max_bytes)) =
+                    core.state.never_fits(messages, size, full.memory)
+                {
+                    return Err(OutboxError::NeverFits {
+                        messages,
+                        bytes: size,
+                        max_messages,
+                        max_bytes,
+                        memory,
+                    });
                 }
-            };
-            notified.as_mut().await;
+                if when_full == WhenFull::Fail {
+                    return Err(full_error(full, size));
+                }
+                // Boxed: only a full outbox waits, and the future of every append
+                // stays small without it.
+                let mut notified = Box::pin(shared.space.notified());
+                notified.as_mut().enable();
+                Ok(Room::Full(notified))
+            }
         }
     }
 

@@ -992,6 +992,55 @@ async fn memory_messages_are_bounded_apart_from_the_quota() {
     assert_eq!(o.stats().quota_used_messages, 3);
 }
 
+/// The synchronous attempt appends at once when there is room; when the memory limit
+/// is full it appends nothing and, with `Wait`, returns the wait for room, which a
+/// settle ends; with `Fail`, the error.
+#[tokio::test]
+async fn a_memory_append_attempt_appends_or_returns_the_wait_for_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.max_memory_messages = 1;
+    let (o, _) = Outbox::open(c).await.unwrap();
+    // The first append goes through the writer, which makes the sequence lease durable.
+    let first = o
+        .append(
+            g(&["a"]),
+            Bytes::from_static(b"x"),
+            Durability::Memory,
+            WhenFull::Fail,
+        )
+        .await
+        .unwrap();
+    let targets = o.target_groups(g(&["a"])).unwrap();
+    let mut bodies: MemoryRecords = smallvec::smallvec![Bytes::from_static(b"y").into()];
+    let e = o
+        .try_append_memory_many(&targets, &mut bodies, WhenFull::Fail, 0)
+        .unwrap_err();
+    assert!(matches!(e, OutboxError::MemoryFull { .. }), "{e}");
+    let room = match o
+        .try_append_memory_many(&targets, &mut bodies, WhenFull::Wait, 0)
+        .unwrap()
+    {
+        MemoryAppend::Full(room) => room,
+        MemoryAppend::Done(done) => panic!("appended past the memory limit: {done:?}"),
+    };
+    assert_eq!(bodies.len(), 1, "nothing of a full attempt is taken");
+    let mut room = Box::pin(room);
+    assert!(futures::poll!(&mut room).is_pending(), "no room yet");
+    o.settle(first, "a");
+    tokio::time::timeout(Duration::from_secs(5), room)
+        .await
+        .expect("a settle frees room");
+    match o
+        .try_append_memory_many(&targets, &mut bodies, WhenFull::Wait, 0)
+        .unwrap()
+    {
+        MemoryAppend::Done(Some(seqs)) => assert_eq!(seqs, first + 1..first + 2),
+        other => panic!("not appended after the settle: {other:?}"),
+    }
+    assert!(bodies.is_empty(), "the appended body was taken");
+}
+
 /// A `Memory` record in two pieces is held as given: the link gets both pieces (the
 /// tail is the very buffer appended), both count against the memory limit, and a read
 /// that needs one piece gets them joined.
