@@ -1523,7 +1523,8 @@ mod tests {
     /// Every publish creates and moves its future (an application's `join_all` or
     /// `FuturesUnordered` boxes it): the writer path and the route lookup, which a
     /// `Memory` publish rarely takes, are boxed so that they do not size it. Embedded,
-    /// the future was 1,072 bytes; 656 when this test was written.
+    /// the future was 1,072 bytes; 656 when this test was written; 568 once a `Memory`
+    /// append's first attempt was synchronous.
     #[test]
     fn the_publish_future_stays_small() {
         let publish = future_size(|i: Arc<Inner>| async move {
@@ -1543,7 +1544,7 @@ mod tests {
         // `async fn`s, the public wrappers made it 936 bytes).
         let public =
             future_size(|p: Peer| async move { p.publish("t", Message::new(vec![])).await });
-        assert!(publish <= 768, "publish future is {publish} bytes");
+        assert!(publish <= 600, "publish future is {publish} bytes");
         assert!(
             public <= publish + 32,
             "Peer::publish future is {public} bytes, Inner::publish {publish}"
