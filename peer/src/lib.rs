@@ -38,6 +38,7 @@ mod members;
 mod message;
 pub mod outbox;
 mod peer;
+mod record_buffers;
 mod seq_map;
 mod seq_window;
 mod subscription;

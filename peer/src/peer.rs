@@ -938,7 +938,8 @@ impl Inner {
     ) -> Result<(Bytes, Option<Bytes>, Option<u64>)> {
         check_topic(topic)?;
         let separate = separate_payload(durability, &message);
-        let mut buf = Vec::with_capacity(message::stored_len(topic, &message, unix_ms, !separate));
+        let mut buf =
+            crate::record_buffers::take(message::stored_len(topic, &message, unix_ms, !separate));
         let encoder = message::StoredEncoder::single(topic, unix_ms);
         let (_, key_hash) = self.prepare(&encoder, &message, &mut buf, !separate)?;
         let tail = separate.then_some(message.payload);

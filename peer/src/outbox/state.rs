@@ -582,6 +582,9 @@ impl OutboxState {
             out.fully_settled = true;
             if let Some(e) = self.remove_entry(seq) {
                 self.release(&e);
+                if let Some(body) = e.body {
+                    crate::record_buffers::give(body);
+                }
                 if let Some(l) = e.loc {
                     if let Some(s) = self.segments.get_mut(&l.segment) {
                         s.live = s.live.saturating_sub(1);
