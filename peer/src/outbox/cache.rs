@@ -64,6 +64,8 @@ impl BodyCache {
     pub fn remove(&mut self, seq: u64) {
         if let Some(b) = self.map.remove(&seq) {
             self.bytes -= b.len();
+            // Settled: its buffer may serve the next record encoded on this thread.
+            crate::record_buffers::give(b);
         }
         // Messages mostly settle in the order they were cached: then `order` is kept
         // exact from its front, without the compaction's scan (which was an eighth
