@@ -16,8 +16,9 @@ use std::cell::RefCell;
 /// Buffers kept per thread: more than one `Ack` frame settles at once (a frame
 /// acknowledges up to ~2,000 single publishes of a saturated run).
 const KEPT_PER_THREAD: usize = 4096;
-/// Capacity kept per thread, all buffers together.
-const KEPT_BYTES_PER_THREAD: usize = 1024 * 1024;
+/// Capacity kept per thread, all buffers together (a run of ~3,000 128-byte
+/// records), held after traffic stops (docs/operations.md, "Allocator").
+const KEPT_BYTES_PER_THREAD: usize = 512 * 1024;
 /// Largest buffer kept (bytes of capacity).
 const LARGEST_KEPT: usize = 1024;
 
