@@ -1000,11 +1000,12 @@ impl Inner {
             )?;
             let appended = match attempt {
                 outbox::MemoryAppend::Done(appended) => appended,
-                outbox::MemoryAppend::Full(_) => {
-                    Box::pin(self.append_memory_since(
-                        &targets,
+                outbox::MemoryAppend::Full(room) => {
+                    Box::pin(self.append_memory_after(
+                        room,
+                        &checked,
                         &mut bodies,
-                        when_full,
+                        outbox_when_full(when_full),
                         unix_ms,
                         &mut now,
                     ))
@@ -1203,16 +1204,31 @@ impl Inner {
         {
             outbox::MemoryAppend::Done(appended) => Ok(appended),
             outbox::MemoryAppend::Full(room) => {
-                room.await;
-                let appended = Box::pin(
-                    self.outbox
-                        .append_memory_many(&checked, bodies, when_full, unix_ms),
-                )
-                .await?;
-                *now = crate::clock::now();
-                Ok(appended)
+                Box::pin(self.append_memory_after(room, &checked, bodies, when_full, unix_ms, now))
+                    .await
             }
         }
+    }
+
+    /// The slow path of a `Memory` append whose first attempt found the outbox full:
+    /// waits for `room`, then appends as [`Outbox::append_memory_many`] does, and
+    /// reads `now` again (it waited).
+    async fn append_memory_after(
+        &self,
+        room: outbox::RoomFreed<'_>,
+        checked: &outbox::TargetGroups,
+        bodies: &mut MemoryRecords,
+        when_full: outbox::WhenFull,
+        unix_ms: u64,
+        now: &mut std::time::Instant,
+    ) -> Result<Option<std::ops::Range<Seq>>> {
+        room.await;
+        let appended = self
+            .outbox
+            .append_memory_many(checked, bodies, when_full, unix_ms)
+            .await?;
+        *now = crate::clock::now();
+        Ok(appended)
     }
 
     /// `targets` as the outbox registered them, or the error it refused them with.

@@ -447,7 +447,7 @@ impl Future for RoomFreed<'_> {
 /// One round of [`Outbox::when_room`].
 enum Room<'a, T> {
     Done(T),
-    Full(Pin<Box<tokio::sync::futures::Notified<'a>>>),
+    Full(RoomFreed<'a>),
 }
 
 /// State shared by callers and the writer thread.
@@ -1032,7 +1032,7 @@ impl Outbox {
                 }
                 MemoryAppend::Done(appended)
             }
-            Room::Full(room) => MemoryAppend::Full(RoomFreed(room)),
+            Room::Full(room) => MemoryAppend::Full(room),
         })
     }
 
@@ -1116,7 +1116,7 @@ impl Outbox {
                 // stays small without it.
                 let mut notified = Box::pin(shared.space.notified());
                 notified.as_mut().enable();
-                Ok(Room::Full(notified))
+                Ok(Room::Full(RoomFreed(notified)))
             }
         }
     }
