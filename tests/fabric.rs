@@ -98,6 +98,13 @@ async fn next_delivery(sub: &mut weft_peer::Subscription) -> weft_peer::Delivery
         .expect("open")
 }
 
+/// `f`'s output, or a panic after 10 s.
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("finished within 10 s")
+}
+
 /// Consumes a subscription, recording (member → numbers) and acking everything.
 fn consume(
     member: &str,
@@ -708,6 +715,63 @@ async fn an_abandoned_disk_publish_is_still_delivered_once() {
         late.is_err(),
         "a publish never polled was delivered: {late:?}"
     );
+}
+
+/// `submit` pipelines `Disk` publishes: receipts resolve in publish order, a receipt
+/// dropped unawaited does not hold its message back, and every message arrives once, in
+/// publish order. An oversized message fails at `submit` and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_submits_are_stored_in_order_and_delivered_awaited_or_not() {
+    let fabric = Fabric::start().await;
+    let (sender, _receiver, mut sub) = fabric.pair_with_route(weft_peer::Durability::Disk).await;
+    let warm_up = next_delivery(&mut sub).await;
+    assert_eq!(warm_up.payload(), "warm-up".as_bytes());
+    warm_up.ack();
+    let seen: Seen = Arc::default();
+    consume("receiver", sub, seen.clone());
+    const N: u64 = 3_000;
+    let mut in_flight = std::collections::VecDeque::new();
+    let mut seqs = Vec::new();
+    for n in 0..N {
+        if in_flight.len() == 256 {
+            let oldest: weft_peer::PendingReceipt = in_flight.pop_front().expect("256 queued");
+            seqs.push(within(oldest).await.expect("stored").id.seq);
+        }
+        let message = Message::new(n.to_string()).key("one-key");
+        let receipt = within(sender.submit("t", message))
+            .await
+            .expect("submitted");
+        // Every tenth receipt is dropped unawaited.
+        if n % 10 != 9 {
+            in_flight.push_back(receipt);
+        }
+    }
+    for receipt in in_flight {
+        seqs.push(within(receipt).await.expect("stored").id.seq);
+    }
+    assert_eq!(seqs.len() as u64, N - N / 10);
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "receipts in publish order"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || total(&seen, &["receiver"])
+            == N as usize)
+        .await,
+        "every message delivered"
+    );
+    assert_eq!(
+        seen.lock().expect("lock")["receiver"],
+        (0..N).collect::<Vec<_>>(),
+        "every message once, in publish order"
+    );
+    assert!(sender.drain(Duration::from_secs(10)).await, "all settled");
+
+    let pending = sender.outbox_stats().pending_messages;
+    let oversized = Message::new(vec![0u8; weft_peer::DEFAULT_MAX_MESSAGE + 1]);
+    let e = sender.submit("t", oversized).await.expect_err("too large");
+    assert_eq!(e.kind(), weft_peer::ErrorKind::TooLarge);
+    assert_eq!(sender.outbox_stats().pending_messages, pending);
 }
 
 /// Publishes that miss the route cache at once (the first burst to a new topic) share

@@ -32,12 +32,14 @@ mod dedup;
 mod directory_client;
 mod dispatch;
 mod error;
+mod gather;
 mod inbound;
 mod link;
 mod members;
 mod message;
 pub mod outbox;
 mod peer;
+mod receipt;
 mod record_buffers;
 mod seq_map;
 mod seq_window;
@@ -51,6 +53,7 @@ pub use peer::{
     DirectoryAddr, Peer, PeerBuilder, SubscribeBuilder, DEDUP_SAVE_INTERVAL, DEFAULT_ACK_TIMEOUT,
     DEFAULT_DIRECTORY_TIMEOUT, DEFAULT_MAX_MESSAGE, MESSAGE_METADATA_LIMIT,
 };
+pub use receipt::PendingReceipt;
 pub use subscription::{Delivery, Subscription, DEFAULT_CREDIT, DEFAULT_MAX_QUEUED_BYTES};
 pub use weft_proto::wire::{GroupRoute, Member, MessageId, Route};
 

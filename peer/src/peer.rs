@@ -4,10 +4,12 @@ use crate::clock::WallClock;
 use crate::directory_client::{ClientSettings, DirectoryClient, Freshness};
 use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkEpoch, QueueId, Seq};
 use crate::error::{Error, ErrorKind, Result};
+use crate::gather::{GatherHandle, Gathering};
 use crate::link::{self, LinkControl};
 use crate::members::Members;
 use crate::message::{self, Message};
 use crate::outbox::{self, MemoryRecord, MemoryRecords, Outbox, OutboxConfig, OutboxStats};
+use crate::receipt::{self, PendingReceipt, Stored};
 use crate::seq_map::SeqMap;
 use crate::subscription::{
     lock, SubShared, SubState, Subscription, DEFAULT_CREDIT, DEFAULT_MAX_QUEUED_BYTES,
@@ -306,6 +308,7 @@ impl PeerBuilder {
             core: Mutex::new(Dispatcher::new(DEFAULT_ACK_TIMEOUT)),
             links: Mutex::new(FxHashMap::default()),
             confirms: Mutex::new(SeqMap::default()),
+            gathering: Mutex::new(None),
             routes: Mutex::new(FxHashMap::default()),
             targets: Mutex::new(FxHashMap::default()),
             lookups: Mutex::new(FxHashMap::default()),
@@ -496,7 +499,69 @@ impl Peer {
         durability: Durability,
         when_full: WhenFull,
     ) -> impl Future<Output = Result<Receipt>> + 'a {
-        self.inner.publish(topic, message, durability, when_full)
+        // A combinator, not an `async` block: the block would hold the submit future
+        // twice (as its capture and as the future it awaits).
+        futures::TryFutureExt::and_then(
+            self.inner.submit(topic, message, durability, when_full),
+            |receipt| receipt,
+        )
+    }
+
+    /// Publishes `message` to `topic` with the peer's default durability without
+    /// waiting for it: returns once the message is handed to the outbox (after waiting
+    /// for room as [`WhenFull`] says), with a [`PendingReceipt`] that resolves to what
+    /// [`publish`](Self::publish) would have returned, once the message holds that
+    /// durability. The message is stored and delivered whether or not the receipt is
+    /// awaited; an error here means nothing was stored.
+    ///
+    /// For pipelined publishing: keep a bounded number of receipts (a `VecDeque`,
+    /// awaiting the oldest when it is full). One group commit then answers hundreds of
+    /// `Disk` publishes at once, and the publishing task is woken once per commit, not
+    /// once per message: several times the throughput of one `publish` at a time, and
+    /// more than a `FuturesUnordered` of `publish` futures, with the same guarantees.
+    /// Receipts of one publisher resolve in publish order.
+    ///
+    /// ```no_run
+    /// # async fn run(peer: weft_peer::Peer) -> weft_peer::Result<()> {
+    /// use std::collections::VecDeque;
+    /// use weft_peer::Message;
+    ///
+    /// let mut in_flight = VecDeque::new();
+    /// for i in 0..100_000u32 {
+    ///     if in_flight.len() == 512 {
+    ///         let oldest: weft_peer::PendingReceipt = in_flight.pop_front().expect("512 queued");
+    ///         oldest.await?;
+    ///     }
+    ///     in_flight.push_back(peer.submit("orders", Message::new(i.to_le_bytes().to_vec())).await?);
+    /// }
+    /// for receipt in in_flight {
+    ///     receipt.await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn submit<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+    ) -> impl Future<Output = Result<PendingReceipt>> + 'a {
+        self.submit_with(
+            topic,
+            message,
+            self.inner.config.durability,
+            self.inner.config.when_full,
+        )
+    }
+
+    /// [`submit`](Self::submit) with an explicit durability and quota behaviour.
+    pub fn submit_with<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+        durability: Durability,
+        when_full: WhenFull,
+    ) -> impl Future<Output = Result<PendingReceipt>> + 'a {
+        self.inner.submit(topic, message, durability, when_full)
     }
 
     /// Publishes several messages to `topic` with the peer's default durability, as
@@ -736,6 +801,8 @@ pub(crate) struct Inner {
     /// same key has its own entry).
     links: Mutex<FxHashMap<LinkEpoch, Arc<LinkControl>>>,
     confirms: Mutex<SeqMap<oneshot::Sender<()>>>,
+    /// Single `Disk` publishes being gathered for the outbox writer's next commit.
+    gathering: Mutex<Option<Arc<Gathering>>>,
     routes: Mutex<FxHashMap<String, Route>>,
     /// Target groups per topic, derived from `routes` (read on every publish).
     targets: Mutex<FxHashMap<String, Arc<Targets>>>,
@@ -946,13 +1013,17 @@ impl Inner {
         Ok((Bytes::from(buf), tail, key_hash))
     }
 
-    async fn publish(
+    /// Hands `message` to the outbox (waiting for room as `when_full` says) and
+    /// returns its receipt, which resolves once the message has `durability`; the
+    /// message is handed to the dispatcher once stored, whether or not the receipt is
+    /// awaited (see [`DispatchWhenStored`]).
+    async fn submit(
         self: &Arc<Self>,
         topic: &str,
         message: Message,
         durability: Durability,
         when_full: WhenFull,
-    ) -> Result<Receipt> {
+    ) -> Result<PendingReceipt> {
         // A publish that never waits would otherwise never yield: see `yield_if_due`.
         yield_if_due(1).await;
         // One clock reading for the publish time and the dispatcher (read again only
@@ -969,21 +1040,13 @@ impl Inner {
         };
         // Disk records are whole (`separate_payload`), so the record is all there is.
         let whole_disk_record = durability == Durability::Disk && tail.is_none();
-        if let (true, Some(checked)) = (whole_disk_record, &targets.checked) {
-            // Fast path: a free writer slot and room in the quota, taken without the
-            // boxed writer path's future and lists.
-            // Bound first: a `match` scrutinee's temporaries would live across the
-            // arm's await, in the publish future.
-            let submitted = self
-                .outbox
-                .try_submit(checked, record, outbox::Durability::Disk)?;
-            match submitted {
-                Ok(ticket) => {
-                    let (seqs, _) = self
-                        .stored_then_dispatched(ticket, &[key_hash], &targets, false)
-                        .await?;
-                    return Ok(self.receipt(seqs.start, &targets.groups));
-                }
+        if let (true, Some(checked), false) =
+            (whole_disk_record, &targets.checked, self.config.blocking_io)
+        {
+            // Fast path: room in the quota, and the message joins (or starts) the
+            // gathering of the writer's next commit.
+            match self.gather(checked, &targets, record, key_hash)? {
+                Ok(receipt) => return Ok(receipt),
                 Err(given_back) => record = given_back,
             }
         }
@@ -1014,14 +1077,14 @@ impl Inner {
             };
             if let Some(seqs) = appended {
                 self.hand_off(now, seqs.start, &[key_hash], &targets, false);
-                return Ok(self.receipt(seqs.start, &targets.groups));
+                return Ok(PendingReceipt::ready(
+                    self.receipt(seqs.start, &targets.groups),
+                ));
             }
         }
         // Boxed: the writer path's state would otherwise make every publish future,
         // fast path included, several times larger to create and move.
-        let seqs =
-            Box::pin(self.store(&targets, bodies, &[key_hash], durability, when_full)).await?;
-        Ok(self.receipt(seqs.start, &targets.groups))
+        Box::pin(self.submit_to_writer(&targets, bodies, &[key_hash], durability, when_full)).await
     }
 
     /// Publishes `messages` as one outbox append: consecutive sequence numbers, one
@@ -1079,6 +1142,99 @@ impl Inner {
         Ok(seqs.map(|seq| self.receipt(seq, &targets.groups)).collect())
     }
 
+    /// Adds a `Disk` message to the open [`Gathering`] of `targets`, or starts one
+    /// (handing it to the writer); gives the record back when the quota or the
+    /// writer's channel is full (the caller takes the waiting path).
+    fn gather(
+        self: &Arc<Self>,
+        checked: &outbox::TargetGroups,
+        targets: &Arc<Targets>,
+        record: Bytes,
+        key_hash: Option<u64>,
+    ) -> Result<std::result::Result<PendingReceipt, Bytes>> {
+        let len = record.len();
+        if !self.outbox.try_reserve_disk(checked, len)? {
+            return Ok(Err(record));
+        }
+        let receipt = |gathering: &Arc<Gathering>, index| {
+            PendingReceipt::gathered(
+                gathering.clone(),
+                index,
+                self.producer_id,
+                targets.groups.len(),
+            )
+        };
+        let mut open = lock(&self.gathering);
+        let mut record = record;
+        if let Some(gathering) = open.as_ref().filter(|g| Arc::ptr_eq(g.targets(), targets)) {
+            match gathering.join(record, key_hash) {
+                Ok(index) => return Ok(Ok(receipt(gathering, index))),
+                Err(given_back) => record = given_back,
+            }
+        }
+        // Sealed, full, or for other targets: a new gathering, after the open one.
+        if let Some(old) = open.take() {
+            old.seal();
+        }
+        // A clone (once per gathering) to give back if the writer cannot take it.
+        let gathering = Gathering::new(
+            Arc::downgrade(self),
+            targets.clone(),
+            record.clone(),
+            key_hash,
+        );
+        let handed = self
+            .outbox
+            .try_gather(checked, Box::new(GatherHandle(gathering.clone())));
+        if let Ok(Ok(())) = handed {
+            *open = Some(gathering.clone());
+            return Ok(Ok(receipt(&gathering, 0)));
+        }
+        drop(open);
+        self.outbox.unreserve_disk(checked, len);
+        // Closed, or the channel was full (the caller waits for room).
+        handed.map_err(Error::from).map(|_| Err(record))
+    }
+
+    /// Seals the open gathering, if any, before another request to the writer: a
+    /// later publish must not join an append that precedes an earlier one's.
+    fn seal_gathering(&self) {
+        if let Some(gathering) = lock(&self.gathering).take() {
+            gathering.seal();
+        }
+    }
+
+    /// The writer path of one publish: [`store`](Self::store) without the waits, the
+    /// receipt waiting instead.
+    async fn submit_to_writer(
+        self: &Arc<Self>,
+        targets: &Arc<Targets>,
+        bodies: MemoryRecords,
+        key_hashes: &[Option<u64>],
+        durability: Durability,
+        when_full: WhenFull,
+    ) -> Result<PendingReceipt> {
+        if self.config.blocking_io {
+            let seqs = self
+                .store(targets, bodies, key_hashes, durability, when_full)
+                .await?;
+            return Ok(PendingReceipt::ready(
+                self.receipt(seqs.start, &targets.groups),
+            ));
+        }
+        let confirmed = durability == Durability::Confirmed;
+        let stored = self
+            .hand_to_writer(
+                targets, bodies, key_hashes, durability, when_full, confirmed,
+            )
+            .await?;
+        Ok(PendingReceipt::storing(
+            stored,
+            self.producer_id,
+            targets.groups.len(),
+        ))
+    }
+
     fn receipt(&self, seq: Seq, targets: &[String]) -> Receipt {
         Receipt {
             id: MessageId {
@@ -1099,67 +1255,101 @@ impl Inner {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<std::ops::Range<Seq>> {
-        // The writer takes records in one piece (a `Memory` one in two pieces comes
-        // here only when its sequence lease must be renewed first).
-        let bodies = bodies
-            .into_iter()
-            .map(MemoryRecord::into_contiguous)
-            .collect();
-        let stored_durability = match durability {
-            Durability::Memory => outbox::Durability::Memory,
-            Durability::Disk | Durability::Confirmed => outbox::Durability::Disk,
-        };
-        let checked = self.checked(targets)?;
-        let ticket = self
-            .outbox
-            .submit_batch(
-                &checked,
-                bodies,
-                stored_durability,
-                outbox_when_full(when_full),
-            )
-            .await?;
-        let (seqs, waiters) = self
-            .stored_then_dispatched(
-                ticket,
-                key_hashes,
-                targets,
-                durability == Durability::Confirmed,
-            )
-            .await?;
-        for rx in waiters {
-            // Outside the cooperative budget, as `AppendTicket::wait` (one ack batch
-            // answers many confirmed publishes at once); answered once, after a real
-            // wait for the groups' acks, so it cannot spin.
-            tokio::task::unconstrained(rx).await.map_err(|_| {
-                Error::new(
-                    ErrorKind::Closed,
-                    "peer closed before every group acknowledged",
+        let confirmed = durability == Durability::Confirmed;
+        if self.config.blocking_io {
+            return self
+                .store_blocking(
+                    targets, bodies, key_hashes, durability, when_full, confirmed,
                 )
-            })?;
+                .await;
         }
+        let stored = self
+            .hand_to_writer(
+                targets, bodies, key_hashes, durability, when_full, confirmed,
+            )
+            .await?;
+        let Stored { seqs, confirms } = receipt::stored_answer(stored.await)?;
+        receipt::confirmed(confirms).await?;
         Ok(seqs)
     }
 
-    /// Waits for the writer to store the append of `ticket`, then gives its messages
-    /// to the dispatcher (see [`hand_off`](Self::hand_off) for `confirmed`). A
-    /// [`PendingAppend`] finishes the hand-off if the caller stops waiting.
-    async fn stored_then_dispatched(
+    /// Hands messages to the outbox writer with a [`DispatchWhenStored`]; the
+    /// receiver hears when they are stored.
+    async fn hand_to_writer(
         self: &Arc<Self>,
-        ticket: outbox::AppendTicket,
+        targets: &Arc<Targets>,
+        bodies: MemoryRecords,
+        key_hashes: &[Option<u64>],
+        durability: Durability,
+        when_full: WhenFull,
+        confirmed: bool,
+    ) -> Result<receipt::StoredRx> {
+        let checked = self.checked(targets)?;
+        let (then, stored) = self.dispatch_when_stored(key_hashes, targets, confirmed);
+        self.seal_gathering();
+        self.outbox
+            .submit_batch_then(
+                &checked,
+                writer_records(bodies),
+                stored_durability(durability),
+                outbox_when_full(when_full),
+                then,
+            )
+            .await?;
+        Ok(stored)
+    }
+
+    /// [`store`](Self::store) for simulations (`blocking_io`): the append is awaited
+    /// on this thread (see `OutboxConfig::blocking_append`) and the messages handed to
+    /// the dispatcher here, so that no other thread wakes the runtime.
+    async fn store_blocking(
+        self: &Arc<Self>,
+        targets: &Arc<Targets>,
+        bodies: MemoryRecords,
+        key_hashes: &[Option<u64>],
+        durability: Durability,
+        when_full: WhenFull,
+        confirmed: bool,
+    ) -> Result<std::ops::Range<Seq>> {
+        let checked = self.checked(targets)?;
+        let mut ticket = self
+            .outbox
+            .submit_batch(
+                &checked,
+                writer_records(bodies),
+                stored_durability(durability),
+                outbox_when_full(when_full),
+            )
+            .await?;
+        let seqs = ticket.wait().await?;
+        let confirms = self.hand_off(
+            crate::clock::now(),
+            seqs.start,
+            key_hashes,
+            targets,
+            confirmed,
+        );
+        receipt::confirmed(confirms).await?;
+        Ok(seqs)
+    }
+
+    /// A continuation for the outbox writer that hands the append's messages (one per
+    /// key hash) to the dispatcher once stored, and the channel it then answers on.
+    fn dispatch_when_stored(
+        self: &Arc<Self>,
         key_hashes: &[Option<u64>],
         targets: &Arc<Targets>,
         confirmed: bool,
-    ) -> Result<(std::ops::Range<Seq>, Vec<oneshot::Receiver<()>>)> {
-        let mut pending = PendingAppend {
-            inner: self.clone(),
-            ticket: Some(ticket),
-            key_hashes,
+    ) -> (Box<dyn outbox::AppendDone>, receipt::StoredRx) {
+        let (tx, rx) = receipt::stored_channel();
+        let then = Box::new(DispatchWhenStored {
+            inner: Arc::downgrade(self),
+            key_hashes: key_hashes.iter().copied().collect(),
             targets: targets.clone(),
-        };
-        let seqs = pending.stored().await?;
-        let waiters = pending.dispatch(seqs.start, confirmed);
-        Ok((seqs, waiters))
+            confirmed,
+            tx,
+        });
+        (then, rx)
     }
 
     /// The target groups of `topic` if the route cache has them.
@@ -1258,7 +1448,7 @@ impl Inner {
     /// Gives stored messages `first..` (one per key hash) to the dispatcher; with
     /// `confirmed`, returns the receivers told when every target group acknowledged
     /// each of them.
-    fn hand_off(
+    pub(crate) fn hand_off(
         self: &Arc<Self>,
         now: std::time::Instant,
         first: Seq,
@@ -1356,60 +1546,60 @@ fn incarnation(seed: Option<u64>) -> u64 {
     }
 }
 
-/// A publish whose record is with the outbox writer. If the caller stops waiting, the
-/// message is still handed to the dispatcher once it is stored (a stored message that
-/// was never dispatched would wait for the next restart).
-struct PendingAppend<'a> {
-    inner: Arc<Inner>,
-    ticket: Option<outbox::AppendTicket>,
-    /// Borrowed from the publish: copied only if the caller stops waiting.
-    key_hashes: &'a [Option<u64>],
+/// Hands an append's messages to the dispatcher once the outbox writer stored them,
+/// on the writer thread: stored messages reach their groups whether or not the publish
+/// is still awaited (a stored message never dispatched would wait for the next
+/// restart), and a commit's messages go to the dispatcher together, without a wake-up
+/// of each publish first.
+struct DispatchWhenStored {
+    /// Weak: queued appends must not keep a dropped peer (and its outbox) alive.
+    inner: std::sync::Weak<Inner>,
+    key_hashes: smallvec::SmallVec<[Option<u64>; 1]>,
     targets: Arc<Targets>,
+    confirmed: bool,
+    tx: receipt::StoredTx,
 }
 
-impl PendingAppend<'_> {
-    /// Waits until the record has its durability.
-    async fn stored(&mut self) -> Result<std::ops::Range<Seq>> {
-        let ticket = self
-            .ticket
-            .as_mut()
-            .ok_or_else(|| Error::new(ErrorKind::Closed, "publish already handed off"))?;
-        let seq = ticket.wait().await;
-        self.ticket = None;
-        Ok(seq?)
-    }
-
-    fn dispatch(&self, first: Seq, confirmed: bool) -> Vec<oneshot::Receiver<()>> {
-        self.inner.hand_off(
-            crate::clock::now(),
-            first,
-            self.key_hashes,
-            &self.targets,
-            confirmed,
-        )
-    }
-}
-
-impl Drop for PendingAppend<'_> {
-    fn drop(&mut self) {
-        let Some(mut ticket) = self.ticket.take() else {
-            return;
-        };
-        let inner = self.inner.clone();
-        let key_hashes = self.key_hashes.to_vec();
-        let targets = self.targets.clone();
-        let runtime = inner.runtime.clone();
-        runtime.spawn(async move {
-            if let Ok(seqs) = ticket.wait().await {
-                inner.hand_off(
-                    crate::clock::now(),
-                    seqs.start,
-                    &key_hashes,
-                    &targets,
-                    false,
-                );
-            }
+impl outbox::AppendDone for DispatchWhenStored {
+    fn done(
+        self: Box<Self>,
+        result: std::result::Result<std::ops::Range<u64>, outbox::OutboxError>,
+    ) {
+        let answer = result.map_err(Error::from).and_then(|seqs| {
+            let inner = self.inner.upgrade().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Closed,
+                    "peer dropped before the message was stored",
+                )
+            })?;
+            let confirms = inner.hand_off(
+                crate::clock::now(),
+                seqs.start,
+                &self.key_hashes,
+                &self.targets,
+                self.confirmed,
+            );
+            Ok(Stored { seqs, confirms })
         });
+        // The receipt may have been dropped: nobody is waiting.
+        let _ = self.tx.send(answer);
+    }
+}
+
+/// Records as the outbox writer takes them: in one piece (a `Memory` one in two
+/// pieces comes to the writer only when its sequence lease must be renewed first).
+fn writer_records(bodies: MemoryRecords) -> Vec<Bytes> {
+    bodies
+        .into_iter()
+        .map(MemoryRecord::into_contiguous)
+        .collect()
+}
+
+/// The outbox durability a publish's `durability` stores with.
+fn stored_durability(durability: Durability) -> outbox::Durability {
+    match durability {
+        Durability::Memory => outbox::Durability::Memory,
+        Durability::Disk | Durability::Confirmed => outbox::Durability::Disk,
     }
 }
 
@@ -1490,13 +1680,25 @@ fn keep_cached_groups(route: &mut Route, cached: &Route) {
 /// The target groups of a route.
 /// The target groups of a topic: one per group of its route.
 #[derive(Debug, Clone)]
-struct Targets {
+pub(crate) struct Targets {
     groups: Arc<[String]>,
     /// Checked and registered with the outbox once per route, not per publish (`None`
     /// if the outbox refused them).
     checked: Option<outbox::TargetGroups>,
     /// The dispatcher's queues of these groups.
     queues: smallvec::SmallVec<[QueueId; 2]>,
+}
+
+#[cfg(test)]
+impl Targets {
+    /// Targets of no group, for the unit tests of other modules.
+    pub(crate) fn none() -> Arc<Targets> {
+        Arc::new(Targets {
+            groups: Arc::from([]),
+            checked: None,
+            queues: smallvec::SmallVec::new(),
+        })
+    }
 }
 
 async fn tick_loop(inner: std::sync::Weak<Inner>) {
@@ -1545,7 +1747,7 @@ mod tests {
     #[test]
     fn the_publish_future_stays_small() {
         let publish = future_size(|i: Arc<Inner>| async move {
-            i.publish(
+            i.submit(
                 "t",
                 Message::new(vec![]),
                 Durability::Memory,
@@ -1564,7 +1766,7 @@ mod tests {
         assert!(publish <= 600, "publish future is {publish} bytes");
         assert!(
             public <= publish + 32,
-            "Peer::publish future is {public} bytes, Inner::publish {publish}"
+            "Peer::publish future is {public} bytes, Inner::submit {publish}"
         );
         assert!(batch <= 768, "publish_batch future is {batch} bytes");
     }

@@ -61,7 +61,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use self::cache::BodyCache;
 use self::state::OutboxState;
-use self::writer::Req;
+use self::writer::{Reply, Req};
 
 /// Sequence numbers reserved by one `SeqLease` record.
 pub const LEASE_BLOCK: u64 = 65_536;
@@ -199,6 +199,32 @@ impl AppendTicket {
             .await
             .unwrap_or(Err(OutboxError::Closed))
     }
+}
+
+/// What the writer does with an append handed over by
+/// [`submit_batch_then`](Outbox::submit_batch_then) or
+/// [`try_submit_then`](Outbox::try_submit_then) once its fate is known, instead of
+/// answering an [`AppendTicket`]: it runs on the writer thread right after the group
+/// commit, so that what must follow the store (handing the messages on) happens
+/// whether or not anyone waits for the append. Keep it short and never block in it:
+/// the next commit waits. It may call back into the outbox.
+pub trait AppendDone: Send + 'static {
+    /// `Ok(seqs)` (consecutive) once the append has its durability, or the error that
+    /// kept it from being stored. Not called when the outbox is dropped with the
+    /// append still queued: the continuation is then dropped.
+    fn done(self: Box<Self>, result: Result<std::ops::Range<u64>, OutboxError>);
+}
+
+/// A `Disk` append whose messages the caller gathers one by one until the writer takes
+/// it (see [`Outbox::try_gather`]): single publishes made while the writer is busy
+/// with a commit become one append of the next, as a batch would, without waiting for
+/// one another or for a timer.
+pub trait GatheredAppend: AppendDone {
+    /// Called once, by the writer as it builds a commit (outside the outbox's locks):
+    /// the bodies gathered so far, in order, each with quota reserved by
+    /// [`Outbox::try_reserve_disk`]. None may join after this. The writer then calls
+    /// [`AppendDone::done`] as for any append.
+    fn seal(&mut self) -> Vec<Bytes>;
 }
 
 /// What [`Outbox::append`] does when the quota is full.
@@ -507,7 +533,11 @@ impl Drop for Inner {
         // crash would); wait for it so the directory is free when this returns.
         self.tx.take();
         if let Some(h) = self.writer.take() {
-            let _ = h.join();
+            // An `AppendDone` may hold the last handle to what owns this outbox: the
+            // writer, dropping it, ends once the channel is drained, unjoined.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
     }
 }
@@ -846,6 +876,39 @@ impl Outbox {
         durability: Durability,
         when_full: WhenFull,
     ) -> Result<AppendTicket, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.hand_over(targets, bodies, durability, when_full, Reply::Ticket(reply))
+            .await?;
+        Ok(AppendTicket {
+            rx,
+            blocking: self.inner.shared.cfg.blocking_append,
+        })
+    }
+
+    /// [`submit_batch`](Self::submit_batch) with a continuation instead of a ticket:
+    /// the writer gives `then` the append's sequence numbers (or its error) once the
+    /// append holds its durability. `then` is dropped, not called, when this returns an
+    /// error (nothing was stored) or its future is dropped before it returns.
+    pub async fn submit_batch_then(
+        &self,
+        targets: &TargetGroups,
+        bodies: Vec<Bytes>,
+        durability: Durability,
+        when_full: WhenFull,
+        then: Box<dyn AppendDone>,
+    ) -> Result<(), OutboxError> {
+        self.hand_over(targets, bodies, durability, when_full, Reply::Then(then))
+            .await
+    }
+
+    async fn hand_over(
+        &self,
+        targets: &TargetGroups,
+        bodies: Vec<Bytes>,
+        durability: Durability,
+        when_full: WhenFull,
+        reply: Reply,
+    ) -> Result<(), OutboxError> {
         let shared = &self.inner.shared;
         let mut size = 0u64;
         for body in &bodies {
@@ -864,7 +927,6 @@ impl Outbox {
                 durability,
             });
         }
-        let (reply, rx) = oneshot::channel();
         // A free slot is taken without an await: `reserve` would spend a unit of the
         // task's cooperative budget on every append, and a task driving many appends
         // at once (`FuturesUnordered`, `join_all`) would be made to yield every few
@@ -884,10 +946,7 @@ impl Outbox {
         }));
         // The writer owns the reservation now.
         std::mem::forget(quota);
-        Ok(AppendTicket {
-            rx,
-            blocking: shared.cfg.blocking_append,
-        })
+        Ok(())
     }
 
     /// `targets` checked (as every append checks them), deduplicated and registered,
@@ -914,6 +973,79 @@ impl Outbox {
         body: Bytes,
         durability: Durability,
     ) -> Result<Result<AppendTicket, Bytes>, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        Ok(
+            match self.try_hand_over(targets, body, durability, Reply::Ticket(reply))? {
+                Ok(()) => Ok(AppendTicket {
+                    rx,
+                    blocking: self.inner.shared.cfg.blocking_append,
+                }),
+                Err((body, _)) => Err(body),
+            },
+        )
+    }
+
+    /// Reserves quota for one `Disk` message of `len` body bytes to `targets`, for a
+    /// [`GatheredAppend`]: `Ok(false)` when the quota is full (the caller must wait,
+    /// as [`submit`](Self::submit) does). Give it back with
+    /// [`unreserve_disk`](Self::unreserve_disk) if the message is not handed over.
+    pub fn try_reserve_disk(
+        &self,
+        targets: &TargetGroups,
+        len: usize,
+    ) -> Result<bool, OutboxError> {
+        let shared = &self.inner.shared;
+        let size = check_body(&shared.cfg, len)?;
+        if self.inner.tx.is_none() || shared.closed.load(Ordering::Acquire) {
+            return Err(OutboxError::Closed);
+        }
+        Ok(targets.names.is_empty()
+            || shared
+                .core()
+                .state
+                .reserve_as(Durability::Disk, 1, size)
+                .is_ok())
+    }
+
+    /// Gives back a reservation of [`try_reserve_disk`](Self::try_reserve_disk).
+    pub fn unreserve_disk(&self, targets: &TargetGroups, len: usize) {
+        if !targets.names.is_empty() {
+            let shared = &self.inner.shared;
+            shared
+                .core()
+                .state
+                .unreserve_as(Durability::Disk, 1, len as u64);
+            shared.space.notify_waiters();
+        }
+    }
+
+    /// Hands `append` to the writer without waiting: `Ok(Err(append))` when its
+    /// channel is full. The writer [seals](GatheredAppend::seal) it when it builds its
+    /// next commit; until then the caller may add messages to it.
+    #[allow(clippy::type_complexity)]
+    pub fn try_gather(
+        &self,
+        targets: &TargetGroups,
+        append: Box<dyn GatheredAppend>,
+    ) -> Result<Result<(), Box<dyn GatheredAppend>>, OutboxError> {
+        let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
+        match tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(Req::Gathered(targets.clone(), append));
+                Ok(Ok(()))
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => Err(OutboxError::Closed),
+            Err(mpsc::error::TrySendError::Full(())) => Ok(Err(append)),
+        }
+    }
+
+    fn try_hand_over(
+        &self,
+        targets: &TargetGroups,
+        body: Bytes,
+        durability: Durability,
+        reply: Reply,
+    ) -> Result<Result<(), (Bytes, Reply)>, OutboxError> {
         let shared = &self.inner.shared;
         let size = check_body(&shared.cfg, body.len())?;
         let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
@@ -923,23 +1055,19 @@ impl Outbox {
         let permit = match tx.try_reserve() {
             Ok(permit) => permit,
             Err(mpsc::error::TrySendError::Closed(())) => return Err(OutboxError::Closed),
-            Err(mpsc::error::TrySendError::Full(())) => return Ok(Err(body)),
+            Err(mpsc::error::TrySendError::Full(())) => return Ok(Err((body, reply))),
         };
         if !targets.names.is_empty() && shared.core().state.reserve_as(durability, 1, size).is_err()
         {
-            return Ok(Err(body));
+            return Ok(Err((body, reply)));
         }
-        let (reply, rx) = oneshot::channel();
         permit.send(Req::Append(writer::Append {
             targets: targets.clone(),
             bodies: smallvec::smallvec![body],
             durability,
             reply,
         }));
-        Ok(Ok(AppendTicket {
-            rx,
-            blocking: shared.cfg.blocking_append,
-        }))
+        Ok(Ok(()))
     }
 
     /// Appends a `Memory` message without the writer: returns its sequence number, or

@@ -1398,3 +1398,78 @@ async fn a_group_commit_takes_at_most_max_batch_bytes() {
         .collect();
     assert_eq!(recovered, expected);
 }
+
+/// A [`GatheredAppend`] whose bodies the test adds, telling the test its outcome.
+struct TestGathering {
+    bodies: Arc<Mutex<Vec<Bytes>>>,
+    done: Option<oneshot::Sender<Result<std::ops::Range<u64>, OutboxError>>>,
+}
+
+impl GatheredAppend for TestGathering {
+    fn seal(&mut self) -> Vec<Bytes> {
+        std::mem::take(&mut *self.bodies.lock().unwrap())
+    }
+}
+
+impl AppendDone for TestGathering {
+    fn done(mut self: Box<Self>, result: Result<std::ops::Range<u64>, OutboxError>) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+/// A gathered append stores the bodies added before the writer sealed it, after the
+/// appends handed over before it and under consecutive sequence numbers, and tells its
+/// continuation; quota is reserved per message (refused when full, given back when a
+/// message is not handed over); a closed outbox refuses both.
+#[tokio::test]
+async fn a_gathered_append_is_sealed_by_the_writer_and_stored_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.max_messages = 4;
+    let (o, _) = Outbox::open(c.clone()).await.unwrap();
+    let targets = o.target_groups(g(&["a"])).unwrap();
+    let before = append_disk(&o, &["a"], b"before").await;
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    for body in ["x", "y", "z"] {
+        assert!(o.try_reserve_disk(&targets, body.len()).unwrap());
+        bodies.lock().unwrap().push(Bytes::from(body));
+    }
+    assert!(
+        !o.try_reserve_disk(&targets, 1).unwrap(),
+        "the quota is full"
+    );
+    let (tx, rx) = oneshot::channel();
+    let gathering = TestGathering {
+        bodies: bodies.clone(),
+        done: Some(tx),
+    };
+    assert!(o.try_gather(&targets, Box::new(gathering)).unwrap().is_ok());
+    let seqs = rx.await.unwrap().unwrap();
+    assert_eq!(seqs, before + 1..before + 4);
+    o.settle(before, "a");
+    assert!(
+        o.try_reserve_disk(&targets, 5).unwrap(),
+        "a settle freed room"
+    );
+    o.unreserve_disk(&targets, 5);
+    assert_eq!(o.stats().pending_messages, 3);
+
+    o.close().await.unwrap();
+    let e = o.try_reserve_disk(&targets, 1).unwrap_err();
+    assert!(matches!(e, OutboxError::Closed), "{e:?}");
+    let refused = TestGathering {
+        bodies: Arc::new(Mutex::new(vec![Bytes::from("late")])),
+        done: None,
+    };
+    let e = o
+        .try_gather(&targets, Box::new(refused))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, OutboxError::Closed), "{e:?}");
+    drop(o);
+    let (_o, rec) = Outbox::open(c).await.unwrap();
+    let recovered: Vec<Bytes> = rec.pending.into_iter().map(|p| p.body).collect();
+    assert_eq!(recovered, ["x", "y", "z"].map(Bytes::from).to_vec());
+}

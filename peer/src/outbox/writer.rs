@@ -20,6 +20,9 @@ const SETTLES_PER_RECORD: usize = 16_384;
 /// A request to the writer.
 pub(super) enum Req {
     Append(Append),
+    /// Messages gathered by the caller until the writer seals them: an [`Append`] of
+    /// `Disk` messages to these targets.
+    Gathered(TargetGroups, Box<dyn super::GatheredAppend>),
     /// Settles or deletions are waiting.
     Wake,
     /// Flush, fsync and stop.
@@ -58,12 +61,23 @@ impl Req {
     fn body_bytes(&self) -> usize {
         match self {
             Req::Append(append) => append.bodies.iter().map(Bytes::len).sum(),
-            Req::Wake | Req::Close(_) => 0,
+            // Unknown until sealed; bounded by the caller.
+            Req::Gathered(..) | Req::Wake | Req::Close(_) => 0,
         }
     }
 }
 
 impl Append {
+    /// The append of a [`Req::Gathered`], sealed now.
+    fn sealed(targets: TargetGroups, mut gathered: Box<dyn super::GatheredAppend>) -> Append {
+        Append {
+            targets,
+            bodies: gathered.seal().into(),
+            durability: Durability::Disk,
+            reply: Reply::Then(gathered),
+        }
+    }
+
     /// Gives back the quota reserved for it (it will not be stored).
     fn unreserve(&self, state: &mut super::state::OutboxState) {
         if !self.targets.names.is_empty() {
@@ -73,8 +87,25 @@ impl Append {
     }
 }
 
-/// Answered with the sequence numbers of the stored messages.
-pub(super) type Reply = oneshot::Sender<Result<Range<u64>, OutboxError>>;
+/// How the writer answers an append: with the sequence numbers of the stored
+/// messages, or the error that kept them from being stored.
+pub(super) enum Reply {
+    /// An [`AppendTicket`](super::AppendTicket) waits on the other end.
+    Ticket(oneshot::Sender<Result<Range<u64>, OutboxError>>),
+    /// The caller's continuation, run on the writer thread (see
+    /// [`AppendDone`](super::AppendDone)).
+    Then(Box<dyn super::AppendDone>),
+}
+
+impl Reply {
+    fn send(self, result: Result<Range<u64>, OutboxError>) {
+        match self {
+            // The ticket may have been dropped: nobody is waiting.
+            Reply::Ticket(tx) => drop(tx.send(result)),
+            Reply::Then(done) => done.done(result),
+        }
+    }
+}
 
 impl Writer {
     pub(super) fn new(
@@ -120,6 +151,9 @@ impl Writer {
             for r in batch.drain(..) {
                 match r {
                     Req::Append(append) => appends.push(append),
+                    Req::Gathered(targets, gathered) => {
+                        appends.push(Append::sealed(targets, gathered))
+                    }
                     Req::Wake => {}
                     Req::Close(reply) => close = Some(reply),
                 }
@@ -129,10 +163,13 @@ impl Writer {
                 self.rx.close();
                 // Answer requests that raced with close.
                 while let Ok(r) = self.rx.try_recv() {
-                    if let Req::Append(append) = r {
-                        append.unreserve(&mut self.shared.core().state);
-                        let _ = append.reply.send(Err(OutboxError::Closed));
-                    }
+                    let append = match r {
+                        Req::Append(append) => append,
+                        Req::Gathered(targets, gathered) => Append::sealed(targets, gathered),
+                        Req::Wake | Req::Close(_) => continue,
+                    };
+                    append.unreserve(&mut self.shared.core().state);
+                    append.reply.send(Err(OutboxError::Closed));
                 }
                 let _ = reply.send(res);
                 return;
@@ -199,8 +236,10 @@ impl Writer {
         }
         let n: u64 = appends.iter().map(|a| a.bodies.len() as u64).sum();
         let now = crate::clock::unix_ms();
-        // Replies to send after the sync.
+        // Replies to send after the sync, and (once the core's lock is released: a
+        // continuation may call back into the outbox) those that need none.
         let mut deferred: Vec<(Reply, Range<u64>)> = Vec::new();
+        let mut stored: Vec<(Reply, Range<u64>)> = Vec::new();
         let mut lease_in_batch = false;
         {
             // Sequence numbers are taken under the core lock, as `append_memory` takes
@@ -248,7 +287,7 @@ impl Writer {
                 if to_disk || lease_in_batch {
                     deferred.push((append.reply, seqs));
                 } else {
-                    let _ = append.reply.send(Ok(seqs));
+                    stored.push((append.reply, seqs));
                 }
             }
             core.wake_queued = false;
@@ -271,6 +310,9 @@ impl Writer {
             deletions.append(&mut core.deletions);
         }
         self.shared.appended.fetch_add(n, Ordering::Relaxed);
+        for (reply, seqs) in stored {
+            reply.send(Ok(seqs));
+        }
 
         let mut res = Ok(());
         if !self.buf.is_empty() {
@@ -313,13 +355,13 @@ impl Writer {
         match &res {
             Ok(()) => {
                 for (reply, seqs) in deferred {
-                    let _ = reply.send(Ok(seqs));
+                    reply.send(Ok(seqs));
                 }
             }
             Err(e) => {
                 let reason = e.to_string();
                 for (reply, ..) in deferred {
-                    let _ = reply.send(Err(OutboxError::WriterFailed {
+                    reply.send(Err(OutboxError::WriterFailed {
                         reason: reason.clone(),
                     }));
                 }
@@ -346,14 +388,17 @@ impl Writer {
 
     /// Answers appends that will not be written, giving their quota back.
     fn reject(&self, appends: Vec<Append>, reason: &str) {
-        let mut core = self.shared.core();
+        {
+            let mut core = self.shared.core();
+            for append in &appends {
+                append.unreserve(&mut core.state);
+            }
+        }
         for append in appends {
-            append.unreserve(&mut core.state);
-            let _ = append.reply.send(Err(OutboxError::WriterFailed {
+            append.reply.send(Err(OutboxError::WriterFailed {
                 reason: reason.to_string(),
             }));
         }
-        drop(core);
         self.shared.space.notify_waiters();
     }
 

@@ -1,0 +1,233 @@
+//! Receipts of publishes handed to the outbox writer: what the writer's continuation
+//! sends back once a message is stored, and [`PendingReceipt`], the receipt of
+//! [`Peer::submit`](crate::Peer::submit).
+
+use crate::dispatch::Seq;
+use crate::error::{Error, ErrorKind, Result};
+use crate::gather::Gathering;
+use crate::Receipt;
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tokio::sync::oneshot;
+use tokio::task::coop::Unconstrained;
+use weft_proto::wire::MessageId;
+
+/// What a stored append's continuation tells its publish.
+pub(crate) struct Stored {
+    /// The messages' sequence numbers.
+    pub(crate) seqs: Range<Seq>,
+    /// `Confirmed` publishes: told when every target group acknowledged each message.
+    pub(crate) confirms: Vec<oneshot::Receiver<()>>,
+}
+
+/// Sends a stored append's [`Stored`] (or the error that kept it from being stored).
+pub(crate) type StoredTx = oneshot::Sender<Result<Stored>>;
+
+/// Waits for an append's [`Stored`] (see [`unconstrained`]).
+pub(crate) type StoredRx = Unconstrained<oneshot::Receiver<Result<Stored>>>;
+
+/// A channel for one append's [`Stored`]. Its receiver is outside tokio's cooperative
+/// budget: one group commit answers thousands of appends at once, and a task awaiting
+/// many of them (`FuturesUnordered`, `join_all`) would otherwise see all but the first
+/// 128 or so return `Pending` with a deferred wake-up and poll every one again, round
+/// after round (a third to half of the CPU of one-publish-per-message `Disk` runs). An
+/// answer comes once, after a real wait for the writer, so this cannot spin.
+pub(crate) fn stored_channel() -> (StoredTx, StoredRx) {
+    let (tx, rx) = oneshot::channel();
+    (tx, tokio::task::coop::unconstrained(rx))
+}
+
+/// The answer of `rx`; the writer (or the peer) gone without one is
+/// [`ErrorKind::Closed`].
+pub(crate) fn stored_answer(
+    answer: std::result::Result<Result<Stored>, oneshot::error::RecvError>,
+) -> Result<Stored> {
+    answer.unwrap_or_else(|_| {
+        Err(Error::new(
+            ErrorKind::Closed,
+            "the outbox closed before the message was stored",
+        ))
+    })
+}
+
+/// Waits until every group acknowledged (`confirms` from a [`Stored`]). Outside the
+/// cooperative budget, as [`stored_channel`]: one ack batch answers many confirmed
+/// publishes at once.
+pub(crate) async fn confirmed(confirms: Vec<oneshot::Receiver<()>>) -> Result<()> {
+    for rx in confirms {
+        tokio::task::coop::unconstrained(rx)
+            .await
+            .map_err(|_| not_confirmed())?;
+    }
+    Ok(())
+}
+
+fn not_confirmed() -> Error {
+    Error::new(
+        ErrorKind::Closed,
+        "peer closed before every group acknowledged",
+    )
+}
+
+/// The receipt of a message given to [`Peer::submit`](crate::Peer::submit): resolves
+/// when the message holds the durability it was published with, to what
+/// [`Peer::publish`](crate::Peer::publish) would have returned. The message is stored
+/// and delivered whether or not this is awaited or kept; dropping it only gives up
+/// learning the outcome.
+#[must_use = "a receipt tells whether the message was stored; await it, or drop it knowingly"]
+pub struct PendingReceipt {
+    state: State,
+}
+
+impl std::fmt::Debug for PendingReceipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Ready(_) => "ready",
+            State::Storing { .. } | State::Gathered { .. } => "storing",
+            State::Confirming { .. } => "confirming",
+        };
+        f.debug_struct("PendingReceipt")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+enum State {
+    /// Known (taken when returned).
+    Ready(Option<Result<Receipt>>),
+    /// With the outbox writer.
+    Storing {
+        stored: StoredRx,
+        producer: u64,
+        groups: usize,
+    },
+    /// Gathered for the writer's next commit, at `index` among its messages.
+    Gathered {
+        gathering: Arc<Gathering>,
+        index: u32,
+        producer: u64,
+        groups: usize,
+    },
+    /// Stored; waiting for every group's acknowledgement (`Confirmed`).
+    Confirming {
+        confirms: Vec<Unconstrained<oneshot::Receiver<()>>>,
+        receipt: Receipt,
+    },
+}
+
+impl PendingReceipt {
+    pub(crate) fn ready(receipt: Receipt) -> Self {
+        PendingReceipt {
+            state: State::Ready(Some(Ok(receipt))),
+        }
+    }
+
+    /// The receipt of message `index` of `gathering`.
+    pub(crate) fn gathered(
+        gathering: Arc<Gathering>,
+        index: u32,
+        producer: u64,
+        groups: usize,
+    ) -> Self {
+        PendingReceipt {
+            state: State::Gathered {
+                gathering,
+                index,
+                producer,
+                groups,
+            },
+        }
+    }
+
+    /// The receipt of a publish whose record is with the writer, answered on `stored`.
+    pub(crate) fn storing(stored: StoredRx, producer: u64, groups: usize) -> Self {
+        PendingReceipt {
+            state: State::Storing {
+                stored,
+                producer,
+                groups,
+            },
+        }
+    }
+}
+
+impl Future for PendingReceipt {
+    type Output = Result<Receipt>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Receipt>> {
+        loop {
+            match &mut self.state {
+                State::Ready(receipt) => {
+                    return Poll::Ready(receipt.take().unwrap_or_else(|| {
+                        Err(Error::new(
+                            ErrorKind::Closed,
+                            "receipt polled again after it resolved",
+                        ))
+                    }))
+                }
+                State::Storing {
+                    stored,
+                    producer,
+                    groups,
+                } => {
+                    let answer = stored_answer(ready!(Pin::new(stored).poll(cx)));
+                    let Stored { seqs, confirms } = match answer {
+                        Ok(stored) => stored,
+                        Err(e) => {
+                            self.state = State::Ready(None);
+                            return Poll::Ready(Err(e));
+                        }
+                    };
+                    let receipt = Receipt {
+                        id: MessageId {
+                            producer: *producer,
+                            seq: seqs.start,
+                        },
+                        groups: *groups,
+                    };
+                    self.state = if confirms.is_empty() {
+                        State::Ready(Some(Ok(receipt)))
+                    } else {
+                        State::Confirming {
+                            confirms: confirms
+                                .into_iter()
+                                .map(tokio::task::coop::unconstrained)
+                                .collect(),
+                            receipt,
+                        }
+                    };
+                }
+                State::Gathered {
+                    gathering,
+                    index,
+                    producer,
+                    groups,
+                } => {
+                    let answer = ready!(gathering.poll_stored(cx)).map(|first| Receipt {
+                        id: MessageId {
+                            producer: *producer,
+                            seq: first + u64::from(*index),
+                        },
+                        groups: *groups,
+                    });
+                    self.state = State::Ready(None);
+                    return Poll::Ready(answer);
+                }
+                State::Confirming { confirms, receipt } => {
+                    let receipt = *receipt;
+                    while let Some(last) = confirms.last_mut() {
+                        if ready!(Pin::new(last).poll(cx)).is_err() {
+                            self.state = State::Ready(None);
+                            return Poll::Ready(Err(not_confirmed()));
+                        }
+                        confirms.pop();
+                    }
+                    self.state = State::Ready(Some(Ok(receipt)));
+                }
+            }
+        }
+    }
+}
