@@ -203,7 +203,7 @@ impl AppendTicket {
 
 /// What the writer does with an append handed over by
 /// [`submit_batch_then`](Outbox::submit_batch_then) or
-/// [`try_submit_then`](Outbox::try_submit_then) once its fate is known, instead of
+/// [`try_gather`](Outbox::try_gather) once its fate is known, instead of
 /// answering an [`AppendTicket`]: it runs on the writer thread right after the group
 /// commit, so that what must follow the store (handing the messages on) happens
 /// whether or not anyone waits for the append. Keep it short and never block in it:

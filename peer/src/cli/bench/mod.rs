@@ -98,11 +98,13 @@ pub struct BenchArgs {
     /// lat: unrecorded warm-up round trips.
     #[arg(long, default_value_t = 1000)]
     pub warmup: u64,
-    /// thr: messages in flight at once per publisher (publishes not yet returned; 1 =
-    /// each awaited in turn, as a plain publish loop). Default: 1 for single `memory`
-    /// publishes, 512 for single `disk` and `confirmed` ones, 4096 with `--batch` (the
-    /// best measured on 2 cores; see docs/benchmarks-history.md, sessions 18, 19 and
-    /// 29), at most 8 MiB of payload and at least one batch.
+    /// thr: messages in flight at once per publisher (receipts not yet resolved; 1 =
+    /// each publish awaited in turn, as a plain publish loop; more: single publishes
+    /// pipelined with `Peer::submit`, the oldest receipt awaited when the window is
+    /// full). Default: 1 for single `memory` publishes, 2048 for single `disk` ones,
+    /// 512 for `confirmed` ones, 4096 with `--batch` (the best measured on 2 cores; see
+    /// docs/benchmarks.md and docs/benchmarks-history.md, sessions 18, 19, 29 and 33),
+    /// at most 8 MiB of payload and at least one batch.
     #[arg(long)]
     pub window: Option<usize>,
     /// thr: messages per `publish_batch` call (1 = one `publish` per message). A batch
@@ -263,17 +265,20 @@ fn system_name(d: BenchDurability) -> &'static str {
 /// --count 1000000`, four each) gave 624–706 k msgs/s one at a time against 555–634 k
 /// with 512 in flight, and ~10 % less CPU (sessions before 28 measured the reverse,
 /// while the first window of every run still waited for the directory). Single disk
-/// and confirmed publishes wait for a group commit or for the groups' acks, and peaked
-/// at 512 in flight: with fewer, the commit's latency limits; with more, the sender
-/// runs ahead of its receiver, and the growing backlog cost 1.6 × the CPU per message
-/// in the same instructions (more page faults and context switches). Batches did best
+/// publishes wait for a group commit, which takes those gathered while the one before
+/// it was under way (about half the window): in session 33 (three runs each) 512 in
+/// flight gave 483–515 k msgs/s, 1,024 551–677 k, 2,048 583–690 k and 4,096 635–667 k
+/// with 1.7 × the latency and peak RSS. Confirmed publishes wait for the groups' acks
+/// and peaked at 512 (session 21: with more, the sender runs ahead of its receiver and
+/// the growing backlog cost 1.6 × the CPU per message). Batches did best
 /// at 4,096 (session 29: 256 and 4,096 alike in `memory`). Large messages are capped
 /// at [`DEFAULT_WINDOW_BYTES`] of payload, and never under one batch.
 fn default_window(batch: usize, size: usize, durability: BenchDurability) -> usize {
     let messages = match (batch > 1, durability) {
         (true, _) => 4096,
         (false, BenchDurability::Memory) => 1,
-        (false, BenchDurability::Disk | BenchDurability::Confirmed) => 512,
+        (false, BenchDurability::Disk) => 2048,
+        (false, BenchDurability::Confirmed) => 512,
     };
     messages.min(DEFAULT_WINDOW_BYTES / size.max(1)).max(batch)
 }
@@ -588,8 +593,9 @@ mod tests {
 
     #[test]
     fn the_default_window_caps_payload_bytes_in_flight_but_keeps_a_batch() {
-        use BenchDurability::{Disk, Memory};
-        assert_eq!(default_window(1, 128, Disk), 512);
+        use BenchDurability::{Confirmed, Disk, Memory};
+        assert_eq!(default_window(1, 128, Disk), 2048);
+        assert_eq!(default_window(1, 128, Confirmed), 512);
         assert_eq!(default_window(1, 128, Memory), 1, "a publish loop");
         assert_eq!(default_window(256, 128, Memory), 4096);
         assert_eq!(default_window(1, 16384, Disk), 512);
