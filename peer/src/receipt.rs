@@ -6,6 +6,7 @@ use crate::dispatch::Seq;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gather::Gathering;
 use crate::Receipt;
+use pin_project_lite::pin_project;
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
@@ -226,6 +227,75 @@ impl Future for PendingReceipt {
                         confirms.pop();
                     }
                     self.state = State::Ready(Some(Ok(receipt)));
+                }
+            }
+        }
+    }
+}
+
+/// What a publish's submit gives: its receipt now (a `Memory` publish), or one that
+/// resolves once the message is stored.
+pub(crate) enum Submitted {
+    Now(Receipt),
+    Later(PendingReceipt),
+}
+
+impl From<Submitted> for PendingReceipt {
+    fn from(submitted: Submitted) -> Self {
+        match submitted {
+            Submitted::Now(receipt) => PendingReceipt::ready(receipt),
+            Submitted::Later(pending) => pending,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Peer::publish`](crate::Peer::publish): its submit, then (unless
+    /// the receipt came at once) the receipt. Written out rather than an `async` block,
+    /// which would hold the submit future twice, or a combinator chain, which cost a
+    /// `Memory` publish about 200 instructions more.
+    #[project = PublishState]
+    pub(crate) enum Publish<F> {
+        Submitting { #[pin] submit: F },
+        Waiting { receipt: PendingReceipt },
+        Done,
+    }
+}
+
+impl<F> Publish<F> {
+    pub(crate) fn new(submit: F) -> Self {
+        Publish::Submitting { submit }
+    }
+}
+
+impl<F: Future<Output = Result<Submitted>>> Future for Publish<F> {
+    type Output = Result<Receipt>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Receipt>> {
+        loop {
+            match self.as_mut().project() {
+                PublishState::Submitting { submit } => {
+                    let answer = match ready!(submit.poll(cx)) {
+                        Ok(Submitted::Now(receipt)) => Ok(receipt),
+                        Ok(Submitted::Later(receipt)) => {
+                            self.set(Publish::Waiting { receipt });
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    };
+                    self.set(Publish::Done);
+                    return Poll::Ready(answer);
+                }
+                PublishState::Waiting { receipt } => {
+                    let answer = ready!(Pin::new(receipt).poll(cx));
+                    self.set(Publish::Done);
+                    return Poll::Ready(answer);
+                }
+                PublishState::Done => {
+                    return Poll::Ready(Err(Error::new(
+                        ErrorKind::Closed,
+                        "publish polled again after it resolved",
+                    )))
                 }
             }
         }
