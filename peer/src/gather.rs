@@ -7,7 +7,7 @@
 
 use crate::dispatch::Seq;
 use crate::error::{Error, ErrorKind, Result};
-use crate::outbox::{AppendDone, GatheredAppend, OutboxError};
+use crate::outbox::{AppendDone, GatheredAppend, OutboxError, Sealed};
 use crate::peer::{Inner, Targets};
 use crate::subscription::lock;
 use bytes::Bytes;
@@ -20,6 +20,16 @@ use std::task::{Context, Poll, Waker};
 pub(crate) const GATHER_MAX_MESSAGES: usize = 4096;
 /// Most body bytes in one gathering (as [`GATHER_MAX_MESSAGES`]).
 pub(crate) const GATHER_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Messages a gathering reserves outbox quota for at once (see `Inner::gather`), at
+/// most [`GATHER_CREDIT_BYTES`] of them: quota held ahead for at most one commit.
+pub(crate) const GATHER_CREDIT: u64 = 1024;
+/// Body bytes a gathering reserves outbox quota for at once (see [`GATHER_CREDIT`]).
+pub(crate) const GATHER_CREDIT_BYTES: u64 = 1024 * 1024;
+
+/// The messages of `len` body bytes a gathering reserves quota for at once.
+pub(crate) fn credit_messages(len: u64) -> u64 {
+    (GATHER_CREDIT_BYTES / len.max(1)).clamp(1, GATHER_CREDIT)
+}
 
 /// Messages to one set of target groups, gathered until the outbox writer seals them.
 /// Shared by the peer (while open), the writer's request and the messages' receipts.
@@ -38,19 +48,34 @@ struct GatherState {
     bytes: usize,
     /// One per message, kept for the hand-off to the dispatcher.
     key_hashes: Vec<Option<u64>>,
+    /// Outbox quota (messages, body bytes) reserved for messages still to join:
+    /// joining takes no outbox lock while it lasts.
+    credit: (u64, u64),
     /// The first message's sequence number once stored, or why they were not.
     outcome: Option<std::result::Result<Seq, (ErrorKind, String)>>,
     /// Receipts waiting for the outcome.
     wakers: Vec<Waker>,
 }
 
+/// What [`Gathering::join`] did with a message.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Join {
+    /// Joined, at this index.
+    Joined(u32),
+    /// Not joined: the credit has no room for it (reserve more, then join again).
+    NoCredit(Bytes),
+    /// Not joined: the gathering is sealed or full (start another).
+    Closed(Bytes),
+}
+
 impl Gathering {
-    /// A gathering of `targets` holding one message.
+    /// A gathering of `targets` holding one message, with `credit` reserved for more.
     pub(crate) fn new(
         inner: Weak<Inner>,
         targets: Arc<Targets>,
         body: Bytes,
         key_hash: Option<u64>,
+        credit: (u64, u64),
     ) -> Arc<Self> {
         Arc::new(Gathering {
             inner,
@@ -60,6 +85,7 @@ impl Gathering {
                 bytes: body.len(),
                 bodies: vec![body],
                 key_hashes: vec![key_hash],
+                credit,
                 outcome: None,
                 wakers: Vec::new(),
             }),
@@ -71,26 +97,39 @@ impl Gathering {
         &self.targets
     }
 
-    /// Adds a message; its index in the gathering, or the body back when the
-    /// gathering is sealed or full.
-    pub(crate) fn join(
-        &self,
-        body: Bytes,
-        key_hash: Option<u64>,
-    ) -> std::result::Result<u32, Bytes> {
+    /// Adds a message, taking its quota from the credit.
+    pub(crate) fn join(&self, body: Bytes, key_hash: Option<u64>) -> Join {
         let mut state = lock(&self.state);
         let full = state.bodies.len() >= GATHER_MAX_MESSAGES
             || state.bytes + body.len() > GATHER_MAX_BYTES;
         if state.sealed || full {
-            return Err(body);
+            return Join::Closed(body);
         }
+        let (messages, bytes) = state.credit;
+        let len = body.len() as u64;
+        if messages == 0 || bytes < len {
+            return Join::NoCredit(body);
+        }
+        state.credit = (messages - 1, bytes - len);
         state.bytes += body.len();
         state.bodies.push(body);
         state.key_hashes.push(key_hash);
-        Ok((state.bodies.len() - 1) as u32)
+        Join::Joined((state.bodies.len() - 1) as u32)
     }
 
-    /// No message may join any more (the writer still takes those that did).
+    /// Adds reserved quota to the credit; `false` (the caller keeps the reservation)
+    /// when the gathering is sealed.
+    pub(crate) fn add_credit(&self, (messages, bytes): (u64, u64)) -> bool {
+        let mut state = lock(&self.state);
+        if !state.sealed {
+            state.credit.0 += messages;
+            state.credit.1 += bytes;
+        }
+        !state.sealed
+    }
+
+    /// No message may join any more (the writer still takes those that did, and gives
+    /// back the credit).
     pub(crate) fn seal(&self) {
         lock(&self.state).sealed = true;
     }
@@ -112,17 +151,28 @@ impl Gathering {
         }
     }
 
-    /// Records the outcome and wakes the receipts waiting for it (once).
-    fn settle(&self, outcome: std::result::Result<Seq, (ErrorKind, String)>) {
-        let wakers = {
-            let mut state = lock(&self.state);
-            if state.outcome.is_some() {
-                return;
-            }
-            state.outcome = Some(outcome);
-            std::mem::take(&mut state.wakers)
-        };
-        for waker in wakers {
+    /// Records the outcome and wakes the receipts waiting for it (once). Stored
+    /// messages (`Ok(seqs)`) go to the dispatcher first, unless the peer is gone (the
+    /// messages are stored, and the next peer on this outbox resumes them).
+    fn settle(&self, outcome: std::result::Result<Range<u64>, (ErrorKind, String)>) {
+        let mut state = lock(&self.state);
+        if state.outcome.is_some() {
+            return;
+        }
+        if let (Ok(seqs), Some(inner)) = (&outcome, self.inner.upgrade()) {
+            // Under the lock, rather than taking the list: it was allocated on the
+            // publishing thread, and is freed there.
+            inner.hand_off(
+                crate::clock::now(),
+                seqs.start,
+                &state.key_hashes,
+                &self.targets,
+                false,
+            );
+        }
+        state.outcome = Some(outcome.map(|seqs| seqs.start));
+        // Woken in place, for the same reason.
+        for waker in state.wakers.drain(..) {
             waker.wake();
         }
     }
@@ -132,11 +182,17 @@ impl Gathering {
 pub(crate) struct GatherHandle(pub(crate) Arc<Gathering>);
 
 impl GatheredAppend for GatherHandle {
-    fn seal(&mut self) -> Vec<Bytes> {
+    fn seal(&mut self) -> Sealed {
         let mut state = lock(&self.0.state);
         state.sealed = true;
         state.bytes = 0;
-        std::mem::take(&mut state.bodies)
+        Sealed {
+            // Collected into a list of the writer's (which frees it), the gathering's
+            // own staying with it: memory allocated on one thread and freed on
+            // another contends for glibc's arena lock.
+            bodies: state.bodies.drain(..).collect(),
+            unused: std::mem::take(&mut state.credit),
+        }
     }
 }
 
@@ -144,29 +200,10 @@ impl AppendDone for GatherHandle {
     /// Runs on the writer thread: hands the stored messages to the dispatcher at once
     /// (whether or not their receipts are awaited), then wakes the receipts.
     fn done(self: Box<Self>, result: std::result::Result<Range<u64>, OutboxError>) {
-        let gathering = &self.0;
-        let outcome = match result {
-            Ok(seqs) => {
-                let key_hashes = std::mem::take(&mut lock(&gathering.state).key_hashes);
-                // A dropped peer dispatches nothing: the messages are stored, and the
-                // next peer on this outbox resumes them.
-                if let Some(inner) = gathering.inner.upgrade() {
-                    inner.hand_off(
-                        crate::clock::now(),
-                        seqs.start,
-                        &key_hashes,
-                        &gathering.targets,
-                        false,
-                    );
-                }
-                Ok(seqs.start)
-            }
-            Err(e) => {
-                let e = Error::from(e);
-                Err((e.kind(), e.to_string()))
-            }
-        };
-        gathering.settle(outcome);
+        self.0.settle(result.map_err(|e| {
+            let e = Error::from(e);
+            (e.kind(), e.to_string())
+        }));
     }
 }
 
@@ -197,35 +234,64 @@ mod tests {
         }
     }
 
+    const CREDIT: (u64, u64) = (GATHER_MAX_MESSAGES as u64, 2 * GATHER_MAX_BYTES as u64);
+
+    /// A gathering holding `first`, with credit for more than it may take.
     fn gathering(first: &'static str) -> Arc<Gathering> {
-        Gathering::new(Weak::new(), Targets::none(), Bytes::from(first), Some(7))
+        Gathering::new(
+            Weak::new(),
+            Targets::none(),
+            Bytes::from(first),
+            Some(7),
+            CREDIT,
+        )
     }
 
     #[test]
     fn messages_join_until_sealed_or_full_and_the_writer_takes_them_in_order() {
         let g = gathering("a");
-        assert_eq!(g.join(Bytes::from("b"), None), Ok(1));
+        assert_eq!(g.join(Bytes::from("b"), None), Join::Joined(1));
         let big = Bytes::from(vec![0u8; GATHER_MAX_BYTES]);
-        assert_eq!(g.join(big.clone(), None), Err(big), "past the byte limit");
-        let mut handle = GatherHandle(g.clone());
-        assert_eq!(handle.seal(), vec![Bytes::from("a"), Bytes::from("b")]);
         assert_eq!(
-            g.join(Bytes::from("c"), None),
-            Err(Bytes::from("c")),
-            "sealed"
+            g.join(big.clone(), None),
+            Join::Closed(big),
+            "past the byte limit"
         );
+        let sealed = GatherHandle(g.clone()).seal();
+        assert_eq!(sealed.bodies, vec![Bytes::from("a"), Bytes::from("b")]);
+        assert_eq!(
+            sealed.unused,
+            (CREDIT.0 - 1, CREDIT.1 - 1),
+            "the rest goes back"
+        );
+        let late = g.join(Bytes::from("c"), None);
+        assert_eq!(late, Join::Closed(Bytes::from("c")), "sealed");
+        assert!(!g.add_credit((1, 1)), "no credit for a sealed gathering");
         assert_eq!(lock(&g.state).key_hashes, vec![Some(7), None]);
 
         let full = gathering("0");
         for i in 1..GATHER_MAX_MESSAGES {
-            assert_eq!(full.join(Bytes::new(), None), Ok(i as u32));
+            assert_eq!(full.join(Bytes::new(), None), Join::Joined(i as u32));
         }
-        assert!(
-            full.join(Bytes::new(), None).is_err(),
-            "past the message limit"
+        let past = full.join(Bytes::new(), None);
+        assert_eq!(past, Join::Closed(Bytes::new()), "past the message limit");
+    }
+
+    #[test]
+    fn a_message_past_the_credit_joins_once_more_is_reserved() {
+        let g = Gathering::new(Weak::new(), Targets::none(), Bytes::from("a"), None, (1, 2));
+        let big = Bytes::from("bcd");
+        assert_eq!(g.join(big.clone(), None), Join::NoCredit(big));
+        assert_eq!(g.join(Bytes::from("bc"), None), Join::Joined(1));
+        let d = Bytes::from("d");
+        assert_eq!(
+            g.join(d.clone(), None),
+            Join::NoCredit(d.clone()),
+            "no message left"
         );
-        full.seal();
-        assert!(gathering("x").join(Bytes::new(), None).is_ok());
+        assert!(g.add_credit((2, 10)));
+        assert_eq!(g.join(d, None), Join::Joined(2));
+        assert_eq!(GatherHandle(g.clone()).seal().unused, (1, 9));
     }
 
     #[test]
@@ -240,18 +306,15 @@ mod tests {
         // The peer is gone (a dead `Weak`): stored, not dispatched.
         Box::new(GatherHandle(g.clone())).done(Ok(40..41));
         assert_eq!(counter.0.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            g.poll_stored(&mut cx).map(|r| r.ok()),
-            Poll::Ready(Some(40))
-        );
+        let stored = g.poll_stored(&mut cx).map(|r| r.ok());
+        assert_eq!(stored, Poll::Ready(Some(40)));
     }
 
     #[test]
     fn a_failed_or_dropped_append_fails_its_receipts() {
         let g = gathering("a");
         Box::new(GatherHandle(g.clone())).done(Err(OutboxError::Closed));
-        let waker = Waker::noop();
-        let mut cx = Context::from_waker(waker);
+        let mut cx = Context::from_waker(Waker::noop());
         let Poll::Ready(Err(e)) = g.poll_stored(&mut cx) else {
             panic!("a failed append's receipt fails")
         };

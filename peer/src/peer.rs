@@ -4,7 +4,7 @@ use crate::clock::WallClock;
 use crate::directory_client::{ClientSettings, DirectoryClient, Freshness};
 use crate::dispatch::{Action, Dispatcher, GroupBacklog, LinkEpoch, QueueId, Seq};
 use crate::error::{Error, ErrorKind, Result};
-use crate::gather::{GatherHandle, Gathering};
+use crate::gather::{self, GatherHandle, Gathering, Join};
 use crate::link::{self, LinkControl};
 use crate::members::Members;
 use crate::message::{self, Message};
@@ -1147,13 +1147,10 @@ impl Inner {
         self: &Arc<Self>,
         checked: &outbox::TargetGroups,
         targets: &Arc<Targets>,
-        record: Bytes,
+        mut record: Bytes,
         key_hash: Option<u64>,
     ) -> Result<std::result::Result<PendingReceipt, Bytes>> {
-        let len = record.len();
-        if !self.outbox.try_reserve_disk(checked, len)? {
-            return Ok(Err(record));
-        }
+        let len = record.len() as u64;
         let receipt = |gathering: &Arc<Gathering>, index| {
             PendingReceipt::gathered(
                 gathering.clone(),
@@ -1163,23 +1160,39 @@ impl Inner {
             )
         };
         let mut open = lock(&self.gathering);
-        let mut record = record;
         if let Some(gathering) = open.as_ref().filter(|g| Arc::ptr_eq(g.targets(), targets)) {
-            match gathering.join(record, key_hash) {
-                Ok(index) => return Ok(Ok(receipt(gathering, index))),
-                Err(given_back) => record = given_back,
-            }
+            record = match gathering.join(record, key_hash) {
+                Join::Joined(index) => return Ok(Ok(receipt(gathering, index))),
+                Join::Closed(record) => record,
+                Join::NoCredit(record) => {
+                    let Some(credit) = self.reserve_credit(checked, len)? else {
+                        return Ok(Err(record));
+                    };
+                    if !gathering.add_credit(credit) {
+                        self.outbox.unreserve_disk(checked, credit.0, credit.1);
+                    }
+                    match gathering.join(record, key_hash) {
+                        Join::Joined(index) => return Ok(Ok(receipt(gathering, index))),
+                        // Sealed by the writer meanwhile (the credit went with it).
+                        Join::Closed(record) | Join::NoCredit(record) => record,
+                    }
+                }
+            };
         }
         // Sealed, full, or for other targets: a new gathering, after the open one.
         if let Some(old) = open.take() {
             old.seal();
         }
+        let Some(credit) = self.reserve_credit(checked, len)? else {
+            return Ok(Err(record));
+        };
         // A clone (once per gathering) to give back if the writer cannot take it.
         let gathering = Gathering::new(
             Arc::downgrade(self),
             targets.clone(),
             record.clone(),
             key_hash,
+            (credit.0 - 1, credit.1 - len),
         );
         let handed = self
             .outbox
@@ -1189,9 +1202,31 @@ impl Inner {
             return Ok(Ok(receipt(&gathering, 0)));
         }
         drop(open);
-        self.outbox.unreserve_disk(checked, len);
+        self.outbox.unreserve_disk(checked, credit.0, credit.1);
         // Closed, or the channel was full (the caller waits for room).
         handed.map_err(Error::from).map(|_| Err(record))
+    }
+
+    /// Reserves outbox quota for a gathered message of `len` bytes and, room
+    /// permitting, for more of its size ([`gather::credit_messages`]), so that the next ones
+    /// join without taking the outbox's lock (which the writer holds while it records
+    /// a commit: reserving per message cost a fifth of `Disk` publish throughput). The
+    /// gathering gives back what its messages did not take. `None` when not even this
+    /// message fits.
+    fn reserve_credit(
+        &self,
+        checked: &outbox::TargetGroups,
+        len: u64,
+    ) -> Result<Option<(u64, u64)>> {
+        for messages in [gather::credit_messages(len), 1] {
+            if self
+                .outbox
+                .try_reserve_disk(checked, messages, messages * len)?
+            {
+                return Ok(Some((messages, messages * len)));
+            }
+        }
+        Ok(None)
     }
 
     /// Seals the open gathering, if any, before another request to the writer: a

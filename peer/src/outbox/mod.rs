@@ -221,10 +221,20 @@ pub trait AppendDone: Send + 'static {
 /// one another or for a timer.
 pub trait GatheredAppend: AppendDone {
     /// Called once, by the writer as it builds a commit (outside the outbox's locks):
-    /// the bodies gathered so far, in order, each with quota reserved by
-    /// [`Outbox::try_reserve_disk`]. None may join after this. The writer then calls
-    /// [`AppendDone::done`] as for any append.
-    fn seal(&mut self) -> Vec<Bytes>;
+    /// the bodies gathered so far, in order, and what remains of the quota reserved for
+    /// them with [`Outbox::try_reserve_disk`]. None may join after this. The writer
+    /// gives the rest of the reservation back, then calls [`AppendDone::done`] as for
+    /// any append.
+    fn seal(&mut self) -> Sealed;
+}
+
+/// A [`GatheredAppend`] as the writer takes it.
+#[derive(Debug, Default)]
+pub struct Sealed {
+    /// The gathered bodies, in order.
+    pub bodies: Vec<Bytes>,
+    /// Reserved quota (messages, body bytes) that no body took.
+    pub unused: (u64, u64),
 }
 
 /// What [`Outbox::append`] does when the quota is full.
@@ -985,17 +995,20 @@ impl Outbox {
         )
     }
 
-    /// Reserves quota for one `Disk` message of `len` body bytes to `targets`, for a
-    /// [`GatheredAppend`]: `Ok(false)` when the quota is full (the caller must wait,
-    /// as [`submit`](Self::submit) does). Give it back with
-    /// [`unreserve_disk`](Self::unreserve_disk) if the message is not handed over.
+    /// Reserves quota for `messages` `Disk` messages of `bytes` body bytes in all to
+    /// `targets`, for a [`GatheredAppend`] (which may reserve ahead for messages still
+    /// to come, and give back what they did not take when sealed): `Ok(false)` when the
+    /// quota has no room for them (a single message must then wait, or fail, as
+    /// [`submit`](Self::submit) says). Give a reservation no append took back with
+    /// [`unreserve_disk`](Self::unreserve_disk). Bodies are not checked here:
+    /// [`submit`](Self::submit) does that for those that do not fit.
     pub fn try_reserve_disk(
         &self,
         targets: &TargetGroups,
-        len: usize,
+        messages: u64,
+        bytes: u64,
     ) -> Result<bool, OutboxError> {
         let shared = &self.inner.shared;
-        let size = check_body(&shared.cfg, len)?;
         if self.inner.tx.is_none() || shared.closed.load(Ordering::Acquire) {
             return Err(OutboxError::Closed);
         }
@@ -1003,18 +1016,18 @@ impl Outbox {
             || shared
                 .core()
                 .state
-                .reserve_as(Durability::Disk, 1, size)
+                .reserve_as(Durability::Disk, messages, bytes)
                 .is_ok())
     }
 
     /// Gives back a reservation of [`try_reserve_disk`](Self::try_reserve_disk).
-    pub fn unreserve_disk(&self, targets: &TargetGroups, len: usize) {
-        if !targets.names.is_empty() {
+    pub fn unreserve_disk(&self, targets: &TargetGroups, messages: u64, bytes: u64) {
+        if !targets.names.is_empty() && (messages, bytes) != (0, 0) {
             let shared = &self.inner.shared;
             shared
                 .core()
                 .state
-                .unreserve_as(Durability::Disk, 1, len as u64);
+                .unreserve_as(Durability::Disk, messages, bytes);
             shared.space.notify_waiters();
         }
     }

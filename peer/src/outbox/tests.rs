@@ -1402,12 +1402,17 @@ async fn a_group_commit_takes_at_most_max_batch_bytes() {
 /// A [`GatheredAppend`] whose bodies the test adds, telling the test its outcome.
 struct TestGathering {
     bodies: Arc<Mutex<Vec<Bytes>>>,
+    /// Reserved quota no body took.
+    unused: (u64, u64),
     done: Option<oneshot::Sender<Result<std::ops::Range<u64>, OutboxError>>>,
 }
 
 impl GatheredAppend for TestGathering {
-    fn seal(&mut self) -> Vec<Bytes> {
-        std::mem::take(&mut *self.bodies.lock().unwrap())
+    fn seal(&mut self) -> Sealed {
+        Sealed {
+            bodies: std::mem::take(&mut *self.bodies.lock().unwrap()),
+            unused: std::mem::take(&mut self.unused),
+        }
     }
 }
 
@@ -1421,8 +1426,8 @@ impl AppendDone for TestGathering {
 
 /// A gathered append stores the bodies added before the writer sealed it, after the
 /// appends handed over before it and under consecutive sequence numbers, and tells its
-/// continuation; quota is reserved per message (refused when full, given back when a
-/// message is not handed over); a closed outbox refuses both.
+/// continuation; quota reserved ahead for it is refused when full, and what its bodies
+/// did not take is given back when it is sealed; a closed outbox refuses both.
 #[tokio::test]
 async fn a_gathered_append_is_sealed_by_the_writer_and_stored_in_order() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1431,36 +1436,44 @@ async fn a_gathered_append_is_sealed_by_the_writer_and_stored_in_order() {
     let (o, _) = Outbox::open(c.clone()).await.unwrap();
     let targets = o.target_groups(g(&["a"])).unwrap();
     let before = append_disk(&o, &["a"], b"before").await;
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    for body in ["x", "y", "z"] {
-        assert!(o.try_reserve_disk(&targets, body.len()).unwrap());
-        bodies.lock().unwrap().push(Bytes::from(body));
-    }
     assert!(
-        !o.try_reserve_disk(&targets, 1).unwrap(),
+        o.try_reserve_disk(&targets, 3, 3).unwrap(),
+        "three reserved ahead"
+    );
+    assert!(
+        !o.try_reserve_disk(&targets, 1, 1).unwrap(),
         "the quota is full"
     );
+    let bodies = Arc::new(Mutex::new(vec![Bytes::from("x"), Bytes::from("y")]));
     let (tx, rx) = oneshot::channel();
     let gathering = TestGathering {
         bodies: bodies.clone(),
+        unused: (1, 1),
         done: Some(tx),
     };
     assert!(o.try_gather(&targets, Box::new(gathering)).unwrap().is_ok());
     let seqs = rx.await.unwrap().unwrap();
-    assert_eq!(seqs, before + 1..before + 4);
+    assert_eq!(seqs, before + 1..before + 3);
+    assert!(
+        o.try_reserve_disk(&targets, 1, 1).unwrap(),
+        "the unused one came back"
+    );
+    assert!(!o.try_reserve_disk(&targets, 1, 1).unwrap(), "full again");
     o.settle(before, "a");
     assert!(
-        o.try_reserve_disk(&targets, 5).unwrap(),
+        o.try_reserve_disk(&targets, 1, 5).unwrap(),
         "a settle freed room"
     );
-    o.unreserve_disk(&targets, 5);
-    assert_eq!(o.stats().pending_messages, 3);
+    o.unreserve_disk(&targets, 1, 5);
+    o.unreserve_disk(&targets, 1, 1);
+    assert_eq!(o.stats().pending_messages, 2);
 
     o.close().await.unwrap();
-    let e = o.try_reserve_disk(&targets, 1).unwrap_err();
+    let e = o.try_reserve_disk(&targets, 1, 1).unwrap_err();
     assert!(matches!(e, OutboxError::Closed), "{e:?}");
     let refused = TestGathering {
         bodies: Arc::new(Mutex::new(vec![Bytes::from("late")])),
+        unused: (0, 0),
         done: None,
     };
     let e = o
@@ -1471,5 +1484,5 @@ async fn a_gathered_append_is_sealed_by_the_writer_and_stored_in_order() {
     drop(o);
     let (_o, rec) = Outbox::open(c).await.unwrap();
     let recovered: Vec<Bytes> = rec.pending.into_iter().map(|p| p.body).collect();
-    assert_eq!(recovered, ["x", "y", "z"].map(Bytes::from).to_vec());
+    assert_eq!(recovered, ["x", "y"].map(Bytes::from).to_vec());
 }

@@ -68,11 +68,25 @@ impl Req {
 }
 
 impl Append {
-    /// The append of a [`Req::Gathered`], sealed now.
-    fn sealed(targets: TargetGroups, mut gathered: Box<dyn super::GatheredAppend>) -> Append {
+    /// The append of a [`Req::Gathered`], sealed now; the quota reserved for messages
+    /// that did not join is given back.
+    fn sealed(
+        shared: &Shared,
+        targets: TargetGroups,
+        mut gathered: Box<dyn super::GatheredAppend>,
+    ) -> Append {
+        let sealed = gathered.seal();
+        if !targets.names.is_empty() && sealed.unused != (0, 0) {
+            let (messages, bytes) = sealed.unused;
+            shared
+                .core()
+                .state
+                .unreserve_as(Durability::Disk, messages, bytes);
+            shared.space.notify_waiters();
+        }
         Append {
             targets,
-            bodies: gathered.seal().into(),
+            bodies: sealed.bodies.into(),
             durability: Durability::Disk,
             reply: Reply::Then(gathered),
         }
@@ -152,7 +166,7 @@ impl Writer {
                 match r {
                     Req::Append(append) => appends.push(append),
                     Req::Gathered(targets, gathered) => {
-                        appends.push(Append::sealed(targets, gathered))
+                        appends.push(Append::sealed(&self.shared, targets, gathered))
                     }
                     Req::Wake => {}
                     Req::Close(reply) => close = Some(reply),
@@ -165,7 +179,9 @@ impl Writer {
                 while let Ok(r) = self.rx.try_recv() {
                     let append = match r {
                         Req::Append(append) => append,
-                        Req::Gathered(targets, gathered) => Append::sealed(targets, gathered),
+                        Req::Gathered(targets, gathered) => {
+                            Append::sealed(&self.shared, targets, gathered)
+                        }
                         Req::Wake | Req::Close(_) => continue,
                     };
                     append.unreserve(&mut self.shared.core().state);
