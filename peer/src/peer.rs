@@ -1180,8 +1180,10 @@ impl Inner {
             };
         }
         // Sealed, full, or for other targets: a new gathering, after the open one.
+        let mut expected = 0;
         if let Some(old) = open.take() {
             old.seal();
+            expected = old.len();
         }
         let Some(credit) = self.reserve_credit(checked, len)? else {
             return Ok(Err(record));
@@ -1190,9 +1192,9 @@ impl Inner {
         let gathering = Gathering::new(
             Arc::downgrade(self),
             targets.clone(),
-            record.clone(),
-            key_hash,
+            (record.clone(), key_hash),
             (credit.0 - 1, credit.1 - len),
+            expected,
         );
         let handed = self
             .outbox
