@@ -252,13 +252,8 @@ mod tests {
 
     /// A gathering holding `first`, with credit for more than it may take.
     fn gathering(first: &'static str) -> Arc<Gathering> {
-        Gathering::new(
-            Weak::new(),
-            Targets::none(),
-            Bytes::from(first),
-            Some(7),
-            CREDIT,
-        )
+        let first = (Bytes::from(first), Some(7));
+        Gathering::new(Weak::new(), Targets::none(), first, CREDIT, 1)
     }
 
     #[test]
@@ -293,13 +288,8 @@ mod tests {
 
     #[test]
     fn a_message_past_the_credit_joins_once_more_is_reserved() {
-        let g = Gathering::new(
-            Weak::new(),
-            Targets::none(),
-            (Bytes::from("a"), None),
-            (1, 2),
-            0,
-        );
+        let first = (Bytes::from("a"), None);
+        let g = Gathering::new(Weak::new(), Targets::none(), first, (1, 2), 0);
         let big = Bytes::from("bcd");
         assert_eq!(g.join(big.clone(), None), Join::NoCredit(big));
         assert_eq!(g.join(Bytes::from("bc"), None), Join::Joined(1));
