@@ -33,7 +33,7 @@ struct Args {
     /// Orders to publish (same as the positional argument).
     #[arg(long = "count", value_name = "COUNT", conflicts_with = "count")]
     count_flag: Option<u64>,
-    /// Publishes in flight at once.
+    /// Orders in flight at once (submitted, receipts not yet awaited).
     #[arg(long, default_value_t = 512)]
     concurrency: usize,
     /// Seconds to wait for every order to arrive.
@@ -123,18 +123,10 @@ async fn main() -> Result<()> {
         CUSTOMERS, args.concurrency
     );
     let started = Instant::now();
-    let mut publishes = futures::stream::iter(0..n)
-        .map(|i| {
-            let orders = orders.clone();
-            async move {
-                let msg = Message::new(i.to_string()).key(format!("user-{}", i % CUSTOMERS));
-                orders
-                    .publish_with(TOPIC, msg, Durability::Disk, weft_peer::WhenFull::Wait)
-                    .await
-            }
-        })
-        .buffer_unordered(args.concurrency);
-    while let Some(receipt) = publishes.next().await {
+    // Pipelined: `submit` hands each order to the outbox and returns its receipt at
+    // once; up to `concurrency` receipts wait, the oldest awaited first, so one group
+    // commit (one fsync) answers hundreds of orders.
+    let check = |receipt: weft_peer::Result<weft_peer::Receipt>| -> Result<()> {
         let receipt = receipt.context("publishing an order")?;
         ensure!(
             receipt.groups == 2,
@@ -142,8 +134,25 @@ async fn main() -> Result<()> {
             receipt.id,
             receipt.groups
         );
+        Ok(())
+    };
+    let mut in_flight = std::collections::VecDeque::with_capacity(args.concurrency);
+    for i in 0..n {
+        if in_flight.len() >= args.concurrency.max(1) {
+            if let Some(oldest) = in_flight.pop_front() {
+                check(oldest.await)?;
+            }
+        }
+        let msg = Message::new(i.to_string()).key(format!("user-{}", i % CUSTOMERS));
+        let receipt = orders
+            .submit_with(TOPIC, msg, Durability::Disk, weft_peer::WhenFull::Wait)
+            .await
+            .context("publishing an order")?;
+        in_flight.push_back(receipt);
     }
-    drop(publishes);
+    for receipt in in_flight {
+        check(receipt.await)?;
+    }
     let publish_time = started.elapsed();
 
     let all_arrived = wait_for(
