@@ -976,23 +976,40 @@ impl Outbox {
     /// stored, the body given back) when the quota or the writer's channel is full, and
     /// the caller must use `submit`, which waits or fails as its `WhenFull` says.
     /// Synchronous, so a caller's future holds no state of `submit`, and allocates
-    /// nothing but the ticket: the common path of one `Disk` publish.
+    /// nothing but the ticket. (A peer's single `Disk` publishes are gathered instead:
+    /// see [`try_gather`](Self::try_gather).)
     pub fn try_submit(
         &self,
         targets: &TargetGroups,
         body: Bytes,
         durability: Durability,
     ) -> Result<Result<AppendTicket, Bytes>, OutboxError> {
+        let shared = &self.inner.shared;
+        let size = check_body(&shared.cfg, body.len())?;
+        let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(OutboxError::Closed);
+        }
+        let permit = match tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(OutboxError::Closed),
+            Err(mpsc::error::TrySendError::Full(())) => return Ok(Err(body)),
+        };
+        if !targets.names.is_empty() && shared.core().state.reserve_as(durability, 1, size).is_err()
+        {
+            return Ok(Err(body));
+        }
         let (reply, rx) = oneshot::channel();
-        Ok(
-            match self.try_hand_over(targets, body, durability, Reply::Ticket(reply))? {
-                Ok(()) => Ok(AppendTicket {
-                    rx,
-                    blocking: self.inner.shared.cfg.blocking_append,
-                }),
-                Err((body, _)) => Err(body),
-            },
-        )
+        permit.send(Req::Append(writer::Append {
+            targets: targets.clone(),
+            bodies: smallvec::smallvec![body],
+            durability,
+            reply: Reply::Ticket(reply),
+        }));
+        Ok(Ok(AppendTicket {
+            rx,
+            blocking: shared.cfg.blocking_append,
+        }))
     }
 
     /// Reserves quota for `messages` `Disk` messages of `bytes` body bytes in all to
@@ -1050,37 +1067,6 @@ impl Outbox {
             Err(mpsc::error::TrySendError::Closed(())) => Err(OutboxError::Closed),
             Err(mpsc::error::TrySendError::Full(())) => Ok(Err(append)),
         }
-    }
-
-    fn try_hand_over(
-        &self,
-        targets: &TargetGroups,
-        body: Bytes,
-        durability: Durability,
-        reply: Reply,
-    ) -> Result<Result<(), (Bytes, Reply)>, OutboxError> {
-        let shared = &self.inner.shared;
-        let size = check_body(&shared.cfg, body.len())?;
-        let tx = self.inner.tx.as_ref().ok_or(OutboxError::Closed)?;
-        if shared.closed.load(Ordering::Acquire) {
-            return Err(OutboxError::Closed);
-        }
-        let permit = match tx.try_reserve() {
-            Ok(permit) => permit,
-            Err(mpsc::error::TrySendError::Closed(())) => return Err(OutboxError::Closed),
-            Err(mpsc::error::TrySendError::Full(())) => return Ok(Err((body, reply))),
-        };
-        if !targets.names.is_empty() && shared.core().state.reserve_as(durability, 1, size).is_err()
-        {
-            return Ok(Err((body, reply)));
-        }
-        permit.send(Req::Append(writer::Append {
-            targets: targets.clone(),
-            bodies: smallvec::smallvec![body],
-            durability,
-            reply,
-        }));
-        Ok(Ok(()))
     }
 
     /// Appends a `Memory` message without the writer: returns its sequence number, or
