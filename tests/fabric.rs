@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use weft_directory::Directory;
-use weft_peer::{Message, Peer};
+use weft_peer::{Durability, Message, Peer, WhenFull};
 use weft_tests::{eventually, group_listed, init_logs};
 
 struct Fabric {
@@ -731,28 +731,37 @@ async fn pipelined_submits_are_stored_in_order_and_delivered_awaited_or_not() {
     consume("receiver", sub, seen.clone());
     const N: u64 = 3_000;
     let mut in_flight = std::collections::VecDeque::new();
-    let mut seqs = Vec::new();
+    // Sequence number by message number, of every receipt awaited.
+    let mut seqs = std::collections::BTreeMap::new();
     for n in 0..N {
         if in_flight.len() == 256 {
-            let oldest: weft_peer::PendingReceipt = in_flight.pop_front().expect("256 queued");
-            seqs.push(within(oldest).await.expect("stored").id.seq);
+            let (m, oldest): (u64, weft_peer::PendingReceipt) =
+                in_flight.pop_front().expect("256 queued");
+            seqs.insert(m, within(oldest).await.expect("stored").id.seq);
         }
         let message = Message::new(n.to_string()).key("one-key");
-        let receipt = within(sender.submit("t", message))
-            .await
-            .expect("submitted");
+        // Now and then a `Confirmed` submit, which goes to the writer on its own,
+        // between the gathered `Disk` ones: the open gathering is sealed before it, so
+        // that no later submit joins it and gets an earlier sequence number.
+        let durability = match n % 500 {
+            250 => Durability::Confirmed,
+            _ => Durability::Disk,
+        };
+        let receipt = sender.submit_with("t", message, durability, WhenFull::Wait);
+        let receipt = within(receipt).await.expect("submitted");
         // Every tenth receipt is dropped unawaited.
         if n % 10 != 9 {
-            in_flight.push_back(receipt);
+            in_flight.push_back((n, receipt));
         }
     }
-    for receipt in in_flight {
-        seqs.push(within(receipt).await.expect("stored").id.seq);
+    for (m, receipt) in in_flight {
+        seqs.insert(m, within(receipt).await.expect("stored").id.seq);
     }
     assert_eq!(seqs.len() as u64, N - N / 10);
+    let in_publish_order: Vec<u64> = seqs.into_values().collect();
     assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "receipts in publish order"
+        in_publish_order.windows(2).all(|w| w[0] < w[1]),
+        "sequence numbers in publish order"
     );
     assert!(
         eventually(Duration::from_secs(30), || total(&seen, &["receiver"])
