@@ -514,7 +514,8 @@ impl Peer {
     /// `Disk` publishes at once, and the publishing task is woken once per commit, not
     /// once per message: several times the throughput of one `publish` at a time, and
     /// more than a `FuturesUnordered` of `publish` futures, with the same guarantees.
-    /// Receipts of one publisher resolve in publish order.
+    /// The receipts of one task's `Disk` submits resolve in submit order, with
+    /// increasing sequence numbers.
     ///
     /// ```no_run
     /// # async fn run(peer: weft_peer::Peer) -> weft_peer::Result<()> {
@@ -524,8 +525,9 @@ impl Peer {
     /// let mut in_flight = VecDeque::new();
     /// for i in 0..100_000u32 {
     ///     if in_flight.len() == 512 {
-    ///         let oldest: weft_peer::PendingReceipt = in_flight.pop_front().expect("512 queued");
-    ///         oldest.await?;
+    ///         if let Some(oldest) = in_flight.pop_front() {
+    ///             oldest.await?;
+    ///         }
     ///     }
     ///     in_flight.push_back(peer.submit("orders", Message::new(i.to_le_bytes().to_vec())).await?);
     /// }
