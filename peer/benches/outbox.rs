@@ -3,7 +3,8 @@
 //! Run with `cargo bench -p weft-peer --bench outbox`.
 //!
 //! Uses only the public `weft_peer::outbox` API: `OutboxConfig::new`, `Outbox::open`,
-//! `Outbox::append`, `Outbox::try_submit`, `Outbox::settle`, `Outbox::read`, `Outbox::stats` and
+//! `Outbox::append`, `Outbox::try_submit`, `Outbox::try_reserve_disk`,
+//! `Outbox::try_gather`, `Outbox::settle`, `Outbox::read`, `Outbox::stats` and
 //! `Outbox::close`. The outbox lives in a temporary directory (on the same file system as
 //! `/tmp`, which decides what an `fdatasync` costs).
 
@@ -11,7 +12,9 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use weft_peer::outbox::{Durability, Outbox, OutboxConfig, WhenFull};
+use weft_peer::outbox::{
+    AppendDone, Durability, GatheredAppend, Outbox, OutboxConfig, OutboxError, Sealed, WhenFull,
+};
 
 /// Appends in flight at once: enough for group commit to batch them.
 const CONCURRENT: usize = 256;
@@ -72,6 +75,53 @@ async fn try_submit_batch(outbox: &Outbox, body: &Bytes) -> Vec<u64> {
     seqs
 }
 
+/// The bodies of one gathering, as a peer gathers single `Disk` publishes.
+struct BenchGathering {
+    bodies: Vec<Bytes>,
+    done: Option<tokio::sync::oneshot::Sender<Result<std::ops::Range<u64>, OutboxError>>>,
+}
+
+impl GatheredAppend for BenchGathering {
+    fn seal(&mut self) -> Sealed {
+        Sealed {
+            bodies: std::mem::take(&mut self.bodies),
+            unused: (0, 0),
+        }
+    }
+}
+
+impl AppendDone for BenchGathering {
+    fn done(mut self: Box<Self>, result: Result<std::ops::Range<u64>, OutboxError>) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(result);
+        }
+    }
+}
+
+/// `CONCURRENT` bodies gathered into one append (`try_reserve_disk` for all of them
+/// at once, then `try_gather`: the path of pipelined single `Disk` publishes), its
+/// continuation awaited; returns their sequence numbers.
+async fn gathered_batch(outbox: &Outbox, body: &Bytes) -> Vec<u64> {
+    let targets = outbox
+        .target_groups(vec![GROUP.to_string()])
+        .expect("a valid group");
+    let n = CONCURRENT as u64;
+    let reserved = outbox
+        .try_reserve_disk(&targets, n, n * body.len() as u64)
+        .expect("open");
+    assert!(reserved, "room in the quota");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let gathering = BenchGathering {
+        bodies: vec![body.clone(); CONCURRENT],
+        done: Some(tx),
+    };
+    let handed = outbox
+        .try_gather(&targets, Box::new(gathering))
+        .expect("open");
+    assert!(handed.is_ok(), "room in the writer channel");
+    rx.await.expect("answered").expect("stored").collect()
+}
+
 fn append(c: &mut Criterion) {
     let rt = runtime();
     let body = Bytes::from(vec![0x5a; BODY]);
@@ -81,6 +131,7 @@ fn append(c: &mut Criterion) {
         ("memory", Durability::Memory),
         ("disk", Durability::Disk),
         ("disk_try_submit", Durability::Disk),
+        ("disk_gathered", Durability::Disk),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let outbox = rt.block_on(open(&dir));
@@ -93,10 +144,10 @@ fn append(c: &mut Criterion) {
                     let mut timed = Duration::ZERO;
                     for _ in 0..iters {
                         let start = Instant::now();
-                        let seqs = if name == "disk_try_submit" {
-                            try_submit_batch(&outbox, &body).await
-                        } else {
-                            append_batch(&outbox, &body, durability).await
+                        let seqs = match name {
+                            "disk_try_submit" => try_submit_batch(&outbox, &body).await,
+                            "disk_gathered" => gathered_batch(&outbox, &body).await,
+                            _ => append_batch(&outbox, &body, durability).await,
                         };
                         timed += start.elapsed();
                         for seq in seqs {
