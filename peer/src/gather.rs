@@ -148,17 +148,30 @@ impl Gathering {
         lock(&self.state).key_hashes.len()
     }
 
-    /// The first message's sequence number once the gathering is stored.
-    pub(crate) fn poll_stored(&self, cx: &mut Context<'_>) -> Poll<Result<Seq>> {
+    /// The first message's sequence number once the gathering is stored. `slot` is
+    /// the polling receipt's place in the list of wakers (`None` until it first
+    /// waits): a receipt holds at most one, so the list is never longer than the
+    /// gathering's messages, however often each is polled.
+    pub(crate) fn poll_stored(
+        &self,
+        cx: &mut Context<'_>,
+        slot: &mut Option<u32>,
+    ) -> Poll<Result<Seq>> {
         let mut state = lock(&self.state);
         match &state.outcome {
             Some(Ok(first)) => Poll::Ready(Ok(*first)),
             Some(Err((kind, message))) => Poll::Ready(Err(Error::new(*kind, message.clone()))),
             None => {
-                // A task polling again (a wake-up of another of its futures) is not
-                // listed twice; each receipt polled by its own task adds one.
-                if !state.wakers.last().is_some_and(|w| w.will_wake(cx.waker())) {
-                    state.wakers.push(cx.waker().clone());
+                match slot.and_then(|i| state.wakers.get_mut(i as usize)) {
+                    Some(waker) => {
+                        if !waker.will_wake(cx.waker()) {
+                            waker.clone_from(cx.waker());
+                        }
+                    }
+                    None => {
+                        *slot = Some(state.wakers.len() as u32);
+                        state.wakers.push(cx.waker().clone());
+                    }
                 }
                 Poll::Pending
             }
@@ -310,13 +323,18 @@ mod tests {
         let counter = Arc::new(Counter::default());
         let waker = Waker::from(counter.clone());
         let mut cx = Context::from_waker(&waker);
-        assert!(g.poll_stored(&mut cx).is_pending());
-        assert!(g.poll_stored(&mut cx).is_pending());
-        assert_eq!(lock(&g.state).wakers.len(), 1, "one task listed once");
+        let mut slot = None;
+        assert!(g.poll_stored(&mut cx, &mut slot).is_pending());
+        assert!(g.poll_stored(&mut cx, &mut slot).is_pending());
+        let other = Waker::from(Arc::new(Counter::default()));
+        let mut other_cx = Context::from_waker(&other);
+        assert!(g.poll_stored(&mut other_cx, &mut slot).is_pending());
+        assert!(g.poll_stored(&mut cx, &mut slot).is_pending());
+        assert_eq!(lock(&g.state).wakers.len(), 1, "one place per receipt");
         // The peer is gone (a dead `Weak`): stored, not dispatched.
         Box::new(GatherHandle(g.clone())).done(Ok(40..41));
         assert_eq!(counter.0.load(Ordering::Relaxed), 1);
-        let stored = g.poll_stored(&mut cx).map(|r| r.ok());
+        let stored = g.poll_stored(&mut cx, &mut slot).map(|r| r.ok());
         assert_eq!(stored, Poll::Ready(Some(40)));
     }
 
@@ -325,14 +343,14 @@ mod tests {
         let g = gathering("a");
         Box::new(GatherHandle(g.clone())).done(Err(OutboxError::Closed));
         let mut cx = Context::from_waker(Waker::noop());
-        let Poll::Ready(Err(e)) = g.poll_stored(&mut cx) else {
+        let Poll::Ready(Err(e)) = g.poll_stored(&mut cx, &mut None) else {
             panic!("a failed append's receipt fails")
         };
         assert_eq!(e.kind(), ErrorKind::Closed);
 
         let g = gathering("b");
         drop(GatherHandle(g.clone()));
-        let Poll::Ready(Err(e)) = g.poll_stored(&mut cx) else {
+        let Poll::Ready(Err(e)) = g.poll_stored(&mut cx, &mut None) else {
             panic!("a request dropped unanswered fails its receipts")
         };
         assert_eq!(e.kind(), ErrorKind::Closed);

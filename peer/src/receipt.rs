@@ -111,6 +111,8 @@ enum State {
         index: u32,
         producer: u64,
         groups: usize,
+        /// Its place among the gathering's wakers, once it waited.
+        slot: Option<u32>,
     },
     /// Stored; waiting for every group's acknowledgement (`Confirmed`).
     Confirming {
@@ -139,6 +141,7 @@ impl PendingReceipt {
                 index,
                 producer,
                 groups,
+                slot: None,
             },
         }
     }
@@ -206,8 +209,9 @@ impl Future for PendingReceipt {
                     index,
                     producer,
                     groups,
+                    slot,
                 } => {
-                    let answer = ready!(gathering.poll_stored(cx)).map(|first| Receipt {
+                    let answer = ready!(gathering.poll_stored(cx, slot)).map(|first| Receipt {
                         id: MessageId {
                             producer: *producer,
                             seq: first + u64::from(*index),
