@@ -9,7 +9,7 @@ use crate::link::{self, LinkControl};
 use crate::members::Members;
 use crate::message::{self, Message};
 use crate::outbox::{self, MemoryRecord, MemoryRecords, Outbox, OutboxConfig, OutboxStats};
-use crate::receipt::{self, PendingReceipt, Publish, Stored, Submitted};
+use crate::receipt::{self, PendingReceipt, Publish, ReceiptOf, Stored, Submitted};
 use crate::seq_map::SeqMap;
 use crate::subscription::{
     lock, SubShared, SubState, Subscription, DEFAULT_CREDIT, DEFAULT_MAX_QUEUED_BYTES,
@@ -1154,12 +1154,7 @@ impl Inner {
     ) -> Result<std::result::Result<PendingReceipt, Bytes>> {
         let len = record.len() as u64;
         let receipt = |gathering: &Arc<Gathering>, index| {
-            PendingReceipt::gathered(
-                gathering.clone(),
-                index,
-                self.producer_id,
-                targets.groups.len(),
-            )
+            PendingReceipt::gathered(gathering.clone(), index, self.receipt_of(&targets.groups))
         };
         let mut open = lock(&self.gathering);
         if let Some(gathering) = open.as_ref().filter(|g| Arc::ptr_eq(g.targets(), targets)) {
@@ -1267,17 +1262,18 @@ impl Inner {
             .await?;
         Ok(PendingReceipt::storing(
             stored,
-            self.producer_id,
-            targets.groups.len(),
+            self.receipt_of(&targets.groups),
         ))
     }
 
     fn receipt(&self, seq: Seq, targets: &[String]) -> Receipt {
-        Receipt {
-            id: MessageId {
-                producer: self.producer_id,
-                seq,
-            },
+        self.receipt_of(targets).at(seq)
+    }
+
+    /// What the receipts of a publish to `targets` share.
+    fn receipt_of(&self, targets: &[String]) -> ReceiptOf {
+        ReceiptOf {
+            producer: self.producer_id,
             groups: targets.len(),
         }
     }

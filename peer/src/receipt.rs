@@ -31,11 +31,8 @@ pub(crate) type StoredTx = oneshot::Sender<Result<Stored>>;
 pub(crate) type StoredRx = Unconstrained<oneshot::Receiver<Result<Stored>>>;
 
 /// A channel for one append's [`Stored`]. Its receiver is outside tokio's cooperative
-/// budget: one group commit answers thousands of appends at once, and a task awaiting
-/// many of them (`FuturesUnordered`, `join_all`) would otherwise see all but the first
-/// 128 or so return `Pending` with a deferred wake-up and poll every one again, round
-/// after round (a third to half of the CPU of one-publish-per-message `Disk` runs). An
-/// answer comes once, after a real wait for the writer, so this cannot spin.
+/// budget, for the reason `outbox::AppendTicket::wait` gives: one group commit answers
+/// thousands of appends at once.
 pub(crate) fn stored_channel() -> (StoredTx, StoredRx) {
     let (tx, rx) = oneshot::channel();
     (tx, tokio::task::coop::unconstrained(rx))
@@ -73,6 +70,26 @@ fn not_confirmed() -> Error {
     )
 }
 
+/// What every receipt of one publish shares: the producer and the number of target
+/// groups; [`at`](Self::at) makes the receipt of one sequence number.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReceiptOf {
+    pub(crate) producer: u64,
+    pub(crate) groups: usize,
+}
+
+impl ReceiptOf {
+    pub(crate) fn at(self, seq: Seq) -> Receipt {
+        Receipt {
+            id: MessageId {
+                producer: self.producer,
+                seq,
+            },
+            groups: self.groups,
+        }
+    }
+}
+
 /// The receipt of a message given to [`Peer::submit`](crate::Peer::submit): resolves
 /// when the message holds the durability it was published with, to what
 /// [`Peer::publish`](crate::Peer::publish) would have returned. The message is stored
@@ -100,17 +117,12 @@ enum State {
     /// Known (taken when returned).
     Ready(Option<Result<Receipt>>),
     /// With the outbox writer.
-    Storing {
-        stored: StoredRx,
-        producer: u64,
-        groups: usize,
-    },
+    Storing { stored: StoredRx, of: ReceiptOf },
     /// Gathered for the writer's next commit, at `index` among its messages.
     Gathered {
         gathering: Arc<Gathering>,
         index: u32,
-        producer: u64,
-        groups: usize,
+        of: ReceiptOf,
         /// Its place among the gathering's wakers, once it waited.
         slot: Option<u32>,
     },
@@ -129,31 +141,21 @@ impl PendingReceipt {
     }
 
     /// The receipt of message `index` of `gathering`.
-    pub(crate) fn gathered(
-        gathering: Arc<Gathering>,
-        index: u32,
-        producer: u64,
-        groups: usize,
-    ) -> Self {
+    pub(crate) fn gathered(gathering: Arc<Gathering>, index: u32, of: ReceiptOf) -> Self {
         PendingReceipt {
             state: State::Gathered {
                 gathering,
                 index,
-                producer,
-                groups,
+                of,
                 slot: None,
             },
         }
     }
 
     /// The receipt of a publish whose record is with the writer, answered on `stored`.
-    pub(crate) fn storing(stored: StoredRx, producer: u64, groups: usize) -> Self {
+    pub(crate) fn storing(stored: StoredRx, of: ReceiptOf) -> Self {
         PendingReceipt {
-            state: State::Storing {
-                stored,
-                producer,
-                groups,
-            },
+            state: State::Storing { stored, of },
         }
     }
 }
@@ -172,11 +174,7 @@ impl Future for PendingReceipt {
                         ))
                     }))
                 }
-                State::Storing {
-                    stored,
-                    producer,
-                    groups,
-                } => {
+                State::Storing { stored, of } => {
                     let answer = stored_answer(ready!(Pin::new(stored).poll(cx)));
                     let Stored { seqs, confirms } = match answer {
                         Ok(stored) => stored,
@@ -185,13 +183,7 @@ impl Future for PendingReceipt {
                             return Poll::Ready(Err(e));
                         }
                     };
-                    let receipt = Receipt {
-                        id: MessageId {
-                            producer: *producer,
-                            seq: seqs.start,
-                        },
-                        groups: *groups,
-                    };
+                    let receipt = of.at(seqs.start);
                     self.state = if confirms.is_empty() {
                         State::Ready(Some(Ok(receipt)))
                     } else {
@@ -207,17 +199,11 @@ impl Future for PendingReceipt {
                 State::Gathered {
                     gathering,
                     index,
-                    producer,
-                    groups,
+                    of,
                     slot,
                 } => {
-                    let answer = ready!(gathering.poll_stored(cx, slot)).map(|first| Receipt {
-                        id: MessageId {
-                            producer: *producer,
-                            seq: first + u64::from(*index),
-                        },
-                        groups: *groups,
-                    });
+                    let answer = ready!(gathering.poll_stored(cx, slot))
+                        .map(|first| of.at(first + u64::from(*index)));
                     self.state = State::Ready(None);
                     return Poll::Ready(answer);
                 }
