@@ -1599,12 +1599,19 @@ impl outbox::AppendDone for DispatchWhenStored {
         result: std::result::Result<std::ops::Range<u64>, outbox::OutboxError>,
     ) {
         let answer = result.map_err(Error::from).and_then(|seqs| {
-            let inner = self.inner.upgrade().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Closed,
-                    "peer dropped before the message was stored",
-                )
-            })?;
+            // A dropped peer dispatches nothing: the messages are stored (as a
+            // gathering's are), and the next peer on this outbox resumes them; only a
+            // `Confirmed` publish, which waits for the groups, fails.
+            let Some(inner) = self.inner.upgrade() else {
+                if self.confirmed {
+                    return Err(Error::new(
+                        ErrorKind::Closed,
+                        "peer dropped before every group acknowledged",
+                    ));
+                }
+                let confirms = Vec::new();
+                return Ok(Stored { seqs, confirms });
+            };
             let confirms = inner.hand_off(
                 crate::clock::now(),
                 seqs.start,
